@@ -1,0 +1,143 @@
+"""The bundle: the folder that is the only contract between export and runtime.
+
+``manifest.json`` describes it completely (see docs/bundle.md). This module reads,
+writes and verifies it, and imports neither torch nor onnxruntime.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import UserError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_entry(root: Path, rel: str) -> dict[str, Any]:
+    """``{"path", "sha256", "bytes"}`` for a file inside the bundle folder."""
+    p = root / rel
+    return {"path": rel, "sha256": sha256_file(p), "bytes": p.stat().st_size}
+
+
+@dataclass
+class Bundle:
+    root: Path
+    manifest: dict[str, Any]
+    manifest_sha256: str
+
+    @property
+    def family(self) -> str:
+        return self.manifest["family"]
+
+    @property
+    def recipe(self) -> str:
+        return self.manifest["recipe"]["name"]
+
+    def path(self, component: str) -> Path:
+        """Absolute path of a component graph (or ``token_embeddings`` / ``tokenizer``)."""
+        entry = self.manifest["components"].get(component) or self.manifest.get(component)
+        if entry is None:
+            raise UserError(f"bundle {self.root} has no {component!r}")
+        return _inside(self.root, entry["path"])
+
+    def files(self) -> Iterator[dict[str, Any]]:
+        """Every file entry the manifest lists (graphs, their external data, table, tokenizer)."""
+        for comp in self.manifest["components"].values():
+            yield comp
+            yield from comp.get("external_data", [])
+        yield self.manifest["token_embeddings"]
+        yield self.manifest["tokenizer"]
+
+
+def _inside(root: Path, rel: str) -> Path:
+    """Resolve ``rel`` under ``root``, refusing absolute paths and escapes (``../``, symlinks)."""
+    if os.path.isabs(rel):
+        raise UserError(f"bundle manifest names an absolute path: {rel}")
+    p = (root / rel).resolve()
+    if not p.is_relative_to(root.resolve()):
+        raise UserError(f"bundle manifest path escapes the bundle folder: {rel}")
+    return p
+
+
+REQUIRED_KEYS = (
+    "format_version", "family", "source", "recipe", "resolution", "scheduler", "latent_scale",
+    "components", "token_embeddings", "tokenizer", "defaults", "verification", "session",
+)
+
+
+def load_bundle(root: str | os.PathLike, verify: bool = True) -> Bundle:
+    """Read a bundle's manifest and (by default) check every file's size and sha256.
+
+    Raises UserError with one line naming the first problem found.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"bundle folder not found: {root}")
+    mpath = root / MANIFEST
+    if not mpath.is_file():
+        raise UserError(f"{root} is not a zoodip-edge bundle (no {MANIFEST})")
+    raw = mpath.read_bytes()
+    try:
+        manifest = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{mpath}: manifest is not valid JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise UserError(f"{mpath}: manifest is not a JSON object")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise UserError(f"{mpath}: unknown bundle format_version {version!r} (this zoodip-edge reads {FORMAT_VERSION})")
+    missing = [k for k in REQUIRED_KEYS if k not in manifest]
+    if missing:
+        raise UserError(f"{mpath}: manifest lacks {', '.join(missing)}")
+    absent = [c for c in COMPONENTS if c not in manifest["components"]]
+    if absent:
+        raise UserError(f"{mpath}: manifest lacks component(s) {', '.join(absent)}")
+    bundle = Bundle(root=root, manifest=manifest, manifest_sha256=hashlib.sha256(raw).hexdigest())
+    for entry in bundle.files():
+        p = _inside(root, entry["path"])
+        if not p.is_file():
+            raise UserError(f"bundle file missing: {entry['path']}")
+        if verify:
+            if p.stat().st_size != entry["bytes"]:
+                raise UserError(f"bundle file {entry['path']} has {p.stat().st_size} bytes, manifest says {entry['bytes']}")
+            if sha256_file(p) != entry["sha256"]:
+                raise UserError(f"bundle file {entry['path']} does not match its sha256 in the manifest (modified or corrupt)")
+    return bundle
+
+
+def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+
+
+def publish(tmp: Path, out: Path, force: bool) -> None:
+    """Move a finished bundle from its temporary folder to ``out`` (replacing it if forced).
+
+    The manifest is written last inside ``tmp``, so a folder without one was interrupted.
+    """
+    if out.exists():
+        if not force:
+            raise UserError(f"{out} exists; pass --force to replace it")
+        old = out.with_name(out.name + ".old-zoodip")
+        if old.exists():
+            shutil.rmtree(old)
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)

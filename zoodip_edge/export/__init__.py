@@ -1,0 +1,204 @@
+"""Workstation stage: a diffusers pipeline -> a verified ONNX bundle.
+
+    from zoodip_edge.export import export_bundle
+    export_bundle("path/to/sd15", "bundle/", recipe="int8-cpu")
+
+Imports torch, diffusers, transformers and onnx (the ``export`` extra).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import logging
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Callable
+
+from ..errors import UserError
+
+__all__ = ["export_bundle", "RECIPES", "DEFAULT_RECIPE"]
+
+from .quantize import DEFAULT_RECIPE, RECIPES  # noqa: E402
+
+Progress = Callable[[str], None]
+
+
+@contextlib.contextmanager
+def _quiet():
+    """torch.onnx and ORT's quantizers log per node at INFO; the user wants stages, not nodes."""
+    logging.disable(logging.INFO)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with contextlib.redirect_stdout(None):
+            try:
+                yield
+            finally:
+                logging.disable(logging.NOTSET)
+
+
+def _io_entries(path: Path) -> tuple[list[dict], list[dict]]:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def desc(args):
+        return [{"name": a.name, "dtype": a.type.replace("tensor(", "").rstrip(")"),
+                 "shape": [d if isinstance(d, int) else "batch" for d in a.shape]} for a in args]
+
+    return desc(sess.get_inputs()), desc(sess.get_outputs())
+
+
+def _save_graph(model, folder: Path, name: str) -> list[str]:
+    """Save one graph as ``name/model.onnx``; weights go to external data past 1.8 GB (ONNX's 2 GB limit)."""
+    import onnx
+
+    d = folder / name
+    d.mkdir(parents=True, exist_ok=True)
+    big = model.ByteSize() > 1_800_000_000 if _proto_size_ok(model) else True
+    if big:
+        onnx.save_model(model, d / "model.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+                        location="model.onnx.data", size_threshold=1024)
+        return [f"{name}/model.onnx", f"{name}/model.onnx.data"]
+    onnx.save_model(model, d / "model.onnx")
+    return [f"{name}/model.onnx"]
+
+
+def _proto_size_ok(model) -> bool:
+    try:
+        model.ByteSize()
+        return True
+    except Exception:  # protobuf refuses to size messages over 2 GB
+        return False
+
+
+def export_bundle(
+    model: str,
+    out: str | Path,
+    recipe: str = DEFAULT_RECIPE,
+    resolution: int | None = None,
+    force: bool = False,
+    allow_unfaithful: bool = False,
+    config: str | None = None,
+    progress: Progress | None = None,
+) -> dict:
+    """Export ``model`` to a bundle folder at ``out``; returns the manifest.
+
+    Writes into a temporary sibling folder and renames at the end, so an interrupted export
+    never leaves a folder that looks like a bundle. Raises UserError on bad input or a failed gate.
+    """
+    import numpy as np
+    import onnx
+    import onnxruntime
+    import torch
+    from safetensors.numpy import save_file
+
+    from .. import __version__
+    from ..bundle import FORMAT_VERSION, file_entry, publish, write_manifest
+    from ..families import defaults_for
+    from . import verify
+    from .graphs import export_graph, graph_specs, vae_scale_factor
+    from .load import load_pipeline
+    from .quantize import quantize
+
+    say = progress or (lambda msg: None)
+    if recipe not in RECIPES:
+        raise UserError(f"unknown recipe {recipe!r} (choose from {', '.join(RECIPES)})")
+    rec = RECIPES[recipe]
+    out = Path(out)
+    if out.exists() and not force:
+        raise UserError(f"{out} exists; pass --force to replace it")
+    if not out.parent.exists():
+        raise UserError(f"output parent folder does not exist: {out.parent}")
+
+    say(f"loading {model}")
+    with _quiet():
+        p = load_pipeline(model, config=config)
+    scale = vae_scale_factor(p)
+    resolution = resolution or int(p.unet.config.sample_size) * scale
+    if resolution % (scale * 4):
+        raise UserError(f"resolution {resolution} must be a multiple of {scale * 4}")
+    latent = resolution // scale
+    specs = graph_specs(p, resolution)
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        components, quant_info, sessions = {}, {}, {}
+        for spec in specs:
+            say(f"exporting {spec.name}")
+            raw = tmp / "raw" / f"{spec.name}.onnx"
+            raw.parent.mkdir(exist_ok=True)
+            with _quiet():
+                export_graph(spec, p, str(raw))
+                graph = onnx.load(str(raw))
+            shutil.rmtree(raw.parent)
+            say(f"quantizing {spec.name} ({recipe})")
+            with _quiet():
+                graph, quant_info[spec.name] = quantize(graph, recipe)
+            files = _save_graph(graph, tmp, spec.name)
+            del graph
+            entry = file_entry(tmp, files[0])
+            entry["external_data"] = [file_entry(tmp, f) for f in files[1:]]
+            entry["inputs"], entry["outputs"] = _io_entries(tmp / files[0])
+            components[spec.name] = entry
+
+        say("writing token embeddings and tokenizer")
+        table = p.text_encoder.get_input_embeddings().weight.detach().numpy().astype(rec.embeddings_dtype)
+        save_file({"token_embedding": table}, str(tmp / "token_embeddings.safetensors"))
+        fast = p.tokenizer.backend_tokenizer if hasattr(p.tokenizer, "backend_tokenizer") else None
+        if fast is None:
+            raise UserError(f"{model}: tokenizer has no fast (tokenizers) form; cannot write tokenizer.json")
+        max_len = int(p.tokenizer.model_max_length)
+        fast.enable_truncation(max_len)
+        fast.enable_padding(length=max_len, pad_id=p.tokenizer.pad_token_id, pad_token=p.tokenizer.pad_token)
+        fast.save(str(tmp / "tokenizer.json"))
+
+        say("verifying against torch fp32")
+        sess = {s.name: verify.session(tmp / components[s.name]["path"], rec.session_config) for s in specs}
+        table32 = table.astype(np.float32)
+        with _quiet():
+            v = {
+                "parity_tolerance": rec.parity_tolerance,
+                "parity": {s.name: verify.graph_parity(s, p, sess[s.name]) for s in specs},
+                "text_encoder_parity": verify.text_encoder_parity(p, table32, sess["text_encoder"]),
+                "conditioning_sensitivity": verify.conditioning_sensitivity(p, table32, sess["text_encoder"], sess["unet"], latent),
+                "zo_fidelity": verify.zo_fidelity(p, table32, sess["text_encoder"], sess["unet"], p.family, latent),
+            }
+        del sess
+        verify.check_gates(v, recipe, allow_unfaithful)
+
+        sched = {k: v_ for k, v_ in p.scheduler_config.items() if not k.startswith("_")}
+        sched.setdefault("prediction_type", "epsilon")
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "family": p.family,
+            "source": p.source,
+            "recipe": {"name": recipe, "description": rec.description, "experimental": rec.experimental,
+                       "targets": list(rec.targets), "graphs": quant_info},
+            "resolution": resolution,
+            "latent_size": latent,
+            "latent_channels": int(p.vae.config.latent_channels),
+            "latent_scale": float(getattr(p.vae.config, "scaling_factor", 0.18215)),
+            "scheduler": sched,
+            "text": {"max_length": max_len, "hidden_size": int(table.shape[1]), "vocab_size": int(table.shape[0]),
+                     "bos_token_id": int(p.tokenizer.bos_token_id), "eos_token_id": int(p.tokenizer.eos_token_id),
+                     "pad_token_id": int(p.tokenizer.pad_token_id)},
+            "components": components,
+            "session": {"config_entries": rec.session_config},
+            "token_embeddings": {**file_entry(tmp, "token_embeddings.safetensors"), "tensor": "token_embedding",
+                                 "shape": list(table.shape), "dtype": str(table.dtype)},
+            "tokenizer": file_entry(tmp, "tokenizer.json"),
+            "defaults": defaults_for(p.family).to_dict(),
+            "verification": v,
+            "created": {"tool": f"zoodip-edge {__version__}", "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                        "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
+        }
+        write_manifest(tmp, manifest)  # last: a folder without a manifest is not a bundle
+        publish(tmp, out, force)
+        say(f"bundle written to {out}")
+        return manifest
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,99 @@
+"""Load a diffusers pipeline from a folder, a hub id or a single-file checkpoint, and name its family."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..bundle import sha256_file
+from ..errors import UserError
+
+
+@dataclass
+class LoadedPipeline:
+    text_encoder: Any
+    tokenizer: Any
+    unet: Any
+    vae: Any
+    scheduler_config: dict
+    family: str
+    source: dict = field(default_factory=dict)
+
+
+def detect_family(components: dict[str, Any]) -> str:
+    """sd1 (OpenAI CLIP-L, quick_gelu) / sd2 (OpenCLIP-H, gelu) / sdxl (two text encoders)."""
+    unet_cfg = components["unet"].config
+    if components.get("text_encoder_2") is not None or getattr(unet_cfg, "addition_embed_type", None) == "text_time":
+        return "sdxl"
+    te_cfg = components["text_encoder"].config
+    hidden = te_cfg.hidden_size
+    if hidden == 1024 or (hidden != 768 and te_cfg.hidden_act == "gelu"):
+        return "sd2"
+    if hidden == 768 or te_cfg.hidden_act == "quick_gelu":
+        return "sd1"
+    raise UserError(f"cannot tell the model family (text encoder width {hidden}, activation {te_cfg.hidden_act})")
+
+
+def _looks_like_hub_id(model: str) -> bool:
+    parts = model.split("/")
+    return len(parts) == 2 and all(parts) and not model.startswith((".", "/", "~"))
+
+
+def load_pipeline(model: str, config: str | None = None) -> LoadedPipeline:
+    """Load the frozen fp32 components of a Stable Diffusion pipeline.
+
+    ``model`` is a diffusers folder, a hub id (needs network), or a ``.safetensors`` /
+    ``.ckpt`` single-file checkpoint (``config`` names a diffusers folder or hub id holding
+    the matching configs, for machines without network).
+    """
+    import torch
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline
+
+    path = Path(model).expanduser()
+    source: dict[str, Any] = {"model": model}
+    try:
+        if path.is_file():
+            if path.suffix not in (".safetensors", ".ckpt"):
+                raise UserError(f"{model}: single-file checkpoints must be .safetensors or .ckpt")
+            source.update(kind="single_file", sha256=sha256_file(path))
+            # .ckpt is a pickle: diffusers loads it with torch.load(weights_only=True), which
+            # refuses arbitrary code; prefer .safetensors.
+            kwargs = {"config": config} if config else {}
+            pipe = StableDiffusionPipeline.from_single_file(str(path), torch_dtype=torch.float32, **kwargs)
+        elif path.is_dir():
+            if not (path / "model_index.json").is_file():
+                raise UserError(f"{model} is not a diffusers pipeline folder (no model_index.json)")
+            source.update(kind="folder")
+            pipe = DiffusionPipeline.from_pretrained(str(path), torch_dtype=torch.float32, safety_checker=None)
+        elif _looks_like_hub_id(model):
+            source.update(kind="hub")
+            pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=torch.float32, safety_checker=None)
+        else:
+            raise UserError(f"model not found: {model} (not a folder, a checkpoint file or a hub id)")
+    except UserError:
+        raise
+    except (OSError, ValueError, EnvironmentError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"could not load {model}: {first}") from None
+
+    components = dict(pipe.components)
+    for name in ("text_encoder", "tokenizer", "unet", "vae"):
+        if components.get(name) is None:
+            raise UserError(f"{model}: pipeline has no {name}; not a Stable Diffusion pipeline")
+    family = detect_family(components)
+    if family == "sdxl":
+        raise UserError("SDXL pipelines are not supported yet (SD1.x and SD2.x are)")
+    source["revision"] = getattr(pipe.config, "_commit_hash", None) or components["unet"].config.get("_commit_hash")
+    source["pipeline_class"] = type(pipe).__name__
+    for name in ("text_encoder", "unet", "vae"):
+        components[name].eval().requires_grad_(False).float()
+    return LoadedPipeline(
+        text_encoder=components["text_encoder"],
+        tokenizer=components["tokenizer"],
+        unet=components["unet"],
+        vae=components["vae"],
+        scheduler_config=dict(components["scheduler"].config),
+        family=family,
+        source=source,
+    )

@@ -1,0 +1,130 @@
+"""Tiny SD1- and SD2-like diffusers pipelines built from configs with random weights.
+
+No machine of this project reaches a model hub, so tests, the README quick start and
+benchmarks build pipelines of the real architecture here. Weights are random: they prove
+the plumbing (shapes, parity, hashes), not that a concept can be learned.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+WORDS = (
+    "a an the of in on with photo picture rendering painting cropped close up good bad "
+    "clean dirty dark bright small large big cool nice weird one two my dog cat toy "
+    "sneaker car red blue green yellow white black background style art sks beach"
+).split()
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    # CLIP's byte-level alphabet (printable bytes map to themselves).
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def write_clip_bpe(folder: Path, words: tuple[str, ...] = tuple(WORDS)) -> int:
+    """Write vocab.json + merges.txt of a small CLIP-style BPE; returns the vocab size."""
+    base = list(_bytes_to_unicode().values())
+    vocab = base + [c + "</w>" for c in base]
+    merges: list[tuple[str, str]] = []
+    for word in words:
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(symbols) > 1:
+            pair = (symbols[0], symbols[1])
+            merged = pair[0] + pair[1]
+            if pair not in merges:
+                merges.append(pair)
+                if merged not in vocab:
+                    vocab.append(merged)
+            symbols = [merged] + symbols[2:]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
+    return len(vocab)
+
+
+def build_tiny_pipeline(out: Path, family: str = "sd1", seed: int = 0, resolution: int = 64) -> Path:
+    """Save a tiny random-weight StableDiffusionPipeline of the given family to ``out``."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    if family not in ("sd1", "sd2"):
+        raise ValueError(f"tiny pipelines exist for sd1 and sd2, not {family!r}")
+    sd2 = family == "sd2"
+    torch.manual_seed(seed)
+    out = Path(out)
+    tok_dir = out / "tokenizer"
+    vocab_size = write_clip_bpe(tok_dir)
+    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77)
+    hidden = 64 if sd2 else 32
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=vocab_size,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_attention_heads=4,
+            num_hidden_layers=3,
+            max_position_embeddings=77,
+            # SD1 uses OpenAI CLIP-L (quick_gelu), SD2 OpenCLIP-H (gelu): family detection reads this.
+            hidden_act="gelu" if sd2 else "quick_gelu",
+            bos_token_id=vocab_size - 2,
+            eos_token_id=vocab_size - 1,
+            pad_token_id=vocab_size - 1,
+            projection_dim=hidden,
+        )
+    ).eval()
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 16, 32, 32),  # 4 blocks: the real SD downsampling factor 8
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=resolution,
+    ).eval()
+    unet = UNet2DConditionModel(
+        sample_size=resolution // 8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=hidden,
+        attention_head_dim=(4, 8) if sd2 else 8,
+        use_linear_projection=sd2,
+        norm_num_groups=16,
+    ).eval()
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        steps_offset=1,
+        prediction_type="v_prediction" if sd2 else "epsilon",
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out)
+    return out

@@ -1,0 +1,160 @@
+"""Export gates: parity with torch fp32, ZO fidelity and conditioning sensitivity.
+
+Each figure lands in the manifest's ``verification``; a failed gate stops the export.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from ..errors import UserError
+from ..families import defaults_for
+from ..runtime.diffusion import alphas_cumprod, noisy_and_target
+from .graphs import GraphSpec, TextEncoderFromEmbeddings, UNetWrapper, dummy_inputs
+from .load import LoadedPipeline
+
+FIDELITY_MIN_PEARSON = 0.95
+CONDITIONING_MIN_RATIO = 0.9
+PROMPTS = ("a photo of a dog", "a painting of a red car on the beach")
+
+
+def session(path: Path, config: dict) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    for k, v in config.items():
+        so.add_session_config_entry(k, v)
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def graph_parity(spec: GraphSpec, p: LoadedPipeline, sess: ort.InferenceSession) -> dict:
+    """Max-abs and relative error of the bundle graph vs the torch fp32 module on fixed inputs."""
+    inputs = dummy_inputs(spec, batch=1, seed=1)
+    with torch.no_grad():
+        ref = spec.wrap(p).eval()(*inputs.values())
+    ref = ref if isinstance(ref, tuple) else (ref,)
+    got = sess.run(list(spec.outputs), {k: v.numpy() for k, v in inputs.items()})
+    out = {}
+    for name, r, g in zip(spec.outputs, ref, got):
+        r = r.numpy()
+        out[name] = {"max_abs": float(np.abs(g - r).max()), "rel": rel_err(g, r)}
+    return out
+
+
+@dataclass
+class Probe:
+    """Fixed (prompt embeddings, z_t, t, target) on which the diffusion loss is compared."""
+
+    ids: np.ndarray  # [1, 77] token ids
+    row: int  # position of the probed token
+    zt: np.ndarray
+    t: int
+    target: np.ndarray
+
+
+def tokenize(p: LoadedPipeline, prompt: str) -> np.ndarray:
+    ids = p.tokenizer(prompt, padding="max_length", max_length=p.tokenizer.model_max_length, truncation=True).input_ids
+    return np.asarray([ids], dtype=np.int64)
+
+
+def make_probe(p: LoadedPipeline, latent: int, seed: int = 0) -> Probe:
+    rng = np.random.default_rng(seed)
+    ids = tokenize(p, PROMPTS[0])
+    row = int(np.argmax(ids[0] == p.tokenizer.eos_token_id)) - 1  # last word ("dog")
+    z = rng.standard_normal((1, 4, latent, latent)).astype(np.float32)
+    eps = rng.standard_normal(z.shape).astype(np.float32)
+    t = 700
+    zt, target = noisy_and_target(z, eps, t, alphas_cumprod(p.scheduler_config), p.scheduler_config.get("prediction_type", "epsilon"))
+    return Probe(ids, row, zt, t, target)
+
+
+def torch_directional_derivatives(p: LoadedPipeline, probe: Probe, dirs: np.ndarray) -> np.ndarray:
+    """∇_θ L · u for each unit direction u, by autograd through the fp32 torch modules."""
+    te, unet = TextEncoderFromEmbeddings(p.text_encoder).eval(), UNetWrapper(p.unet).eval()
+    emb = p.text_encoder.get_input_embeddings()(torch.from_numpy(probe.ids)).detach().clone().requires_grad_(True)
+    pred = unet(torch.from_numpy(probe.zt), torch.tensor([float(probe.t)]), te(emb)[0])
+    loss = torch.mean((pred - torch.from_numpy(probe.target)) ** 2)
+    (grad,) = torch.autograd.grad(loss, emb)
+    return dirs @ grad[0, probe.row].double().numpy()
+
+
+def bundle_losses(te: ort.InferenceSession, unet: ort.InferenceSession, embeds: np.ndarray, probe: Probe, chunk: int = 4) -> np.ndarray:
+    """Diffusion loss of the bundle graphs for a batch of prompt embeddings [B, 77, d]."""
+    out = []
+    for i in range(0, len(embeds), chunk):
+        e = embeds[i : i + chunk].astype(np.float32)
+        b = len(e)
+        cond = te.run(["last_hidden_state"], {"inputs_embeds": e})[0]
+        pred = unet.run(None, {"sample": np.repeat(probe.zt, b, 0), "timestep": np.full((b,), probe.t, np.float32),
+                               "encoder_hidden_states": cond})[0]
+        out.append(np.mean((pred.astype(np.float64) - probe.target) ** 2, axis=(1, 2, 3)))
+    return np.concatenate(out)
+
+
+def zo_fidelity(p: LoadedPipeline, table: np.ndarray, te: ort.InferenceSession, unet: ort.InferenceSession,
+                family: str, latent: int, k: int = 8, seed: int = 0) -> dict:
+    """Central differences of the bundle's loss at the family's μ vs torch fp32 autograd."""
+    mu = defaults_for(family).mu
+    probe = make_probe(p, latent, seed)
+    d = table.shape[1]
+    dirs = np.random.default_rng(seed + 1).standard_normal((k, d))
+    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+    exact = torch_directional_derivatives(p, probe, dirs)
+    base = table[probe.ids[0]].astype(np.float32)[None]
+    batch = np.repeat(base, 2 * k, 0)
+    batch[:k, probe.row] += (mu * dirs).astype(np.float32)
+    batch[k:, probe.row] -= (mu * dirs).astype(np.float32)
+    losses = bundle_losses(te, unet, batch, probe)
+    fd = (losses[:k] - losses[k:]) / (2 * mu)
+    pearson = float(np.corrcoef(fd, exact)[0, 1])
+    return {"mu": mu, "directions": k, "pearson": pearson, "rel_err": rel_err(fd, exact),
+            "min_pearson": FIDELITY_MIN_PEARSON, "passed": bool(pearson >= FIDELITY_MIN_PEARSON)}
+
+
+def conditioning_sensitivity(p: LoadedPipeline, table: np.ndarray, te: ort.InferenceSession, unet: ort.InferenceSession, latent: int) -> dict:
+    """‖ε(c1) − ε(c2)‖ of the bundle over the same for torch fp32 (does INT8 keep the text signal?)."""
+    probe = make_probe(p, latent, seed=2)
+    ids = np.concatenate([tokenize(p, s) for s in PROMPTS])
+    with torch.no_grad():
+        cond = p.text_encoder(torch.from_numpy(ids)).last_hidden_state
+        ref = UNetWrapper(p.unet)(torch.from_numpy(np.repeat(probe.zt, 2, 0)), torch.full((2,), float(probe.t)), cond).numpy()
+    c = te.run(["last_hidden_state"], {"inputs_embeds": table[ids].astype(np.float32)})[0]
+    got = unet.run(None, {"sample": np.repeat(probe.zt, 2, 0), "timestep": np.full((2,), probe.t, np.float32), "encoder_hidden_states": c})[0]
+    ratio = float(np.linalg.norm(got[0] - got[1]) / max(np.linalg.norm(ref[0] - ref[1]), 1e-30))
+    return {"prompts": list(PROMPTS), "ratio": ratio, "torch_delta": float(np.linalg.norm(ref[0] - ref[1])),
+            "min_ratio": CONDITIONING_MIN_RATIO, "passed": bool(ratio >= CONDITIONING_MIN_RATIO)}
+
+
+def text_encoder_parity(p: LoadedPipeline, table: np.ndarray, te: ort.InferenceSession) -> dict:
+    """The graph fed with looked-up embeddings vs CLIPTextModel(input_ids).last_hidden_state."""
+    ids = np.concatenate([tokenize(p, s) for s in PROMPTS])
+    with torch.no_grad():
+        ref = p.text_encoder(torch.from_numpy(ids)).last_hidden_state.numpy()
+    got = te.run(["last_hidden_state"], {"inputs_embeds": table[ids].astype(np.float32)})[0]
+    return {"max_abs": float(np.abs(got - ref).max()), "rel": rel_err(got, ref), "table_dtype": str(table.dtype)}
+
+
+def check_gates(v: dict, recipe: str, allow_unfaithful: bool) -> None:
+    """Raise UserError naming the first failed gate."""
+    for name, res in v["parity"].items():
+        for out, r in res.items():
+            if r["rel"] > v["parity_tolerance"]:
+                raise UserError(f"parity gate failed: {name}.{out} relative error {r['rel']:.3g} > {v['parity_tolerance']:.3g} for recipe {recipe}")
+    if recipe == "fp32" and v["text_encoder_parity"]["max_abs"] > 1e-4:
+        raise UserError(f"text-encoder parity gate failed: max abs error {v['text_encoder_parity']['max_abs']:.3g} > 1e-4")
+    c = v["conditioning_sensitivity"]
+    if not c["passed"]:
+        raise UserError(f"conditioning gate failed: the {recipe} U-Net keeps {c['ratio']:.2f} of the torch fp32 text-conditioning "
+                        f"signal (need >= {c['min_ratio']}); quantization erased the text conditioning, personalization would learn nothing")
+    f = v["zo_fidelity"]
+    if not f["passed"] and not allow_unfaithful:
+        raise UserError(f"ZO fidelity gate failed: finite differences of the {recipe} bundle at mu={f['mu']:g} correlate with the "
+                        f"true derivatives at pearson {f['pearson']:.3f} (< {f['min_pearson']}); zeroth-order training would "
+                        "follow noise. Use a weight-only recipe, or --allow-unfaithful to export anyway")
