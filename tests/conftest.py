@@ -1,0 +1,62 @@
+"""Session-scoped tiny pipelines and bundles: built once, shared by every test."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no machine of this project reaches a model hub
+
+
+@pytest.fixture(scope="session")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("zoodip")
+
+
+def _pipeline(work: Path, family: str) -> Path:
+    from zoodip_edge.export.tiny import build_tiny_pipeline
+
+    out = work / f"tiny-{family}"
+    if not out.exists():
+        build_tiny_pipeline(out, family=family, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def sd1_pipeline(work) -> Path:
+    return _pipeline(work, "sd1")
+
+
+@pytest.fixture(scope="session")
+def sd2_pipeline(work) -> Path:
+    return _pipeline(work, "sd2")
+
+
+_bundles: dict = {}
+
+
+def export_once(pipeline: Path, recipe: str, work: Path) -> tuple[Path, dict]:
+    key = (pipeline, recipe)
+    if key not in _bundles:
+        from zoodip_edge.export import export_bundle
+
+        out = work / f"bundle-{pipeline.name}-{recipe}"
+        _bundles[key] = (out, export_bundle(str(pipeline), out, recipe=recipe))
+    return _bundles[key]
+
+
+@pytest.fixture(scope="session")
+def sd1_bundle(sd1_pipeline, work) -> Path:
+    """The bundle most runtime tests use: SD1-like, int8-cpu (the default recipe)."""
+    return export_once(sd1_pipeline, "int8-cpu", work)[0]
+
+
+@pytest.fixture()
+def bundle_copy(sd1_bundle, tmp_path) -> Path:
+    """A private copy to tamper with."""
+    dst = tmp_path / "bundle"
+    shutil.copytree(sd1_bundle, dst)
+    return dst

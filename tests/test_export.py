@@ -1,0 +1,206 @@
+"""Export end to end on tiny SD1/SD2 pipelines: recipes, gates, manifest, refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import export_once
+from typer.testing import CliRunner
+
+from zoodip_edge.bundle import load_bundle
+from zoodip_edge.cli import app
+from zoodip_edge.errors import UserError
+from zoodip_edge.export import export_bundle
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("recipe", ["int8-cpu", "int8-gpu", "fp32"])
+def test_sd1_recipes_export_and_pass_gates(sd1_pipeline, work, recipe):
+    out, m = export_once(sd1_pipeline, recipe, work)
+    b = load_bundle(out)  # every hash verifies
+    assert b.family == "sd1" and m["recipe"]["name"] == recipe
+    v = m["verification"]
+    assert v["zo_fidelity"]["passed"] and v["zo_fidelity"]["pearson"] >= 0.95
+    assert v["conditioning_sensitivity"]["ratio"] >= 0.9
+    for graph in ("text_encoder", "unet", "vae_encoder", "vae_decoder"):
+        for err in v["parity"][graph].values():
+            assert err["rel"] <= v["parity_tolerance"]
+    if recipe == "fp32":
+        assert v["text_encoder_parity"]["max_abs"] <= 1e-4
+        assert v["parity"]["unet"]["out_sample"]["rel"] < 1e-4
+
+
+@pytest.mark.parametrize("recipe", ["int8-cpu", "int8-gpu"])
+def test_int8_recipes_store_linear_and_conv_weights_as_int8(sd1_pipeline, work, recipe):
+    out, m = export_once(sd1_pipeline, recipe, work)
+    graph = onnx.load(str(out / m["components"]["unet"]["path"]))
+    inits = {i.name: i for i in graph.graph.initializer}
+    producers = {o: n for n in graph.graph.node for o in n.output}
+    float_weights = []
+    for node in graph.graph.node:
+        if node.op_type in ("Conv", "MatMul", "Gemm") and node.input[1] in inits:
+            init = inits[node.input[1]]
+            if init.data_type == onnx.TensorProto.FLOAT and len(init.dims) >= 2:
+                float_weights.append(node.name)
+        if node.op_type in ("Conv", "MatMul", "Gemm") and node.input[1] in producers:
+            assert producers[node.input[1]].op_type in ("DequantizeLinear", "Transpose", "Reshape") or node.op_type == "MatMul"
+    assert not float_weights, f"float weights left: {float_weights[:5]}"
+    ops = {n.op_type for n in graph.graph.node}
+    # weight-only: nothing quantizes activations
+    assert not ops & {"QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "QLinearConv", "QLinearMatMul"}
+    if recipe == "int8-cpu":
+        assert "MatMulNBits" in ops
+        assert all(a.i == 0 for n in graph.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level")
+    weights = m["recipe"]["graphs"]["unet"]["weights"]
+    assert weights.get("int8", 0) + weights.get("uint8", 0) > 10 * weights.get("float32", 0)
+    assert m["session"]["config_entries"] == {"session.qdq_matmulnbits_accuracy_level": "0"}
+
+
+def test_sd2_v_prediction_exports(sd2_pipeline, work):
+    out, m = export_once(sd2_pipeline, "int8-cpu", work)
+    assert m["family"] == "sd2"
+    assert m["scheduler"]["prediction_type"] == "v_prediction"
+    assert m["defaults"]["mu"] == 1e-2
+    assert m["verification"]["zo_fidelity"]["passed"]
+
+
+def test_activation_quantization_is_refused_by_the_fidelity_gate(sd1_pipeline, tmp_path):
+    with pytest.raises(UserError, match="ZO fidelity gate failed"):
+        export_bundle(str(sd1_pipeline), tmp_path / "b", recipe="w8a8-dynamic")
+    assert not (tmp_path / "b").exists()
+    assert not list(tmp_path.iterdir()), "a refused export leaves nothing behind"
+
+
+def test_manifest_contract(sd1_bundle):
+    m = json.loads((sd1_bundle / "manifest.json").read_text())
+    for key in ("format_version", "family", "source", "recipe", "resolution", "scheduler", "latent_scale",
+                "components", "token_embeddings", "tokenizer", "defaults", "verification"):
+        assert key in m
+    te = m["components"]["text_encoder"]
+    assert [i["name"] for i in te["inputs"]] == ["inputs_embeds"]
+    assert te["inputs"][0]["shape"] == ["batch", 77, m["text"]["hidden_size"]]
+    assert [o["name"] for o in te["outputs"]] == ["last_hidden_state", "penultimate_hidden_state"]
+    unet = m["components"]["unet"]
+    assert [i["name"] for i in unet["inputs"]] == ["sample", "timestep", "encoder_hidden_states"]
+    assert all(i["shape"][0] == "batch" for i in unet["inputs"])
+    assert m["defaults"] == {"n": 2, "mu": 1e-3, "lr": 1e-2, "tau": 128, "nu": 1e-3, "t_low": 500, "t_high": 900, "steps": 30000}
+    assert m["token_embeddings"]["dtype"] == "float16"
+    assert m["source"]["kind"] == "folder"
+
+
+def test_text_encoder_graph_takes_embeddings_and_matches_clip(sd1_pipeline, work):
+    """The fp32 graph fed with looked-up rows reproduces CLIPTextModel(input_ids)."""
+    import onnxruntime as ort
+    import torch
+    from safetensors.numpy import load_file
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    out, m = export_once(sd1_pipeline, "fp32", work)
+    tok = CLIPTokenizer.from_pretrained(sd1_pipeline / "tokenizer")
+    te = CLIPTextModel.from_pretrained(sd1_pipeline / "text_encoder").eval()
+    ids = tok(["a photo of a red dog", "a cat"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = te(ids, output_hidden_states=True)
+    table = load_file(str(out / "token_embeddings.safetensors"))["token_embedding"]
+    sess = ort.InferenceSession(str(out / m["components"]["text_encoder"]["path"]))
+    last, pen = sess.run(None, {"inputs_embeds": table[ids.numpy()]})
+    assert np.abs(last - ref.last_hidden_state.numpy()).max() < 1e-4
+    assert np.abs(pen - ref.hidden_states[-2].numpy()).max() < 1e-4
+
+
+def test_tokenizer_json_matches_the_pipeline_tokenizer(sd1_pipeline, sd1_bundle):
+    from tokenizers import Tokenizer
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(sd1_pipeline / "tokenizer")
+    fast = Tokenizer.from_file(str(sd1_bundle / "tokenizer.json"))
+    for prompt in ["a photo of a dog", "A Bright photo of the cat on a beach!"]:
+        assert fast.encode(prompt).ids == tok(prompt, padding="max_length", max_length=77).input_ids
+
+
+# --------------------------------------------------------------------- refusals -------
+
+def test_cli_refusals_are_one_line(tmp_path, sd1_pipeline, sd1_bundle):
+    cases = [
+        ["export", str(tmp_path / "missing"), "--out", str(tmp_path / "o")],
+        ["export", str(tmp_path), "--out", str(tmp_path / "o")],  # not a pipeline
+        ["export", str(sd1_pipeline), "--out", str(sd1_bundle)],  # exists, no --force
+        ["export", str(sd1_pipeline), "--out", str(tmp_path / "o"), "--recipe", "int3"],
+    ]
+    for args in cases:
+        r = runner.invoke(app, args)
+        assert r.exit_code == 2, (args, r.output)
+        lines = r.output.strip().splitlines()
+        assert lines[-1].startswith("error: ") and sum(x.startswith("error") for x in lines) == 1, r.output
+        assert "Traceback" not in r.output
+
+
+def test_sdxl_is_refused_clearly(tmp_path):
+    from types import SimpleNamespace
+
+    from zoodip_edge.export.load import detect_family
+
+    comps = {"unet": SimpleNamespace(config=SimpleNamespace(addition_embed_type="text_time")),
+             "text_encoder": None, "text_encoder_2": object()}
+    assert detect_family(comps) == "sdxl"
+
+
+def test_interrupted_export_leaves_no_bundle(sd1_pipeline, tmp_path, monkeypatch):
+    import zoodip_edge.export.verify as verify
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(verify, "zo_fidelity", boom)
+    with pytest.raises(KeyboardInterrupt):
+        export_bundle(str(sd1_pipeline), tmp_path / "b", recipe="fp32")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_force_replaces_existing_output(sd1_pipeline, tmp_path):
+    out = tmp_path / "b"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    export_bundle(str(sd1_pipeline), out, recipe="fp32", force=True)
+    assert not (out / "stale.txt").exists() and (out / "manifest.json").exists()
+    load_bundle(out)
+
+
+# --------------------------------------------------------------------- inspect --------
+
+def test_inspect_verifies_hashes(bundle_copy):
+    assert runner.invoke(app, ["inspect", str(bundle_copy)]).exit_code == 0
+    unet = bundle_copy / "unet" / "model.onnx"
+    data = bytearray(unet.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    unet.write_bytes(bytes(data))
+    r = runner.invoke(app, ["inspect", str(bundle_copy)])
+    assert r.exit_code == 2 and "sha256" in r.output
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda m: m.update(format_version=99), "format_version"),
+    (lambda m: m["components"]["unet"].update(path="../../etc/passwd"), "escapes"),
+    (lambda m: m["components"]["unet"].update(path="/etc/passwd"), "absolute"),
+    (lambda m: m["components"].pop("vae_decoder"), "vae_decoder"),
+    (lambda m: m["tokenizer"].update(path="gone.json"), "missing"),
+])
+def test_inspect_refuses_bad_manifests(bundle_copy, mutate, message):
+    mpath = bundle_copy / "manifest.json"
+    m = json.loads(mpath.read_text())
+    mutate(m)
+    mpath.write_text(json.dumps(m))
+    r = runner.invoke(app, ["inspect", str(bundle_copy)])
+    assert r.exit_code == 2 and message in r.output, r.output
+
+
+def test_inspect_refuses_missing_file_and_non_bundle(bundle_copy, tmp_path):
+    (bundle_copy / "vae_decoder" / "model.onnx").unlink()
+    assert "missing" in runner.invoke(app, ["inspect", str(bundle_copy)]).output
+    r = runner.invoke(app, ["inspect", str(tmp_path)])
+    assert r.exit_code == 2 and "not a zoodip-edge bundle" in r.output

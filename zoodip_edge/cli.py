@@ -1,0 +1,235 @@
+"""The ``zoodip-edge`` command: a thin layer over the Python API.
+
+Every command turns a UserError into one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+
+from .errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Backpropagation-free personalization (ZOODiP) of INT8 Stable Diffusion on devices.")
+
+
+def _err(msg: str) -> None:
+    typer.echo(f"error: {msg}", err=True)
+
+
+def cli_errors(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            _err(str(e))
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            _err("interrupted")
+            raise typer.Exit(130) from None
+        except ImportError as e:
+            _err(f"{e.name or e}: missing dependency; the export stage needs `pip install \"zoodip-edge[export]\"`")
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+@app.command()
+@cli_errors
+def export(
+    model: str = typer.Argument(..., help="diffusers pipeline folder, hub id, or single-file .safetensors/.ckpt"),
+    out: Path = typer.Option(..., "--out", "-o", help="bundle folder to write"),
+    recipe: str = typer.Option("int8-cpu", help="int8-cpu | int8-gpu | fp16 | fp32 | w8a8-dynamic (experiment)"),
+    resolution: Optional[int] = typer.Option(None, help="image size in pixels (default: the model's)"),
+    force: bool = typer.Option(False, "--force", help="replace an existing output folder"),
+    allow_unfaithful: bool = typer.Option(False, "--allow-unfaithful", help="export even if the ZO fidelity gate fails"),
+    config: Optional[str] = typer.Option(None, help="diffusers config folder or hub id for a single-file checkpoint"),
+) -> None:
+    """Export a Stable Diffusion pipeline to a verified ONNX bundle (workstation)."""
+    from .export import export_bundle
+
+    manifest = export_bundle(model, out, recipe=recipe, resolution=resolution, force=force,
+                             allow_unfaithful=allow_unfaithful, config=config,
+                             progress=lambda msg: typer.echo(f"[export] {msg}", err=True))
+    v = manifest["verification"]
+    typer.echo(f"exported {manifest['family']} ({recipe}) to {out}: ZO fidelity pearson {v['zo_fidelity']['pearson']:.4f}, "
+               f"conditioning kept {v['conditioning_sensitivity']['ratio']:.3f}")
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+@app.command()
+@cli_errors
+def inspect(
+    bundle: Path = typer.Argument(..., help="bundle folder"),
+    as_json: bool = typer.Option(False, "--json", help="print the manifest as JSON"),
+) -> None:
+    """Summarize a bundle and verify every file's hash."""
+    from .bundle import load_bundle
+
+    b = load_bundle(bundle, verify=True)
+    m = b.manifest
+    if as_json:
+        typer.echo(json.dumps(m, indent=2))
+        return
+    typer.echo(f"bundle      {bundle}  (format {m['format_version']}, manifest sha256 {b.manifest_sha256[:16]})")
+    typer.echo(f"model       {m['family']} from {m['source'].get('model')} ({m['source'].get('kind')})")
+    typer.echo(f"recipe      {m['recipe']['name']}: {m['recipe']['description']}")
+    typer.echo(f"resolution  {m['resolution']} px, latents {m['latent_channels']}x{m['latent_size']}x{m['latent_size']}, "
+               f"scale {m['latent_scale']}, prediction {m['scheduler'].get('prediction_type')}")
+    for name, c in m["components"].items():
+        size = c["bytes"] + sum(e["bytes"] for e in c.get("external_data", []))
+        ins = ", ".join(f"{i['name']}{i['shape']}" for i in c["inputs"])
+        typer.echo(f"{name:<12}{_mb(size):>10}  {ins}")
+    v = m["verification"]
+    typer.echo(f"verified    ZO fidelity pearson {v['zo_fidelity']['pearson']:.4f} at mu {v['zo_fidelity']['mu']:g}"
+               f"{'' if v['zo_fidelity']['passed'] else ' (FAILED: exported with --allow-unfaithful)'}; "
+               f"conditioning kept {v['conditioning_sensitivity']['ratio']:.3f}; "
+               f"text encoder max abs err {v['text_encoder_parity']['max_abs']:.2g}")
+    d = m["defaults"]
+    typer.echo(f"defaults    n={d['n']} mu={d['mu']:g} lr={d['lr']:g} tau={d['tau']} nu={d['nu']:g} "
+               f"PUTS=[{d['t_low']},{d['t_high']}) steps={d['steps']}")
+    typer.echo(f"all {sum(1 for _ in b.files())} files match their sha256")
+
+
+class _JsonlLog:
+    """Per-step records from which a run can be replayed (zoodip_edge.runtime.zo.replay)."""
+
+    def __init__(self, path: Path, header: dict, resume_step: int | None):
+        kept = []
+        if resume_step is not None and path.exists():
+            # drop records past the checkpoint: the resumed run writes those steps again
+            for line in path.read_text().splitlines():
+                rec = json.loads(line)
+                if rec.get("type") == "start" or rec.get("step", 0) < resume_step:
+                    kept.append(line)
+        else:
+            kept.append(json.dumps(header))
+        path.write_text("".join(line + "\n" for line in kept))
+        self.f = open(path, "a")
+
+    def write(self, record) -> None:
+        self.f.write(json.dumps({"type": "step", "step": record.step, "t": record.t, "noise_seed": record.noise_seed,
+                                 "loss": float(record.losses[0]), "losses": record.losses.tolist(),
+                                 "g": record.g.tolist()}) + "\n")
+        self.f.flush()
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+@app.command()
+@cli_errors
+def personalize(
+    bundle: Path = typer.Argument(..., help="bundle folder made by `zoodip-edge export`"),
+    images: Path = typer.Argument(..., help="folder of 3-5 photos of the concept"),
+    token: str = typer.Option(..., help="the new token, e.g. '<my-dog>'"),
+    init: str = typer.Option(..., help="a one-token word to start from, e.g. 'dog'"),
+    out: Path = typer.Option(..., "--out", "-o", help="learned embedding file (.safetensors)"),
+    steps: Optional[int] = typer.Option(None, help="total optimization steps (default: the family's, 30000 for SD1.5)"),
+    seed: int = typer.Option(0, help="random seed: same seed, same result"),
+    captions: Optional[Path] = typer.Option(None, help="JSON mapping image file name -> caption with {} for the token"),
+    templates: str = typer.Option("object", help="textual-inversion templates when no captions: object | style"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda-lowvram | tensorrt | jetson-orin-nano | path/to/profile.toml"),
+    strict: bool = typer.Option(False, "--strict", help="refuse to fall back to CPU when a requested provider is missing"),
+    batched: Optional[bool] = typer.Option(None, "--batched/--sequential", help="run the n+1 perturbations as one batch or one by one (default: profile)"),
+    n: Optional[int] = typer.Option(None, "--n", help="perturbations per step"),
+    mu: Optional[float] = typer.Option(None, help="perturbation size"),
+    lr: Optional[float] = typer.Option(None, help="ZOAdam learning rate"),
+    tau: Optional[int] = typer.Option(None, help="Subspace Gradient buffer length"),
+    nu: Optional[float] = typer.Option(None, help="Subspace Gradient variance threshold"),
+    t_low: Optional[int] = typer.Option(None, help="PUTS lower timestep (inclusive)"),
+    t_high: Optional[int] = typer.Option(None, help="PUTS upper timestep (exclusive)"),
+    no_subspace: bool = typer.Option(False, "--no-subspace", help="ablation: disable the Subspace Gradient"),
+    no_puts: bool = typer.Option(False, "--no-puts", help="ablation: sample t uniformly from all timesteps"),
+    checkpoint_every: int = typer.Option(100, help="write a checkpoint every K steps (0: only at the end / on Ctrl-C)"),
+    checkpoint: Optional[Path] = typer.Option(None, help="checkpoint file (default: OUT with .ckpt appended)"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the checkpoint"),
+    fmt: str = typer.Option("diffusers", "--format", help="diffusers | a1111"),
+    log_jsonl: Optional[Path] = typer.Option(None, help="write one JSON record per step (replayable)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+    force: bool = typer.Option(False, "--force", help="overwrite OUT if it exists"),
+) -> None:
+    """Learn a token for the concept in IMAGES with forward passes only (device)."""
+    from tqdm import tqdm
+
+    from .runtime.personalize import Personalizer, Settings
+
+    if out.exists() and not force and not resume:
+        raise UserError(f"{out} exists; pass --force to overwrite it")
+    if not out.parent.is_dir():
+        raise UserError(f"output folder does not exist: {out.parent}")
+    if fmt not in ("diffusers", "a1111"):
+        raise UserError(f"unknown --format {fmt!r} (diffusers or a1111)")
+    ckpt = checkpoint or out.with_name(out.name + ".ckpt")
+    if resume and not ckpt.is_file():
+        raise UserError(f"--resume: no checkpoint at {ckpt}")
+    settings = Settings(n=n, mu=mu, lr=lr, tau=tau, nu=nu, t_low=t_low, t_high=t_high, subspace=not no_subspace,
+                        puts=not no_puts, seed=seed, templates=templates, batch_perturbations=batched)
+    warn = lambda msg: typer.echo(f"warning: {msg}", err=True)  # noqa: E731
+    p = Personalizer(bundle, images, token, init, settings=settings, captions=captions, profile=device, strict=strict, warn=warn)
+    total = steps if steps is not None else p.bundle.manifest["defaults"]["steps"]
+    if total < 1:
+        raise UserError("--steps must be at least 1")
+    if resume:
+        p.load_checkpoint(ckpt)
+    log = None
+    if log_jsonl:
+        header = {"type": "start", "token": token, "init": init, "seed": seed, "bundle": p.bundle.manifest_sha256,
+                  "config": __import__("dataclasses").asdict(p.config), "theta0": p.theta0.tolist()}
+        log = _JsonlLog(log_jsonl, header, p.step_index if resume else None)
+    bar = tqdm(total=total, initial=p.step_index, disable=quiet, unit="step", dynamic_ncols=True)
+    ema = None
+    try:
+        for rec in p.run(total):
+            loss = float(rec.losses[0])
+            ema = loss if ema is None else 0.98 * ema + 0.02 * loss
+            if log:
+                log.write(rec)
+            bar.set_postfix(loss=f"{ema:.4f}", t=rec.t, peak=f"{_peak_rss_mb():.0f}MB", refresh=False)
+            bar.update(1)
+            if checkpoint_every and p.step_index % checkpoint_every == 0:
+                p.save_checkpoint(ckpt)
+    except KeyboardInterrupt:
+        bar.close()
+        p.save_checkpoint(ckpt)
+        _err(f"interrupted at step {p.step_index}; checkpoint saved to {ckpt}; continue with --resume")
+        raise typer.Exit(130) from None
+    bar.close()
+    p.save_checkpoint(ckpt)
+    p.save(out, fmt=fmt)
+    typer.echo(f"learned {token} in {p.step_index} steps (final loss {p.last_loss:.4f}, peak RSS {_peak_rss_mb():.0f} MB): {out}")
+
+
+@app.command()
+@cli_errors
+def devices() -> None:
+    """List device profiles and what this machine's ONNX Runtime offers."""
+    from .runtime.sessions import available_providers, devices_report
+
+    typer.echo(f"onnxruntime providers here: {', '.join(available_providers())}")
+    for r in devices_report():
+        mark = "*" if r.get("auto") else " "
+        state = "usable" if r.get("usable") else "not usable here"
+        typer.echo(f"{mark} {r['name']:<18} {state:<16} {r['description']}")
+    typer.echo("* = what --device auto picks")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

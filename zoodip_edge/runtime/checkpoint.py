@@ -1,0 +1,76 @@
+"""Checkpoints: nested state (arrays + JSON values) in one safetensors file, written atomically.
+
+Arrays become tensors named by their path ("opt.adam.m"); everything else (ints, the
+PCG64 state's 128-bit integers, strings) goes to the metadata as one JSON document.
+No pickle is involved anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+
+from ..errors import UserError
+
+
+def _split(state: Any, prefix: str, arrays: dict[str, np.ndarray]) -> Any:
+    if isinstance(state, np.ndarray):
+        arrays[prefix] = np.ascontiguousarray(state)
+        return {"__array__": prefix}
+    if isinstance(state, dict):
+        return {k: _split(v, f"{prefix}.{k}" if prefix else k, arrays) for k, v in state.items()}
+    if isinstance(state, (np.integer, np.floating)):
+        return state.item()
+    return state
+
+
+def _join(tree: Any, arrays: dict[str, np.ndarray]) -> Any:
+    if isinstance(tree, dict):
+        if set(tree) == {"__array__"}:
+            return arrays[tree["__array__"]]
+        return {k: _join(v, arrays) for k, v in tree.items()}
+    return tree
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` then rename over ``path``: readers never see a partial file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    arrays: dict[str, np.ndarray] = {}
+    tree = _split(state, "", arrays)
+    atomic_write(path, lambda tmp: save_file(arrays, str(tmp), metadata={"zoodip_edge_checkpoint": json.dumps(tree)}))
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        arrays = load_file(str(path))
+        from safetensors import safe_open
+
+        with safe_open(str(path), "np") as f:
+            meta = f.metadata() or {}
+        tree = json.loads(meta["zoodip_edge_checkpoint"])
+    except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as e:
+        raise UserError(f"{path} is not a zoodip-edge checkpoint ({type(e).__name__})") from None
+    return _join(tree, arrays)

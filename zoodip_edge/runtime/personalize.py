@@ -1,0 +1,253 @@
+"""Forward-only ZOODiP personalization on ONNX Runtime sessions (the device stage).
+
+    from zoodip_edge.runtime import Personalizer
+    p = Personalizer("bundle/", "photos/", token="<my-dog>", init="dog")
+    for record in p.run(steps=2000):
+        ...                                   # progress, cancellation: just stop iterating
+    p.save("learned_embeds.safetensors")
+
+The loop per step (ALGORITHM.md): the optimizer proposes t (PUTS) and n perturbed tokens;
+one image, caption, latent sample and noise ε are drawn from the step's noise seed and
+shared by all n + 1 evaluations; the text encoder and U-Net give n + 1 losses; the
+optimizer applies RGE -> Subspace Gradient -> ZOAdam. No torch, no gradients.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from .. import __version__
+from ..bundle import Bundle, load_bundle
+from ..errors import UserError
+from .checkpoint import load_checkpoint, save_checkpoint
+from .diffusion import alphas_cumprod, noisy_and_target
+from .text import TEMPLATES, PromptEncoder, mmap_safetensors
+from .zo import StepRecord, ZOConfig, ZOOptimizer
+
+Warn = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a user may override; ``None`` means the bundle family's default (ALGORITHM.md)."""
+
+    n: int | None = None
+    mu: float | None = None
+    lr: float | None = None
+    tau: int | None = None
+    nu: float | None = None
+    t_low: int | None = None
+    t_high: int | None = None
+    subspace: bool = True  # Subspace Gradient (off = the paper's "no SG" ablation)
+    puts: bool = True  # Partial Uniform Timestep Sampling (off = t ~ U{0..999})
+    seed: int = 0
+    templates: str = "object"  # textual-inversion templates when no captions are given
+    batch_perturbations: bool | None = None  # None: the device profile decides
+
+    def zo_config(self, defaults: dict, num_train_timesteps: int) -> ZOConfig:
+        pick = lambda k: getattr(self, k) if getattr(self, k) is not None else defaults[k]  # noqa: E731
+        t_low, t_high = (pick("t_low"), pick("t_high")) if self.puts else (0, num_train_timesteps)
+        if not 0 <= t_low < t_high <= num_train_timesteps:
+            raise UserError(f"timestep range [{t_low}, {t_high}) is not inside [0, {num_train_timesteps})")
+        cfg = ZOConfig(n=pick("n"), mu=pick("mu"), lr=pick("lr"), tau=pick("tau"), nu=pick("nu"),
+                       t_low=t_low, t_high=t_high, subspace=self.subspace)
+        if cfg.n < 1 or cfg.mu <= 0 or cfg.lr <= 0 or cfg.tau < 2 or not 0 <= cfg.nu < 1:
+            raise UserError(f"invalid hyperparameters: {cfg}")
+        return cfg
+
+
+class Sessions:
+    """ORT sessions of one bundle; resident, or loaded and released in turn (low-memory profiles)."""
+
+    def __init__(self, bundle: Bundle, profile: Any, strict: bool, warn: Warn | None):
+        self.bundle, self.profile, self.strict, self.warn = bundle, profile, strict, warn
+        self.open: dict[str, Any] = {}
+
+    def get(self, name: str):
+        if name not in self.open:
+            from .sessions import create_session
+
+            if not self.profile.resident_sessions:
+                self.release_all()
+            self.open[name] = create_session(self.bundle.path(name), self.profile,
+                                             self.bundle.manifest["session"]["config_entries"], self.strict, self.warn)
+        return self.open[name]
+
+    def release(self, name: str) -> None:
+        if self.open.pop(name, None) is not None:
+            gc.collect()
+
+    def release_all(self) -> None:
+        for name in list(self.open):
+            self.release(name)
+
+
+@dataclass
+class Example:
+    """One training image, VAE-encoded once: latents are sampled from N(mean, std²) per step."""
+
+    name: str
+    mean: np.ndarray
+    std: np.ndarray
+    caption: str | None
+
+
+class Personalizer:
+    """Learns the embedding of ``token`` for the concept in ``images`` on a bundle."""
+
+    def __init__(
+        self,
+        bundle: str | Path | Bundle,
+        images: str | Path | Sequence[str | Path],
+        token: str,
+        init: str,
+        *,
+        settings: Settings = Settings(),
+        captions: str | Path | dict[str, str] | None = None,
+        profile: str | Any = "auto",
+        strict: bool = False,
+        warn: Warn | None = None,
+        init_embedding: np.ndarray | None = None,
+    ):
+        from ..profiles import resolve_profile
+        from .images import load_captions, load_images
+
+        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        m = self.bundle.manifest
+        if settings.templates not in TEMPLATES:
+            raise UserError(f"unknown templates {settings.templates!r} (object or style)")
+        self.settings = settings
+        self.profile = resolve_profile(profile) if isinstance(profile, str) else profile
+        self.batch = self.profile.batch_perturbations if settings.batch_perturbations is None else settings.batch_perturbations
+        self.token, self.init = token, init
+
+        table = mmap_safetensors(self.bundle.path("token_embeddings"), m["token_embeddings"].get("tensor", "token_embedding"))
+        self.text = PromptEncoder(self.bundle.path("tokenizer"), table, m["text"]["max_length"], m["text"]["pad_token_id"])
+        init_id = self.text.single_token_id(init)
+        self.text.add_token(token)
+        theta0 = np.asarray(table[init_id], dtype=np.float64) if init_embedding is None else np.asarray(init_embedding, np.float64).reshape(-1)
+        if theta0.shape != (table.shape[1],):
+            raise UserError(f"initial embedding has {theta0.size} values; this bundle's tokens have {table.shape[1]}")
+        self.theta0 = theta0
+
+        loaded = load_images(images, m["resolution"])
+        names = [n for n, _ in loaded]
+        caps = load_captions(captions, names) if isinstance(captions, (str, Path)) else captions
+        if caps is not None:
+            missing = [n for n in names if n not in caps]
+            if missing or any("{}" not in caps[n] for n in names):
+                raise UserError(f"captions must give every image a caption containing {{}} (missing or invalid: {', '.join(missing) or 'see {}'})")
+        self.sessions = Sessions(self.bundle, self.profile, strict, warn)
+        self.examples = self._encode(loaded, caps)
+
+        self.abar = alphas_cumprod(m["scheduler"])
+        self.prediction_type = m["scheduler"].get("prediction_type", "epsilon")
+        self.config = settings.zo_config(m["defaults"], len(self.abar))
+        self.optimizer = ZOOptimizer(theta0, self.config, settings.seed)
+        self.last_loss: float | None = None
+
+    # ------------------------------------------------------------------ data ----------
+    def _encode(self, loaded: list[tuple[str, np.ndarray]], caps: dict[str, str] | None) -> list[Example]:
+        """VAE-encode each image once, then release the VAE so it never shares memory with the U-Net."""
+        vae = self.sessions.get("vae_encoder")
+        out = []
+        for name, img in loaded:
+            mean, logvar = vae.run(["mean", "logvar"], {"image": img[None].astype(np.float32)})
+            out.append(Example(name, mean[0], np.exp(0.5 * logvar[0]), caps[name] if caps else None))
+        self.sessions.release("vae_encoder")
+        return out
+
+    def draw(self, t: int, noise_seed: int) -> tuple[str, np.ndarray, np.ndarray]:
+        """Caption, z_t and target for one step, all from ``noise_seed`` (common random numbers)."""
+        rng = np.random.default_rng(noise_seed)
+        ex = self.examples[int(rng.integers(len(self.examples)))]
+        templates = TEMPLATES[self.settings.templates]
+        caption = ex.caption if ex.caption is not None else templates[int(rng.integers(len(templates)))]
+        z = self.bundle.manifest["latent_scale"] * (ex.mean + ex.std * rng.standard_normal(ex.mean.shape, dtype=np.float32))
+        eps = rng.standard_normal(z.shape, dtype=np.float32)
+        zt, target = noisy_and_target(z[None], eps[None], t, self.abar, self.prediction_type)
+        return caption.format(self.token), zt, target
+
+    # ------------------------------------------------------------------ model ---------
+    def losses(self, thetas: np.ndarray, t: int, noise_seed: int) -> np.ndarray:
+        """Diffusion loss at each row of ``thetas`` on one shared (image, t, ε)."""
+        prompt, zt, target = self.draw(t, noise_seed)
+        embeds = self.text.embed(prompt, thetas)
+        te, unet = self.sessions.get("text_encoder"), None
+        chunks = [embeds] if self.batch else [e[None] for e in embeds]
+        conds = [te.run(["last_hidden_state"], {"inputs_embeds": c})[0] for c in chunks]
+        unet = self.sessions.get("unet")
+        out = []
+        for c in conds:
+            b = len(c)
+            pred = unet.run(["out_sample"], {"sample": np.repeat(zt, b, 0), "timestep": np.full((b,), t, np.float32),
+                                             "encoder_hidden_states": c})[0]
+            out.append(np.mean((pred.astype(np.float64) - target) ** 2, axis=(1, 2, 3)))
+        return np.concatenate(out)
+
+    def held_out_loss(self, theta: np.ndarray, probes: Sequence[tuple[int, int]]) -> float:
+        """Mean loss of ``theta`` over fixed (t, noise seed) probes: a learning signal independent of training draws."""
+        return float(np.mean([self.losses(np.atleast_2d(theta), t, s)[0] for t, s in probes]))
+
+    # ------------------------------------------------------------------ loop ----------
+    @property
+    def theta(self) -> np.ndarray:
+        return self.optimizer.theta
+
+    @property
+    def step_index(self) -> int:
+        return self.optimizer.step_index
+
+    def step(self) -> StepRecord:
+        plan = self.optimizer.propose()
+        record = self.optimizer.update(plan, self.losses(plan.thetas, plan.t, plan.noise_seed))
+        self.last_loss = float(record.losses[0])
+        return record
+
+    def run(self, steps: int) -> Iterator[StepRecord]:
+        """Step until ``steps`` steps are done in total (counting resumed ones); stop iterating to cancel."""
+        while self.optimizer.step_index < steps:
+            yield self.step()
+
+    # ------------------------------------------------------------------ files ---------
+    def provenance(self) -> dict[str, str]:
+        c = self.config
+        return {
+            "tool": f"zoodip-edge {__version__}", "method": "ZOODiP", "token": self.token, "init": self.init,
+            "bundle_manifest_sha256": self.bundle.manifest_sha256, "family": self.bundle.family,
+            "recipe": self.bundle.recipe, "steps": str(self.step_index), "seed": str(self.settings.seed),
+            "hyperparameters": json.dumps(dataclasses.asdict(c)), "final_loss": f"{self.last_loss}" if self.last_loss is not None else "",
+            "images": json.dumps([e.name for e in self.examples]),
+        }
+
+    def save(self, path: str | Path, fmt: str = "diffusers") -> None:
+        from ..embeddings import save_embedding
+
+        save_embedding(path, self.token, self.theta.astype(np.float32)[None], self.provenance(), fmt=fmt)
+
+    def _identity(self) -> dict[str, Any]:
+        return {"bundle": self.bundle.manifest_sha256, "token": self.token, "init": self.init,
+                "config": dataclasses.asdict(self.config), "seed": self.settings.seed,
+                "images": [e.name for e in self.examples]}
+
+    def save_checkpoint(self, path: str | Path) -> None:
+        save_checkpoint(Path(path), {"identity": json.dumps(self._identity(), sort_keys=True),
+                                     "optimizer": self.optimizer.state_dict(), "last_loss": self.last_loss,
+                                     "theta0": self.theta0})
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        state = load_checkpoint(Path(path))
+        mine = self._identity()
+        theirs = json.loads(state["identity"])
+        diff = [k for k in mine if mine[k] != theirs.get(k)]
+        if diff:
+            raise UserError(f"checkpoint {path} belongs to a different run (differs in: {', '.join(diff)})")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.last_loss = state.get("last_loss")

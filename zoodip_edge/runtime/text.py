@@ -1,0 +1,105 @@
+"""Prompts -> token embeddings in NumPy: the bundle's tokenizer plus one new token.
+
+The embedding table is memory-mapped from the bundle's safetensors file, never copied:
+only the rows a prompt uses are read.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from ..errors import UserError
+
+# Textual-inversion training templates (Gal et al.; the diffusers TI example's lists).
+OBJECT_TEMPLATES = [
+    "a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
+    "a photo of a clean {}", "a photo of a dirty {}", "a dark photo of the {}", "a photo of my {}",
+    "a photo of the cool {}", "a close-up photo of a {}", "a bright photo of the {}", "a cropped photo of a {}",
+    "a photo of the {}", "a good photo of the {}", "a photo of one {}", "a close-up photo of the {}",
+    "a rendition of the {}", "a photo of the clean {}", "a rendition of a {}", "a photo of a nice {}",
+    "a good photo of a {}", "a photo of the nice {}", "a photo of the small {}", "a photo of the weird {}",
+    "a photo of the large {}", "a photo of a cool {}", "a photo of a small {}",
+]
+STYLE_TEMPLATES = [
+    "a painting in the style of {}", "a rendering in the style of {}", "a cropped painting in the style of {}",
+    "the painting in the style of {}", "a clean painting in the style of {}", "a dirty painting in the style of {}",
+    "a dark painting in the style of {}", "a picture in the style of {}", "a cool painting in the style of {}",
+    "a close-up painting in the style of {}", "a bright painting in the style of {}", "a good painting in the style of {}",
+    "a rendition in the style of {}", "a nice painting in the style of {}", "a small painting in the style of {}",
+    "a weird painting in the style of {}", "a large painting in the style of {}",
+]
+TEMPLATES = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES}
+
+
+def mmap_safetensors(path: Path, name: str) -> np.ndarray:
+    """Memory-map one tensor of a safetensors file (read-only; pages load on access)."""
+    dtypes = {"F16": np.float16, "F32": np.float32, "BF16": None}
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    if name not in header:
+        raise UserError(f"{path}: no tensor {name!r}")
+    info = header[name]
+    dtype = dtypes.get(info["dtype"])
+    if dtype is None:
+        raise UserError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+    start, end = info["data_offsets"]
+    shape = tuple(info["shape"])
+    if end - start != int(np.prod(shape)) * np.dtype(dtype).itemsize:
+        raise UserError(f"{path}: tensor {name} size does not match its shape")
+    return np.memmap(path, dtype=dtype, mode="r", offset=8 + n + start, shape=shape)
+
+
+class PromptEncoder:
+    """Tokenizes prompts containing a new token and builds ``inputs_embeds`` rows."""
+
+    def __init__(self, tokenizer_path: Path, table: np.ndarray, max_length: int, pad_id: int):
+        self.tok = Tokenizer.from_file(str(tokenizer_path))
+        self.tok.no_padding()
+        self.tok.no_truncation()
+        self.table = table
+        self.max_length = max_length
+        self.pad_id = pad_id
+        self.token: str | None = None
+        self.token_id: int | None = None
+
+    def single_token_id(self, word: str) -> int:
+        ids = self.tok.encode(word, add_special_tokens=False).ids
+        if len(ids) != 1:
+            pieces = self.tok.encode(word, add_special_tokens=False).tokens
+            raise UserError(f"initializer {word!r} is {len(ids)} tokens ({' '.join(pieces)}); choose a word that is exactly one token")
+        return ids[0]
+
+    def add_token(self, token: str) -> int:
+        """Append ``token`` to the vocabulary; its row is supplied per call (θ), not stored."""
+        if not token or any(c.isspace() for c in token):
+            raise UserError(f"token {token!r} must be non-empty and contain no spaces")
+        if self.tok.token_to_id(token) is not None or self.tok.token_to_id(token + "</w>") is not None:
+            raise UserError(f"token {token!r} is already in the vocabulary; choose a new one, e.g. <my-{token.strip('<>')}>")
+        self.tok.add_tokens([token])
+        self.token, self.token_id = token, self.tok.token_to_id(token)
+        if self.token_id != self.table.shape[0]:
+            raise UserError(f"tokenizer and embedding table disagree ({self.token_id} vs {self.table.shape[0]} rows)")
+        return self.token_id
+
+    def ids(self, prompt: str) -> np.ndarray:
+        ids = self.tok.encode(prompt).ids
+        if len(ids) > self.max_length:  # truncate like CLIP: keep the closing EOS
+            ids = ids[: self.max_length - 1] + ids[-1:]
+        return np.asarray(ids + [self.pad_id] * (self.max_length - len(ids)), dtype=np.int64)
+
+    def embed(self, prompt: str, thetas: np.ndarray | None = None) -> np.ndarray:
+        """``[B, L, d]`` float32 embeddings of ``prompt``, with the new token's rows set to each θ (B = len(thetas))."""
+        ids = self.ids(prompt)
+        is_new = ids == self.token_id if self.token_id is not None else np.zeros_like(ids, bool)
+        base = np.asarray(self.table[np.where(is_new, 0, ids)], dtype=np.float32)
+        if thetas is None:
+            return base[None]
+        thetas = np.atleast_2d(thetas).astype(np.float32)
+        out = np.repeat(base[None], len(thetas), axis=0)
+        out[:, is_new] = thetas[:, None, :]
+        return out
