@@ -1,0 +1,190 @@
+"""ONNX Runtime sessions built from a device profile and a bundle's session config.
+
+- providers come from the profile, in order, filtered to what this ORT build offers;
+  CPUExecutionProvider always closes the list;
+- a missing GPU provider is an error with ``strict``, else one warning and a fallback;
+- the bundle's config entries (e.g. ``session.qdq_matmulnbits_accuracy_level=0``) and the
+  profile's ``session_config`` are applied; ``session.disable_quant_qdq`` is refused (it
+  would fold the int8 weights to fp32 in memory).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Iterable
+
+import onnxruntime as ort
+
+from ..errors import UserError
+from ..profiles import (
+    DeviceProfile,
+    auto_profile_name,
+    builtin_profiles,
+    check_session_config,
+)
+
+__all__ = ["available_providers", "session_options", "session_providers", "create_session", "devices_report"]
+
+CPU = "CPUExecutionProvider"
+
+# Provider options that name a folder: "~" is expanded and the folder created.
+_PATH_OPTIONS = {
+    "TensorrtExecutionProvider": ("trt_engine_cache_path", "trt_timing_cache_path"),
+}
+
+
+def available_providers() -> list[str]:
+    """Execution providers this onnxruntime build offers (they may still fail to load)."""
+    return list(ort.get_available_providers())
+
+
+def session_options(profile: DeviceProfile, config_entries: dict | None = None) -> ort.SessionOptions:
+    """SessionOptions for ``profile`` with the bundle's ``config_entries`` applied.
+
+    Threads (0 = ORT default), ORT_ENABLE_ALL, then the bundle's entries and the profile's
+    ``session_config``. A key set by both to different values is refused: the bundle's
+    entries are what its graphs need to stay faithful. ``session.disable_quant_qdq`` is refused.
+    """
+    bundle_cfg = {str(k): _cfg_str(v) for k, v in (config_entries or {}).items()}
+    check_session_config(bundle_cfg, "bundle session config")
+    check_session_config(profile.session_config, f"device profile {profile.name!r}: session_config")
+    for key, value in profile.session_config.items():
+        if key in bundle_cfg and bundle_cfg[key] != value:
+            raise UserError(f"device profile {profile.name!r} sets session config {key}={value} but the bundle "
+                            f"needs {key}={bundle_cfg[key]}; remove it from the profile")
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = int(profile.intra_op_threads)
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    for key, value in {**bundle_cfg, **profile.session_config}.items():
+        try:
+            so.add_session_config_entry(key, value)
+        except Exception as e:  # ORT validates a few keys when they are added
+            raise UserError(f"onnxruntime refused session config {key}={value}: {e}") from None
+    return so
+
+
+def _cfg_str(v) -> str:
+    if isinstance(v, bool):
+        return "1" if v else "0"
+    return str(v)
+
+
+def _prepare_options(name: str, options: dict) -> dict:
+    opts = dict(options)
+    for key in _PATH_OPTIONS.get(name, ()):
+        if key in opts and isinstance(opts[key], str) and opts[key]:
+            folder = Path(os.path.expandvars(opts[key])).expanduser()
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise UserError(f"cannot create {key} folder {folder} for {name}: {e}") from None
+            opts[key] = str(folder)
+    return opts
+
+
+def session_providers(
+    profile: DeviceProfile,
+    strict: bool = False,
+    warn: Callable[[str], None] | None = None,
+    available: Iterable[str] | None = None,
+) -> tuple[list[str], list[dict]]:
+    """The (providers, provider_options) lists to hand to ORT for ``profile``.
+
+    Requested providers this build lacks: UserError with ``strict``, else one ``warn`` line
+    naming all of them. CPUExecutionProvider is always last.
+    """
+    avail = list(available) if available is not None else available_providers()
+    names: list[str] = []
+    options: list[dict] = []
+    missing: list[str] = []
+    for name, opts in profile.providers:
+        if name == CPU:
+            continue
+        if name not in avail:
+            missing.append(name)
+            continue
+        names.append(name)
+        options.append(_prepare_options(name, opts))
+    if missing:
+        what = ", ".join(missing)
+        have = ", ".join(avail) or "none"
+        verb = "is" if len(missing) == 1 else "are"
+        if strict:
+            raise UserError(f"{what} requested by device profile {profile.name!r} {verb} not available in this "
+                            f"onnxruntime build (available: {have}); install onnxruntime-gpu or choose another --device")
+        if warn is not None:
+            rest = ", ".join(names + [CPU])
+            warn(f"{what} requested by device profile {profile.name!r} {verb} not available in this onnxruntime "
+                 f"build (available: {have}); falling back to {rest}")
+    names.append(CPU)
+    options.append(dict(profile.provider_options(CPU)) if CPU in profile.provider_names else {})
+    return names, options
+
+
+def create_session(
+    path: str | os.PathLike,
+    profile: DeviceProfile,
+    config_entries: dict | None = None,
+    strict: bool = False,
+    warn: Callable[[str], None] | None = None,
+) -> ort.InferenceSession:
+    """An InferenceSession for the graph at ``path`` on the profile's providers.
+
+    With ``strict``, a requested GPU provider that this build lacks, or that ORT could not
+    start (missing CUDA/TensorRT libraries), is a UserError; otherwise ``warn`` gets one line
+    and the session falls back down the profile's list to the CPU.
+    """
+    so = session_options(profile, config_entries)
+    names, opts = session_providers(profile, strict=strict, warn=warn)
+    try:
+        sess = ort.InferenceSession(str(path), sess_options=so, providers=names, provider_options=opts)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"onnxruntime could not load {path} with device profile {profile.name!r}: {msg}") from None
+    # ORT silently drops a provider it offers but cannot start (e.g. CUDA libraries absent).
+    got = set(sess.get_providers())
+    dropped = [n for n in names if n != CPU and n not in got]
+    if dropped:
+        line = (f"{', '.join(dropped)} from device profile {profile.name!r} could not be started by onnxruntime "
+                f"(missing CUDA/cuDNN/TensorRT libraries?); running on {', '.join(sess.get_providers())}")
+        if strict:
+            raise UserError(line)
+        if warn is not None:
+            warn(line)
+    return sess
+
+
+def devices_report(profile_names: Iterable[str] | None = None) -> list[dict]:
+    """One dict per builtin profile for ``zoodip-edge devices``.
+
+    Keys: name, description, providers (requested, in order), available (those this ORT
+    offers), usable (its first provider is offered, so it runs as intended), auto (True
+    for the profile ``--device auto`` picks), auto_reason, memory_budget_mb,
+    batch_perturbations, resident_sessions, recommended_recipe.
+    """
+    avail = available_providers()
+    auto_name, reason = auto_profile_name(avail)
+    profiles = builtin_profiles()
+    names = list(profiles) if profile_names is None else list(profile_names)
+    unknown = [n for n in names if n not in profiles]
+    if unknown:
+        raise UserError(f"unknown device profile {unknown[0]!r}; choose from {', '.join(profiles)}")
+    rows = []
+    for n in names:
+        p = profiles[n]
+        offered = [q for q in p.provider_names if q in avail]
+        rows.append({
+            "name": p.name,
+            "description": p.description,
+            "providers": list(p.provider_names),
+            "available": offered,
+            "usable": bool(p.providers) and p.providers[0][0] in avail,
+            "auto": p.name == auto_name,
+            "auto_reason": reason if p.name == auto_name else "",
+            "memory_budget_mb": p.memory_budget_mb,
+            "batch_perturbations": p.batch_perturbations,
+            "resident_sessions": p.resident_sessions,
+            "recommended_recipe": p.recommended_recipe,
+        })
+    return rows
