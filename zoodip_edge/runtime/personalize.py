@@ -67,8 +67,16 @@ class Sessions:
     """ORT sessions of one bundle; resident, or loaded and released in turn (low-memory profiles)."""
 
     def __init__(self, bundle: Bundle, profile: Any, strict: bool, warn: Warn | None):
-        self.bundle, self.profile, self.strict, self.warn = bundle, profile, strict, warn
+        self.bundle, self.profile, self.strict = bundle, profile, strict
         self.open: dict[str, Any] = {}
+        seen: set[str] = set()
+
+        def warn_once(msg: str) -> None:  # sessions reloaded in turn would repeat the same fallback warning
+            if warn is not None and msg not in seen:
+                seen.add(msg)
+                warn(msg)
+
+        self.warn = warn_once
 
     def get(self, name: str):
         if name not in self.open:

@@ -1,0 +1,283 @@
+"""The device stage end to end on a tiny exported bundle (CPU EP)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+from safetensors.numpy import load_file
+from typer.testing import CliRunner
+
+from zoodip_edge.cli import app
+from zoodip_edge.errors import UserError
+from zoodip_edge.runtime.personalize import Personalizer, Settings
+from zoodip_edge.runtime.zo import replay, ZOConfig
+
+runner = CliRunner()
+TOKEN = "<red-ball>"
+
+
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("photos")
+    for i in range(4):
+        im = Image.new("RGB", (96, 80), (250, 250, 245))
+        ImageDraw.Draw(im).ellipse((12 + 4 * i, 8, 70 + 4 * i, 66), fill=(220, 30, 30))
+        im.save(d / f"ball{i}.png")
+    return d
+
+
+def make(bundle, photos, **kw) -> Personalizer:
+    return Personalizer(bundle, photos, TOKEN, "dog", settings=Settings(**kw), profile="cpu")
+
+
+PROBES = [(int(t), 1000 + i) for i, t in enumerate(np.linspace(500, 899, 12))]
+
+
+def test_personalize_lowers_held_out_loss_beyond_random_moves(sd1_bundle, photos):
+    """Held-out loss on fixed (image, t, ε) probes falls by more than a random move of the same size.
+
+    A no-op update leaves it unchanged (gain 0) and a sign error raises it, so both fail.
+    """
+    p = make(sd1_bundle, photos)
+    base = p.held_out_loss(p.theta0, PROBES)
+    for _ in p.run(300):
+        pass
+    moved = p.theta - p.theta0
+    gain = (base - p.held_out_loss(p.theta, PROBES)) / base
+    rng = np.random.default_rng(0)
+    random_gains = []
+    for _ in range(4):
+        u = rng.standard_normal(moved.size)
+        u *= np.linalg.norm(moved) / np.linalg.norm(u)
+        random_gains.append((base - p.held_out_loss(p.theta0 + u, PROBES)) / base)
+    assert gain > 2 * max(np.abs(random_gains)) and gain > 1e-3, (gain, random_gains)
+
+
+def test_noop_update_cannot_pass_the_learning_check(sd1_bundle, photos):
+    p = make(sd1_bundle, photos)
+    p.optimizer.adam.lr = 0.0  # the optimizer still runs; the update does nothing
+    base = p.held_out_loss(p.theta0, PROBES)
+    for _ in p.run(50):
+        pass
+    assert p.held_out_loss(p.theta, PROBES) == base
+
+
+def test_same_seed_same_theta_and_different_seed_differs(sd1_bundle, photos):
+    runs = []
+    for seed in (3, 3, 4):
+        p = make(sd1_bundle, photos, seed=seed)
+        for _ in p.run(15):
+            pass
+        runs.append(p.theta.copy())
+    assert np.array_equal(runs[0], runs[1])
+    assert not np.allclose(runs[0], runs[2])
+
+
+def test_batched_and_sequential_perturbations_agree(sd1_bundle, photos):
+    a, b = make(sd1_bundle, photos, batch_perturbations=True), make(sd1_bundle, photos, batch_perturbations=False)
+    plan = a.optimizer.propose()
+    la, lb = a.losses(plan.thetas, plan.t, plan.noise_seed), b.losses(plan.thetas, plan.t, plan.noise_seed)
+    np.testing.assert_allclose(la, lb, rtol=1e-5)
+
+
+def test_sd2_v_prediction_bundle_personalizes(sd2_pipeline, work, photos):
+    from conftest import export_once
+
+    bundle, _ = export_once(sd2_pipeline, "int8-cpu", work)
+    p = Personalizer(bundle, photos, TOKEN, "dog", settings=Settings(), profile="cpu")
+    assert p.config.mu == 1e-2
+    for rec in p.run(5):
+        assert np.isfinite(rec.losses).all()
+    assert not np.array_equal(p.theta, p.theta0)
+
+
+def _cli(bundle, photos, out, *extra):
+    return ["personalize", str(bundle), str(photos), "--token", TOKEN, "--init", "dog", "--out", str(out),
+            "--device", "cpu", "--quiet", *extra]
+
+
+def test_cli_output_is_a_diffusers_embedding_with_provenance(sd1_bundle, photos, tmp_path, sd1_pipeline):
+    out = tmp_path / "learned_embeds.safetensors"
+    r = runner.invoke(app, _cli(sd1_bundle, photos, out, "--steps", "6"))
+    assert r.exit_code == 0, r.output
+    tensors = load_file(str(out))
+    assert list(tensors) == [TOKEN] and tensors[TOKEN].shape == (1, 32) and tensors[TOKEN].dtype == np.float32
+    from safetensors import safe_open
+
+    with safe_open(str(out), "np") as f:
+        meta = f.metadata()
+    manifest_sha = __import__("hashlib").sha256((sd1_bundle / "manifest.json").read_bytes()).hexdigest()
+    assert meta["bundle_manifest_sha256"] == manifest_sha and meta["steps"] == "6"
+    assert json.loads(meta["hyperparameters"])["mu"] == 1e-3
+
+    # diffusers loads it unchanged, and the token's row is ours
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(sd1_pipeline), safety_checker=None)
+    pipe.load_textual_inversion(str(out))
+    tid = pipe.tokenizer.convert_tokens_to_ids(TOKEN)
+    row = pipe.text_encoder.get_input_embeddings().weight[tid].detach().numpy()
+    np.testing.assert_array_equal(row, tensors[TOKEN][0])
+
+
+def test_replay_from_jsonl_log_reproduces_theta(sd1_bundle, photos, tmp_path):
+    out, log = tmp_path / "e.safetensors", tmp_path / "run.jsonl"
+    assert runner.invoke(app, _cli(sd1_bundle, photos, out, "--steps", "12", "--log-jsonl", str(log))).exit_code == 0
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    head, steps = lines[0], lines[1:]
+    assert head["type"] == "start" and [s["step"] for s in steps] == list(range(12))
+    theta = replay(np.array(head["theta0"]), ZOConfig(**head["config"]), steps)
+    np.testing.assert_array_equal(theta.astype(np.float32), load_file(str(out))[TOKEN][0])
+
+
+def _subprocess_cli(args, env=None):
+    code = "import sys; from zoodip_edge.cli import main; sys.argv = ['zoodip-edge'] + sys.argv[1:]; main()"
+    return subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+
+
+def _wait_for(path: Path, proc, timeout=120):
+    t0 = time.time()
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - t0 < timeout
+        time.sleep(0.02)
+
+
+def test_sigkill_then_resume_equals_uninterrupted_run(sd1_bundle, photos, tmp_path):
+    steps = "400"
+    ref = tmp_path / "ref.safetensors"
+    assert runner.invoke(app, _cli(sd1_bundle, photos, ref, "--steps", steps)).exit_code == 0
+    out = tmp_path / "killed.safetensors"
+    ckpt = Path(str(out) + ".ckpt")
+    proc = _subprocess_cli(_cli(sd1_bundle, photos, out, "--steps", steps, "--checkpoint-every", "7"))
+    _wait_for(ckpt, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists(), "the run was killed before the end"
+    r = runner.invoke(app, _cli(sd1_bundle, photos, out, "--steps", steps, "--resume"))
+    assert r.exit_code == 0, r.output
+    np.testing.assert_array_equal(load_file(str(out))[TOKEN], load_file(str(ref))[TOKEN])
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(sd1_bundle, photos, tmp_path):
+    out = tmp_path / "e.safetensors"
+    ckpt = Path(str(out) + ".ckpt")
+    proc = _subprocess_cli(_cli(sd1_bundle, photos, out, "--steps", "100000", "--checkpoint-every", "5"))
+    _wait_for(ckpt, proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "checkpoint saved" in err and "Traceback" not in err
+    assert not out.exists()
+    from zoodip_edge.runtime.checkpoint import load_checkpoint
+
+    assert load_checkpoint(ckpt)["optimizer"]["step"] > 0
+
+
+BLOCK_TORCH = """
+import sys, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('torch', 'diffusers', 'transformers'):
+            raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Block())
+"""
+
+
+def test_runtime_never_imports_torch_diffusers_transformers(sd1_bundle, photos, tmp_path):
+    out = tmp_path / "e.safetensors"
+    code = BLOCK_TORCH + (
+        "import zoodip_edge.runtime, zoodip_edge.runtime.personalize, zoodip_edge.cli\n"
+        "from zoodip_edge.cli import main\n"
+        f"sys.argv = ['zoodip-edge'] + {_cli(sd1_bundle, photos, out, '--steps', '3')!r}\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'transformers')]\n"
+        "assert not bad, bad\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert out.exists()
+
+
+# --------------------------------------------------------------------- bad input ------
+
+def _bad(args, match):
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], r.output
+
+
+def test_bad_images_are_named(sd1_bundle, photos, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _bad(_cli(sd1_bundle, empty, tmp_path / "o.safetensors"), "no image")
+    _bad(_cli(sd1_bundle, tmp_path / "nowhere", tmp_path / "o.safetensors"), "nowhere")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "zero.png").write_bytes(b"")
+    (bad / "notes.jpg").write_text("not an image")
+    good = (photos / "ball0.png").read_bytes()
+    (bad / "cut.png").write_bytes(good[: len(good) // 2])
+    r = runner.invoke(app, _cli(sd1_bundle, bad, tmp_path / "o.safetensors"))
+    assert r.exit_code == 2 and all(n in r.output for n in ("zero.png", "notes.jpg", "cut.png")), r.output
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_bad_tokens(sd1_bundle, photos, tmp_path):
+    out = tmp_path / "o.safetensors"
+    base = ["personalize", str(sd1_bundle), str(photos), "--out", str(out), "--device", "cpu", "-q", "--steps", "2"]
+    _bad(base + ["--token", "dog", "--init", "dog"], "already in the vocabulary")
+    _bad(base + ["--token", "<t>", "--init", "qzxv"], "exactly one token")
+    _bad(base + ["--token", "two words", "--init", "dog"], "no spaces")
+    assert not out.exists()
+
+
+def test_bad_bundles(bundle_copy, photos, tmp_path):
+    out = tmp_path / "o.safetensors"
+    tok = bundle_copy / "tokenizer.json"
+    data = bytearray(tok.read_bytes())
+    data[len(data) // 2] ^= 0x01  # same size, different content
+    tok.write_bytes(bytes(data))
+    _bad(_cli(bundle_copy, photos, out), "sha256")
+    m = json.loads((bundle_copy / "manifest.json").read_text())
+    m["format_version"] = 7
+    (bundle_copy / "manifest.json").write_text(json.dumps(m))
+    _bad(_cli(bundle_copy, photos, out), "format_version")
+    assert not out.exists()
+
+
+def test_output_and_resume_refusals(sd1_bundle, photos, tmp_path):
+    out = tmp_path / "o.safetensors"
+    out.write_text("keep me")
+    _bad(_cli(sd1_bundle, photos, out), "--force")
+    assert out.read_text() == "keep me"
+    _bad(_cli(sd1_bundle, photos, tmp_path / "x.safetensors", "--resume"), "no checkpoint")
+    # a checkpoint from another run (different seed) is refused, not silently mixed in
+    other = tmp_path / "y.safetensors"
+    assert runner.invoke(app, _cli(sd1_bundle, photos, other, "--steps", "2", "--seed", "1")).exit_code == 0
+    _bad(_cli(sd1_bundle, photos, other, "--steps", "4", "--seed", "2", "--resume"), "different run")
+
+
+def test_missing_provider_warns_and_falls_back_or_refuses_with_strict(sd1_bundle, photos, tmp_path):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this machine has CUDA EP")
+    out = tmp_path / "o.safetensors"
+    args = ["personalize", str(sd1_bundle), str(photos), "--token", TOKEN, "--init", "dog", "--out", str(out),
+            "--device", "cuda", "-q", "--steps", "2"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0 and r.output.count("warning:") == 1, r.output
+    _bad(args + ["--strict", "--force"], "not available")
