@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import logging
+import os
 import shutil
 import tempfile
 import warnings
@@ -21,6 +22,10 @@ from ..errors import UserError
 
 __all__ = ["export_bundle", "RECIPES", "DEFAULT_RECIPE"]
 
+# Before transformers/diffusers are imported: their import-time notices are not for our users.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
 from .quantize import DEFAULT_RECIPE, RECIPES  # noqa: E402
 
 Progress = Callable[[str], None]
@@ -29,7 +34,7 @@ Progress = Callable[[str], None]
 @contextlib.contextmanager
 def _quiet():
     """torch.onnx and ORT's quantizers log per node at INFO; the user wants stages, not nodes."""
-    logging.disable(logging.INFO)
+    logging.disable(logging.WARNING)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with contextlib.redirect_stdout(None):

@@ -21,6 +21,16 @@ class LoadedPipeline:
     source: dict = field(default_factory=dict)
 
 
+def quiet_hf() -> None:
+    """diffusers/transformers print per-component progress bars and hints; export reports stages instead."""
+    import diffusers
+    import transformers
+
+    for lib in (diffusers, transformers):
+        lib.utils.logging.set_verbosity_error()
+        lib.utils.logging.disable_progress_bar()
+
+
 def detect_family(components: dict[str, Any]) -> str:
     """sd1 (OpenAI CLIP-L, quick_gelu) / sd2 (OpenCLIP-H, gelu) / sdxl (two text encoders)."""
     unet_cfg = components["unet"].config
@@ -50,6 +60,7 @@ def load_pipeline(model: str, config: str | None = None) -> LoadedPipeline:
     import torch
     from diffusers import DiffusionPipeline, StableDiffusionPipeline
 
+    quiet_hf()
     path = Path(model).expanduser()
     source: dict[str, Any] = {"model": model}
     try:

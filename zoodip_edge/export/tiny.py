@@ -30,8 +30,12 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
-def write_clip_bpe(folder: Path, words: tuple[str, ...] = tuple(WORDS)) -> int:
-    """Write vocab.json + merges.txt of a small CLIP-style BPE; returns the vocab size."""
+def write_clip_bpe(folder: Path, words: tuple[str, ...] = tuple(WORDS), vocab_size: int | None = None) -> int:
+    """Write vocab.json + merges.txt of a small CLIP-style BPE; returns the vocab size.
+
+    ``vocab_size`` pads the vocabulary with unreachable filler entries, so a random model
+    can have the real CLIP table shape (49408 rows) without the real BPE files.
+    """
     base = list(_bytes_to_unicode().values())
     vocab = base + [c + "</w>" for c in base]
     merges: list[tuple[str, str]] = []
@@ -45,11 +49,54 @@ def write_clip_bpe(folder: Path, words: tuple[str, ...] = tuple(WORDS)) -> int:
                 if merged not in vocab:
                     vocab.append(merged)
             symbols = [merged] + symbols[2:]
+    if vocab_size is not None:
+        vocab += [f"<|filler-{i}|>" for i in range(vocab_size - 2 - len(vocab))]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
     return len(vocab)
+
+
+# The published SD1.5 configs (runwayml/stable-diffusion-v1-5), for benchmarks: weights change
+# neither memory nor speed, so random ones measure what the real model costs.
+SD15 = {
+    "text": dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+                 num_hidden_layers=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768),
+    "unet": dict(sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
+                 layers_per_block=2, cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
+                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3),
+    "vae": dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
+                layers_per_block=2, latent_channels=4, norm_num_groups=32, sample_size=512),
+}
+
+
+def build_sd15_architecture(out: Path, seed: int = 0) -> Path:
+    """Save an SD1.5-architecture pipeline with random weights (about 4 GB) to ``out``."""
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from .load import quiet_hf
+
+    quiet_hf()
+    torch.manual_seed(seed)
+    out = Path(out)
+    tok_dir = out / "tokenizer"
+    vocab = write_clip_bpe(tok_dir, vocab_size=SD15["text"]["vocab_size"])
+    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77)
+    text = CLIPTextModel(CLIPTextConfig(**SD15["text"], bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1))
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL(**SD15["vae"]), text_encoder=text, tokenizer=tokenizer,
+        unet=UNet2DConditionModel(**SD15["unet"]),
+        scheduler=PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out)
+    return out
 
 
 def build_tiny_pipeline(out: Path, family: str = "sd1", seed: int = 0, resolution: int = 64) -> Path:
@@ -61,6 +108,9 @@ def build_tiny_pipeline(out: Path, family: str = "sd1", seed: int = 0, resolutio
     if family not in ("sd1", "sd2"):
         raise ValueError(f"tiny pipelines exist for sd1 and sd2, not {family!r}")
     sd2 = family == "sd2"
+    from .load import quiet_hf
+
+    quiet_hf()
     torch.manual_seed(seed)
     out = Path(out)
     tok_dir = out / "tokenizer"

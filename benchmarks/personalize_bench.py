@@ -1,0 +1,40 @@
+"""Personalize benchmark: s/step and peak RSS, batched vs sequential perturbations, CPU EP.
+
+Each configuration runs in its own process so peaks do not mix.
+
+    python benchmarks/personalize_bench.py BUNDLE [BUNDLE...] --steps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import header, run_measured  # noqa: E402
+
+ap = argparse.ArgumentParser()
+ap.add_argument("bundles", nargs="+")
+ap.add_argument("--steps", type=int, default=3)
+ap.add_argument("--out", type=Path)
+a = ap.parse_args()
+script = str(Path(__file__).parent / "personalize_steps.py")
+rows = []
+for bundle in a.bundles:
+    recipe = json.loads((Path(bundle) / "manifest.json").read_text())["recipe"]["name"]
+    for mode in ("--batched", "--sequential"):
+        r = run_measured([sys.executable, script, bundle, "--steps", str(a.steps), mode])
+        if r["rc"] != 0 or not r["result"]:
+            rows.append(f"| {recipe} | {mode[2:]} | failed: {r['stderr'].strip().splitlines()[-1:]} |")
+            continue
+        res = r["result"]
+        rows.append(f"| {recipe} | {mode[2:]} | {res['n']} | {res['setup_s']:.1f} | {res['first_step_s']:.1f} | "
+                    f"{res['s_per_step']:.2f} | {res['peak_rss_mb']:.0f} |")
+        print(rows[-1], flush=True)
+table = "\n".join([header(sys.argv), "", "| recipe | perturbations | n | setup s (load + VAE encode) | first step s | s/step (median) | peak RSS MB |",
+                   "|---|---|---|---|---|---|---|", *rows])
+print(table)
+if a.out:
+    a.out.write_text(table + "\n")

@@ -1,0 +1,41 @@
+"""One process: a few personalize steps on a bundle; print s/step and peak RSS as JSON.
+
+    python benchmarks/personalize_steps.py BUNDLE --steps 3 --batched|--sequential
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import peak_rss_mb  # noqa: E402
+
+from zoodip_edge.demo import draw_photos  # noqa: E402
+from zoodip_edge.runtime.personalize import Personalizer, Settings  # noqa: E402
+
+ap = argparse.ArgumentParser()
+ap.add_argument("bundle")
+ap.add_argument("--steps", type=int, default=3)
+ap.add_argument("--n", type=int, default=None)
+g = ap.add_mutually_exclusive_group()
+g.add_argument("--batched", dest="batched", action="store_true", default=True)
+g.add_argument("--sequential", dest="batched", action="store_false")
+a = ap.parse_args()
+photos = draw_photos(Path(tempfile.mkdtemp()) / "photos")
+t0 = time.perf_counter()
+p = Personalizer(a.bundle, photos, "<bench>", "dog", settings=Settings(n=a.n, batch_perturbations=a.batched), profile="cpu")
+setup_s = time.perf_counter() - t0
+times = []
+for _ in range(a.steps):
+    t = time.perf_counter()
+    p.step()
+    times.append(time.perf_counter() - t)
+print(json.dumps({"batched": a.batched, "n": p.config.n, "setup_s": setup_s, "s_per_step": float(np.median(times)),
+                  "first_step_s": times[0], "peak_rss_mb": peak_rss_mb()}))
