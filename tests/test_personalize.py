@@ -281,3 +281,30 @@ def test_missing_provider_warns_and_falls_back_or_refuses_with_strict(sd1_bundle
     r = runner.invoke(app, args)
     assert r.exit_code == 0 and r.output.count("warning:") == 1, r.output
     _bad(args + ["--strict", "--force"], "not available")
+
+
+def test_io_binding_path_gives_the_same_losses(sd1_bundle, photos):
+    """GPU profiles keep text-encoder outputs on the device via IOBinding; on CPU the path must agree."""
+    import dataclasses
+
+    from zoodip_edge.profiles import resolve_profile
+
+    plain = make(sd1_bundle, photos)
+    bound = Personalizer(sd1_bundle, photos, TOKEN, "dog", profile=dataclasses.replace(resolve_profile("cpu"), io_binding=True))
+    plan = plain.optimizer.propose()
+    np.testing.assert_array_equal(plain.losses(plan.thetas, plan.t, plan.noise_seed),
+                                  bound.losses(plan.thetas, plan.t, plan.noise_seed))
+
+
+def test_captions_file_is_used_and_checked(sd1_bundle, photos, tmp_path):
+    caps = {f"ball{i}.png": "a photo of {} on a white background, {} again" for i in range(4)}
+    good = tmp_path / "captions.json"
+    good.write_text(json.dumps(caps))
+    p = Personalizer(sd1_bundle, photos, TOKEN, "dog", captions=good, profile="cpu")
+    prompt, _, _ = p.draw(700, 1)
+    assert prompt == f"a photo of {TOKEN} on a white background, {TOKEN} again"
+    assert (p.text.ids(prompt) == p.text.token_id).sum() == 2
+    del caps["ball2.png"]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(caps))
+    _bad(_cli(sd1_bundle, photos, tmp_path / "o.safetensors", "--captions", str(bad)), "ball2.png")

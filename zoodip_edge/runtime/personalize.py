@@ -181,24 +181,42 @@ class Personalizer:
         z = self.bundle.manifest["latent_scale"] * (ex.mean + ex.std * rng.standard_normal(ex.mean.shape, dtype=np.float32))
         eps = rng.standard_normal(z.shape, dtype=np.float32)
         zt, target = noisy_and_target(z[None], eps[None], t, self.abar, self.prediction_type)
-        return caption.format(self.token), zt, target
+        return caption.replace("{}", self.token), zt, target
 
     # ------------------------------------------------------------------ model ---------
     def losses(self, thetas: np.ndarray, t: int, noise_seed: int) -> np.ndarray:
         """Diffusion loss at each row of ``thetas`` on one shared (image, t, ε)."""
         prompt, zt, target = self.draw(t, noise_seed)
         embeds = self.text.embed(prompt, thetas)
-        te, unet = self.sessions.get("text_encoder"), None
         chunks = [embeds] if self.batch else [e[None] for e in embeds]
-        conds = [te.run(["last_hidden_state"], {"inputs_embeds": c})[0] for c in chunks]
+        # Text encoder first for every chunk, so a profile that loads sessions in turn loads each once per step.
+        te = self.sessions.get("text_encoder")
+        conds = [self._run(te, {"inputs_embeds": c}, "last_hidden_state", keep_on_device=self.profile.resident_sessions)
+                 for c in chunks]
         unet = self.sessions.get("unet")
         out = []
-        for c in conds:
-            b = len(c)
-            pred = unet.run(["out_sample"], {"sample": np.repeat(zt, b, 0), "timestep": np.full((b,), t, np.float32),
-                                             "encoder_hidden_states": c})[0]
+        for chunk, c in zip(chunks, conds):
+            b = len(chunk)
+            feed = {"sample": np.repeat(zt, b, 0), "timestep": np.full((b,), t, np.float32), "encoder_hidden_states": c}
+            pred = self._run(unet, feed, "out_sample", keep_on_device=False)
             out.append(np.mean((pred.astype(np.float64) - target) ** 2, axis=(1, 2, 3)))
         return np.concatenate(out)
+
+    def _run(self, sess, feed: dict, output: str, keep_on_device: bool):
+        """One output of ``sess``; with IOBinding (GPU profiles) it may stay on the device as an OrtValue."""
+        if not self.profile.io_binding:
+            return sess.run([output], feed)[0]
+        device = "cuda" if sess.get_providers()[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
+        binding = sess.io_binding()
+        for name, value in feed.items():
+            if isinstance(value, np.ndarray):
+                binding.bind_cpu_input(name, value)
+            else:
+                binding.bind_ortvalue_input(name, value)
+        binding.bind_output(output, device if keep_on_device else "cpu")
+        sess.run_with_iobinding(binding)
+        value = binding.get_outputs()[0]
+        return value if keep_on_device else value.numpy()
 
     def held_out_loss(self, theta: np.ndarray, probes: Sequence[tuple[int, int]]) -> float:
         """Mean loss of ``theta`` over fixed (t, noise seed) probes: a learning signal independent of training draws."""
