@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -17,7 +16,6 @@ from safetensors.numpy import load_file
 from typer.testing import CliRunner
 
 from zoodip_edge.cli import app
-from zoodip_edge.errors import UserError
 from zoodip_edge.runtime.personalize import Personalizer, Settings
 from zoodip_edge.runtime.zo import replay, ZOConfig
 
@@ -120,7 +118,6 @@ def test_cli_output_is_a_diffusers_embedding_with_provenance(sd1_bundle, photos,
     assert json.loads(meta["hyperparameters"])["mu"] == 1e-3
 
     # diffusers loads it unchanged, and the token's row is ours
-    import torch
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(str(sd1_pipeline), safety_checker=None)

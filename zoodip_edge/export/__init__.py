@@ -130,7 +130,7 @@ def export_bundle(
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        components, quant_info, sessions = {}, {}, {}
+        components, quant_info = {}, {}
         for spec in specs:
             say(f"exporting {spec.name}")
             raw = tmp / "raw" / f"{spec.name}.onnx"

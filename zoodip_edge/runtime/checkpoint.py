@@ -8,16 +8,15 @@ No pickle is involved anywhere.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file, save
 
 from ..errors import UserError
+from ..files import write_atomic
 
 
 def _split(state: Any, prefix: str, arrays: dict[str, np.ndarray]) -> Any:
@@ -39,25 +38,10 @@ def _join(tree: Any, arrays: dict[str, np.ndarray]) -> Any:
     return tree
 
 
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename over ``path``: readers never see a partial file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     arrays: dict[str, np.ndarray] = {}
     tree = _split(state, "", arrays)
-    atomic_write(path, lambda tmp: save_file(arrays, str(tmp), metadata={"zoodip_edge_checkpoint": json.dumps(tree)}))
+    write_atomic(Path(path), save(arrays, metadata={"zoodip_edge_checkpoint": json.dumps(tree)}))
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
