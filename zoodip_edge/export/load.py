@@ -86,6 +86,7 @@ def load_pipeline(model: str, config: str | None = None) -> LoadedPipeline:
         raise
     except (OSError, ValueError, EnvironmentError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first.replace(" Please check out the root cause in the stacktrace above.", "")
         raise UserError(f"could not load {model}: {first}") from None
 
     components = dict(pipe.components)
