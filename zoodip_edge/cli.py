@@ -157,6 +157,8 @@ def personalize(
     checkpoint: Optional[Path] = typer.Option(None, help="checkpoint file (default: OUT with .ckpt appended)"),
     resume: bool = typer.Option(False, "--resume", help="continue from the checkpoint"),
     fmt: str = typer.Option("diffusers", "--format", help="diffusers | a1111"),
+    init_embedding: Optional[Path] = typer.Option(None, help="start from an existing embedding file (continue training)"),
+    preview_every: int = typer.Option(0, help="write a preview image beside the checkpoint every K steps (0: off)"),
     log_jsonl: Optional[Path] = typer.Option(None, help="write one JSON record per step (replayable)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
     force: bool = typer.Option(False, "--force", help="overwrite OUT if it exists"),
@@ -178,7 +180,15 @@ def personalize(
     settings = Settings(n=n, mu=mu, lr=lr, tau=tau, nu=nu, t_low=t_low, t_high=t_high, subspace=not no_subspace,
                         puts=not no_puts, seed=seed, templates=templates, batch_perturbations=batched)
     warn = lambda msg: typer.echo(f"warning: {msg}", err=True)  # noqa: E731
-    p = Personalizer(bundle, images, token, init, settings=settings, captions=captions, profile=device, strict=strict, warn=warn)
+    start = None
+    if init_embedding is not None:
+        from .embeddings import load_embedding
+
+        _, start, _ = load_embedding(init_embedding)
+        if isinstance(start, dict) or len(start) != 1:
+            raise UserError(f"{init_embedding}: --init-embedding needs a single-vector SD1/SD2 embedding")
+    p = Personalizer(bundle, images, token, init, settings=settings, captions=captions, profile=device, strict=strict,
+                     warn=warn, init_embedding=start)
     total = steps if steps is not None else p.bundle.manifest["defaults"]["steps"]
     if total < 1:
         raise UserError("--steps must be at least 1")
@@ -201,6 +211,8 @@ def personalize(
             bar.update(1)
             if checkpoint_every and p.step_index % checkpoint_every == 0:
                 p.save_checkpoint(ckpt)
+            if preview_every and p.step_index % preview_every == 0:
+                p.preview(ckpt.with_name(f"{out.stem}-preview-{p.step_index:06d}.png"))
     except KeyboardInterrupt:
         bar.close()
         p.save_checkpoint(ckpt)
@@ -210,6 +222,117 @@ def personalize(
     p.save_checkpoint(ckpt)
     p.save(out, fmt=fmt)
     typer.echo(f"learned {token} in {p.step_index} steps (final loss {p.last_loss:.4f}, peak RSS {_peak_rss_mb():.0f} MB): {out}")
+
+
+@app.command()
+@cli_errors
+def generate(
+    bundle: Path = typer.Argument(..., help="bundle folder"),
+    prompt: str = typer.Option(..., help="text prompt; learned tokens may appear in it"),
+    out: Path = typer.Option(..., "--out", "-o", help="folder for the PNGs and grid.png"),
+    embedding: list[Path] = typer.Option([], help="learned embedding file (ours, diffusers or A1111); repeatable"),
+    n: int = typer.Option(1, "-n", help="number of images"),
+    steps: int = typer.Option(30, help="sampling steps"),
+    guidance: float = typer.Option(7.5, help="classifier-free guidance scale (1 = off)"),
+    seed: int = typer.Option(0, help="random seed"),
+    negative_prompt: str = typer.Option("", help="what the image should not show"),
+    scheduler: str = typer.Option("ddim", help="ddim | dpm++ | euler"),
+    tile: Optional[int] = typer.Option(None, help="decode in tiles of this many latent pixels (bounds decoder memory)"),
+    device: str = typer.Option("auto", help="device profile (see `zoodip-edge devices`)"),
+    strict: bool = typer.Option(False, "--strict", help="refuse to fall back to CPU"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+) -> None:
+    """Generate images with the bundle, optionally using learned tokens (device)."""
+    from tqdm import tqdm
+
+    from .runtime.generate import Generator, grid
+
+    warn = lambda msg: typer.echo(f"warning: {msg}", err=True)  # noqa: E731
+    g = Generator(bundle, profile=device, strict=strict, warn=warn, embeddings=embedding)
+    out.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=steps, disable=quiet, unit="step")
+    images = g.generate(prompt, negative_prompt=negative_prompt, n=n, steps=steps, guidance=guidance, seed=seed,
+                        scheduler=scheduler, tile=tile, progress=lambda i, total: bar.update(1))
+    bar.close()
+    for i, im in enumerate(images):
+        im.save(out / f"{seed:04d}-{i:02d}.png")
+    grid(images).save(out / "grid.png")
+    typer.echo(f"wrote {len(images)} image(s) and grid.png to {out}")
+
+
+@app.command()
+@cli_errors
+def convert(
+    src: Path = typer.Argument(..., help="embedding file: ours, diffusers (.safetensors/.bin) or A1111 (.pt/.safetensors)"),
+    dst: Path = typer.Argument(..., help="output .safetensors file"),
+    fmt: str = typer.Option("diffusers", "--format", help="diffusers | a1111"),
+    token: Optional[str] = typer.Option(None, help="token name (default: the one in SRC, or its file name)"),
+    force: bool = typer.Option(False, "--force", help="overwrite DST"),
+) -> None:
+    """Convert a learned embedding between diffusers and A1111 layouts (no pickle code is run)."""
+    from .embeddings import load_embedding, save_embedding
+
+    if dst.exists() and not force:
+        raise UserError(f"{dst} exists; pass --force to overwrite it")
+    name, vec, meta = load_embedding(src)
+    tok = token or name or src.stem
+    save_embedding(dst, tok, vec, {k: v for k, v in meta.items() if k != "name"}, fmt=fmt)
+    typer.echo(f"wrote {tok} ({fmt}) to {dst}")
+
+
+@app.command()
+@cli_errors
+def evaluate(
+    references: Path = typer.Option(..., help="folder of the reference photos"),
+    class_word: str = typer.Option(..., help="class noun of the concept, e.g. dog (CLIP-T reads prompts with it)"),
+    token: str = typer.Option(..., help="the learned token as it appears in prompts"),
+    out: Path = typer.Option(..., "--out", "-o", help="folder for results.json, results.md (and generated images)"),
+    generated: Optional[Path] = typer.Option(None, help="score this folder of generated images (with --prompt)"),
+    prompt: Optional[str] = typer.Option(None, help="the prompt the --generated images were made with"),
+    run_all: bool = typer.Option(False, "--all", help="generate with the DreamBooth prompt list, then score"),
+    bundle: Optional[Path] = typer.Option(None, help="--all: bundle to generate with"),
+    embedding: Optional[Path] = typer.Option(None, help="--all: the learned embedding"),
+    kind: str = typer.Option("object", help="--all: DreamBooth prompt list, object | live"),
+    n: int = typer.Option(5, "-n", help="--all: images per prompt (the paper: 5)"),
+    steps: int = typer.Option(30, help="--all: sampling steps"),
+    guidance: float = typer.Option(7.5, help="--all: guidance scale"),
+    scheduler: str = typer.Option("ddim", help="--all: ddim | dpm++ | euler"),
+    device: str = typer.Option("auto", help="--all: device profile"),
+    clip: str = typer.Option("openai/clip-vit-base-patch32", help="CLIP model id or local folder (CLIP-I, CLIP-T)"),
+    dino: str = typer.Option("facebook/dinov2-base", help="DINOv2 model id or local folder (DINO)"),
+) -> None:
+    """Score generated images with the paper's CLIP-I, CLIP-T and DINO (needs the eval extra)."""
+    from .evaluate import evaluate_images, load_image_folder, write_report
+
+    refs = load_image_folder(references)
+    if run_all == (generated is not None):
+        raise UserError("give either --generated with --prompt, or --all with --bundle and --embedding")
+    if generated is not None:
+        if not prompt:
+            raise UserError("--generated needs --prompt (the prompt those images were made with)")
+        gen = {prompt: load_image_folder(generated)}
+    else:
+        if bundle is None or embedding is None:
+            raise UserError("--all needs --bundle and --embedding")
+        from .prompts import dreambooth_prompts
+        from .runtime.generate import Generator
+
+        g = Generator(bundle, profile=device, embeddings=[embedding],
+                      warn=lambda msg: typer.echo(f"warning: {msg}", err=True))
+        gen = {}
+        prompts = dreambooth_prompts(kind, token, class_word)
+        with typer.progressbar(prompts, label="generating") as bar:
+            for i, p in enumerate(bar):
+                gen[p] = g.generate(p, n=n, steps=steps, guidance=guidance, scheduler=scheduler, seed=i)
+                folder = out / "images" / f"{i:02d}"
+                folder.mkdir(parents=True, exist_ok=True)
+                for j, im in enumerate(gen[p]):
+                    im.save(folder / f"{j:02d}.png")
+    results = evaluate_images(gen, refs, class_word=class_word, token=token, clip=clip, dino=dino)
+    out.mkdir(parents=True, exist_ok=True)
+    write_report(results, out / "results.json", out / "results.md")
+    typer.echo(f"CLIP-I {results['clip_i']:.3f}  CLIP-T {results['clip_t']:.3f}  DINO {results['dino']:.3f}  "
+               f"({results['num_generated']} images, {results['num_prompts']} prompts): {out / 'results.md'}")
 
 
 @app.command()

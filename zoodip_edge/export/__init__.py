@@ -51,7 +51,7 @@ def _io_entries(path: Path) -> tuple[list[dict], list[dict]]:
 
     def desc(args):
         return [{"name": a.name, "dtype": a.type.replace("tensor(", "").rstrip(")"),
-                 "shape": [d if isinstance(d, int) else "batch" for d in a.shape]} for a in args]
+                 "shape": [d if isinstance(d, int) else str(d) for d in a.shape]} for a in args]
 
     return desc(sess.get_inputs()), desc(sess.get_outputs())
 

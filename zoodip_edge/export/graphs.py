@@ -13,7 +13,7 @@ dynamic, and how to make dummy inputs. The wrappers define the bundle's graph co
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -77,9 +77,10 @@ class VAEDecoderWrapper(torch.nn.Module):
 class GraphSpec:
     name: str
     wrap: Callable[[LoadedPipeline], torch.nn.Module]
-    inputs: dict[str, list[int | str]]  # name -> shape ("B" marks the dynamic batch axis)
+    inputs: dict[str, list[int | str]]  # name -> shape; strings are dynamic axes ("batch", "height", "width")
     outputs: tuple[str, ...]
     tolerance: float  # relative-error gate vs torch fp32 for the fp32 recipe
+    example: dict[str, int] = field(default_factory=dict)  # sizes of dynamic axes other than batch in dummy inputs
 
 
 def graph_specs(p: LoadedPipeline, resolution: int) -> list[GraphSpec]:
@@ -88,14 +89,17 @@ def graph_specs(p: LoadedPipeline, resolution: int) -> list[GraphSpec]:
     length = p.tokenizer.model_max_length
     return [
         GraphSpec("text_encoder", lambda p: TextEncoderFromEmbeddings(p.text_encoder),
-                  {"inputs_embeds": ["B", length, d]}, ("last_hidden_state", "penultimate_hidden_state"), 1e-4),
+                  {"inputs_embeds": ["batch", length, d]}, ("last_hidden_state", "penultimate_hidden_state"), 1e-4),
         GraphSpec("unet", lambda p: UNetWrapper(p.unet),
-                  {"sample": ["B", 4, latent, latent], "timestep": ["B"], "encoder_hidden_states": ["B", length, p.unet.config.cross_attention_dim]},
+                  {"sample": ["batch", 4, latent, latent], "timestep": ["batch"],
+                   "encoder_hidden_states": ["batch", length, p.unet.config.cross_attention_dim]},
                   ("out_sample",), 1e-4),
         GraphSpec("vae_encoder", lambda p: VAEEncoderWrapper(p.vae),
-                  {"image": ["B", 3, resolution, resolution]}, ("mean", "logvar"), 1e-4),
+                  {"image": ["batch", 3, resolution, resolution]}, ("mean", "logvar"), 1e-4),
+        # Spatially dynamic so that generation can decode in tiles (memory-lean devices).
         GraphSpec("vae_decoder", lambda p: VAEDecoderWrapper(p.vae),
-                  {"latent": ["B", p.vae.config.latent_channels, latent, latent]}, ("image",), 1e-4),
+                  {"latent": ["batch", p.vae.config.latent_channels, "height", "width"]}, ("image",), 1e-4,
+                  example={"height": latent, "width": latent}),
     ]
 
 
@@ -108,7 +112,7 @@ def dummy_inputs(spec: GraphSpec, batch: int, seed: int = 0) -> dict[str, torch.
     g = torch.Generator().manual_seed(seed)
     out = {}
     for name, shape in spec.inputs.items():
-        shape = [batch if s == "B" else s for s in shape]
+        shape = [batch if s == "batch" else spec.example.get(s, s) for s in shape]
         if name == "timestep":
             out[name] = torch.linspace(100.0, 900.0, batch)
         elif name == "inputs_embeds":
@@ -128,8 +132,13 @@ def export_graph(spec: GraphSpec, p: LoadedPipeline, path: str) -> None:
     """
     model = spec.wrap(p).eval()
     args = tuple(dummy_inputs(spec, batch=2).values())
-    batch = torch.export.Dim("batch", min=1, max=1024)
-    dyn = {name: {0: batch} for name in spec.inputs}
+    dims = {"batch": torch.export.Dim("batch", min=1, max=1024)}
+    dyn = {}
+    for name, shape in spec.inputs.items():
+        for axis, s in enumerate(shape):
+            if isinstance(s, str):
+                dims.setdefault(s, torch.export.Dim(s, min=2, max=1024))
+                dyn.setdefault(name, {})[axis] = dims[s]
     with torch.no_grad():
         torch.onnx.export(model, args, path, input_names=list(spec.inputs), output_names=list(spec.outputs),
                           opset_version=23, dynamic_shapes=dyn, dynamo=True, external_data=True, verbose=False)

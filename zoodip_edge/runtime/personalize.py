@@ -15,7 +15,6 @@ optimizer applies RGE -> Subspace Gradient -> ZOAdam. No torch, no gradients.
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from .. import __version__
 from ..bundle import Bundle, load_bundle
 from ..errors import UserError
 from .checkpoint import load_checkpoint, save_checkpoint
+from .sessions import BundleSessions
 from .diffusion import alphas_cumprod, noisy_and_target
 from .text import TEMPLATES, PromptEncoder, mmap_safetensors
 from .zo import StepRecord, ZOConfig, ZOOptimizer
@@ -61,40 +61,6 @@ class Settings:
         if cfg.n < 1 or cfg.mu <= 0 or cfg.lr <= 0 or cfg.tau < 2 or not 0 <= cfg.nu < 1:
             raise UserError(f"invalid hyperparameters: {cfg}")
         return cfg
-
-
-class Sessions:
-    """ORT sessions of one bundle; resident, or loaded and released in turn (low-memory profiles)."""
-
-    def __init__(self, bundle: Bundle, profile: Any, strict: bool, warn: Warn | None):
-        self.bundle, self.profile, self.strict = bundle, profile, strict
-        self.open: dict[str, Any] = {}
-        seen: set[str] = set()
-
-        def warn_once(msg: str) -> None:  # sessions reloaded in turn would repeat the same fallback warning
-            if warn is not None and msg not in seen:
-                seen.add(msg)
-                warn(msg)
-
-        self.warn = warn_once
-
-    def get(self, name: str):
-        if name not in self.open:
-            from .sessions import create_session
-
-            if not self.profile.resident_sessions:
-                self.release_all()
-            self.open[name] = create_session(self.bundle.path(name), self.profile,
-                                             self.bundle.manifest["session"]["config_entries"], self.strict, self.warn)
-        return self.open[name]
-
-    def release(self, name: str) -> None:
-        if self.open.pop(name, None) is not None:
-            gc.collect()
-
-    def release_all(self) -> None:
-        for name in list(self.open):
-            self.release(name)
 
 
 @dataclass
@@ -152,7 +118,7 @@ class Personalizer:
             missing = [n for n in names if n not in caps]
             if missing or any("{}" not in caps[n] for n in names):
                 raise UserError(f"captions must give every image a caption containing {{}} (missing or invalid: {', '.join(missing) or 'see {}'})")
-        self.sessions = Sessions(self.bundle, self.profile, strict, warn)
+        self.sessions = BundleSessions(self.bundle, self.profile, strict, warn)
         self.examples = self._encode(loaded, caps)
 
         self.abar = alphas_cumprod(m["scheduler"])
@@ -241,6 +207,16 @@ class Personalizer:
         """Step until ``steps`` steps are done in total (counting resumed ones); stop iterating to cancel."""
         while self.optimizer.step_index < steps:
             yield self.step()
+
+    def preview(self, path: str | Path, steps: int = 20, seed: int = 0) -> None:
+        """Render one image of the first caption/template with the current θ (sessions are shared)."""
+        from .generate import Generator
+
+        templates = TEMPLATES[self.settings.templates]
+        prompt = (self.examples[0].caption or templates[0]).replace("{}", self.token)
+        g = Generator(self.bundle, profile=self.profile, sessions=self.sessions,
+                      extra_tokens=[(self.token, self.theta[None])])
+        g.generate(prompt, steps=steps, seed=seed)[0].save(path)
 
     # ------------------------------------------------------------------ files ---------
     def provenance(self) -> dict[str, str]:

@@ -10,12 +10,14 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import onnxruntime as ort
 
+from ..bundle import Bundle
 from ..errors import UserError
 from ..profiles import (
     DeviceProfile,
@@ -24,7 +26,7 @@ from ..profiles import (
     check_session_config,
 )
 
-__all__ = ["available_providers", "session_options", "session_providers", "create_session", "devices_report"]
+__all__ = ["available_providers", "session_options", "session_providers", "create_session", "devices_report", "BundleSessions"]
 
 CPU = "CPUExecutionProvider"
 
@@ -188,3 +190,36 @@ def devices_report(profile_names: Iterable[str] | None = None) -> list[dict]:
             "recommended_recipe": p.recommended_recipe,
         })
     return rows
+
+
+class BundleSessions:
+    """ORT sessions of one bundle; resident, or loaded and released in turn (low-memory profiles)."""
+
+    def __init__(self, bundle: Bundle, profile: DeviceProfile, strict: bool = False,
+                 warn: Callable[[str], None] | None = None):
+        self.bundle, self.profile, self.strict = bundle, profile, strict
+        self.open: dict[str, Any] = {}
+        seen: set[str] = set()
+
+        def warn_once(msg: str) -> None:  # sessions reloaded in turn would repeat the same fallback warning
+            if warn is not None and msg not in seen:
+                seen.add(msg)
+                warn(msg)
+
+        self.warn = warn_once
+
+    def get(self, name: str):
+        if name not in self.open:
+            if not self.profile.resident_sessions:
+                self.release_all()
+            self.open[name] = create_session(self.bundle.path(name), self.profile,
+                                             self.bundle.manifest["session"]["config_entries"], self.strict, self.warn)
+        return self.open[name]
+
+    def release(self, name: str) -> None:
+        if self.open.pop(name, None) is not None:
+            gc.collect()
+
+    def release_all(self) -> None:
+        for name in list(self.open):
+            self.release(name)

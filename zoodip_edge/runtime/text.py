@@ -66,6 +66,8 @@ class PromptEncoder:
         self.pad_id = pad_id
         self.token: str | None = None
         self.token_id: int | None = None
+        self.extra: dict[int, np.ndarray] = {}  # ids of loaded embeddings -> their fixed row
+        self.expand: dict[str, str] = {}  # multi-vector token -> "tok tok_1 ... tok_{k-1}"
 
     def single_token_id(self, word: str) -> int:
         ids = self.tok.encode(word, add_special_tokens=False).ids
@@ -74,19 +76,38 @@ class PromptEncoder:
             raise UserError(f"initializer {word!r} is {len(ids)} tokens ({' '.join(pieces)}); choose a word that is exactly one token")
         return ids[0]
 
-    def add_token(self, token: str) -> int:
-        """Append ``token`` to the vocabulary; its row is supplied per call (θ), not stored."""
+    def _check_new(self, token: str) -> None:
         if not token or any(c.isspace() for c in token):
             raise UserError(f"token {token!r} must be non-empty and contain no spaces")
         if self.tok.token_to_id(token) is not None or self.tok.token_to_id(token + "</w>") is not None:
             raise UserError(f"token {token!r} is already in the vocabulary; choose a new one, e.g. <my-{token.strip('<>')}>")
+
+    def add_embedding(self, token: str, rows: np.ndarray) -> None:
+        """Add a token with fixed vectors ``[k, d]`` (a learned embedding); k > 1 expands like diffusers."""
+        rows = np.atleast_2d(np.asarray(rows, dtype=np.float32))
+        if rows.shape[1] != self.table.shape[1]:
+            raise UserError(f"embedding for {token!r} has {rows.shape[1]} values per vector; this bundle's tokens have {self.table.shape[1]}")
+        names = [token] + [f"{token}_{i}" for i in range(1, len(rows))]
+        for name in names:
+            self._check_new(name)
+        self.tok.add_tokens(names)
+        for name, row in zip(names, rows):
+            self.extra[self.tok.token_to_id(name)] = row
+        if len(names) > 1:
+            self.expand[token] = " ".join(names)
+
+    def add_token(self, token: str) -> int:
+        """Append ``token`` to the vocabulary; its row is supplied per call (θ), not stored."""
+        self._check_new(token)
+        if self.tok.get_vocab_size(with_added_tokens=True) != self.table.shape[0] + len(self.extra):
+            raise UserError(f"tokenizer and embedding table disagree ({self.tok.get_vocab_size()} vs {self.table.shape[0]} rows)")
         self.tok.add_tokens([token])
         self.token, self.token_id = token, self.tok.token_to_id(token)
-        if self.token_id != self.table.shape[0]:
-            raise UserError(f"tokenizer and embedding table disagree ({self.token_id} vs {self.table.shape[0]} rows)")
         return self.token_id
 
     def ids(self, prompt: str) -> np.ndarray:
+        for token, expanded in self.expand.items():
+            prompt = prompt.replace(token, expanded)
         ids = self.tok.encode(prompt).ids
         if len(ids) > self.max_length:  # truncate like CLIP: keep the closing EOS
             ids = ids[: self.max_length - 1] + ids[-1:]
@@ -95,8 +116,12 @@ class PromptEncoder:
     def embed(self, prompt: str, thetas: np.ndarray | None = None) -> np.ndarray:
         """``[B, L, d]`` float32 embeddings of ``prompt``, with the new token's rows set to each θ (B = len(thetas))."""
         ids = self.ids(prompt)
+        vocab = self.table.shape[0]
+        base = np.asarray(self.table[np.where(ids < vocab, ids, 0)], dtype=np.float32)
+        for pos in np.flatnonzero(ids >= vocab):
+            if int(ids[pos]) in self.extra:
+                base[pos] = self.extra[int(ids[pos])]
         is_new = ids == self.token_id if self.token_id is not None else np.zeros_like(ids, bool)
-        base = np.asarray(self.table[np.where(is_new, 0, ids)], dtype=np.float32)
         if thetas is None:
             return base[None]
         thetas = np.atleast_2d(thetas).astype(np.float32)

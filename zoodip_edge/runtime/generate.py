@@ -1,0 +1,168 @@
+"""Text-to-image on the device: the bundle's text encoder, U-Net and VAE decoder through ORT,
+classifier-free guidance and a NumPy sampler. No torch.
+
+    g = Generator("bundle/", embeddings=["my-dog.safetensors"])
+    images = g.generate("a photo of <my-dog> on a beach", n=2, seed=0)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+from PIL import Image
+
+from ..bundle import Bundle, load_bundle
+from ..errors import UserError
+from .schedulers import make_sampler
+from .sessions import BundleSessions
+from .text import PromptEncoder, mmap_safetensors
+
+Warn = Callable[[str], None]
+
+
+def load_embeddings(paths: Iterable[str | Path]) -> list[tuple[str, np.ndarray]]:
+    """(token, [k, d]) for each file: ours, diffusers', or A1111's (the file name is the token)."""
+    from ..embeddings import load_embedding
+
+    out = []
+    for path in paths:
+        token, vec, _ = load_embedding(path)
+        if isinstance(vec, dict):
+            raise UserError(f"{path} is an SDXL embedding; this bundle family takes one text encoder")
+        out.append((token or Path(path).stem, vec))
+    return out
+
+
+def to_pil(images: np.ndarray) -> list[Image.Image]:
+    """[B, 3, H, W] in [-1, 1] -> PIL RGB images."""
+    arr = np.clip((images.transpose(0, 2, 3, 1) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+    return [Image.fromarray(a) for a in arr]
+
+
+def grid(images: Sequence[Image.Image], cols: int | None = None) -> Image.Image:
+    cols = cols or min(len(images), 4)
+    rows = (len(images) + cols - 1) // cols
+    w, h = images[0].size
+    out = Image.new("RGB", (cols * w, rows * h), (255, 255, 255))
+    for i, im in enumerate(images):
+        out.paste(im, ((i % cols) * w, (i // cols) * h))
+    return out
+
+
+class Generator:
+    """Generates images from a bundle, optionally with learned tokens."""
+
+    def __init__(self, bundle: str | Path | Bundle, *, profile: str | object = "auto", strict: bool = False,
+                 warn: Warn | None = None, embeddings: Iterable[str | Path] = (),
+                 extra_tokens: Iterable[tuple[str, np.ndarray]] = (), sessions: BundleSessions | None = None,
+                 text: PromptEncoder | None = None):
+        from ..profiles import resolve_profile
+
+        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        m = self.bundle.manifest
+        self.profile = resolve_profile(profile) if isinstance(profile, str) else profile
+        self.sessions = sessions or BundleSessions(self.bundle, self.profile, strict, warn)
+        if text is None:
+            table = mmap_safetensors(self.bundle.path("token_embeddings"), m["token_embeddings"].get("tensor", "token_embedding"))
+            text = PromptEncoder(self.bundle.path("tokenizer"), table, m["text"]["max_length"], m["text"]["pad_token_id"])
+        self.text = text
+        for token, rows in [*load_embeddings(embeddings), *extra_tokens]:
+            self.text.add_embedding(token, rows)
+
+    def encode_prompts(self, prompts: Sequence[str]) -> np.ndarray:
+        te = self.sessions.get("text_encoder")
+        embeds = np.concatenate([self.text.embed(p) for p in prompts])
+        return te.run(["last_hidden_state"], {"inputs_embeds": embeds})[0]
+
+    def generate(self, prompt: str, *, negative_prompt: str = "", n: int = 1, steps: int = 30, guidance: float = 7.5,
+                 seed: int = 0, scheduler: str = "ddim", tile: int | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> list[Image.Image]:
+        """``n`` images of ``prompt`` with classifier-free guidance (``guidance`` 1 disables it)."""
+        if n < 1 or steps < 1:
+            raise UserError("need at least one image and one step")
+        m = self.bundle.manifest
+        cfg = guidance != 1.0
+        cond = self.encode_prompts([negative_prompt, prompt] if cfg else [prompt])
+        if not self.profile.resident_sessions:
+            self.sessions.release("text_encoder")
+        sampler = make_sampler(scheduler, m["scheduler"], steps)
+        rng = np.random.default_rng(seed)
+        h = m["latent_size"]
+        latents = (rng.standard_normal((n, m["latent_channels"], h, h)) * sampler.init_noise_sigma).astype(np.float32)
+        unet = self.sessions.get("unet")
+        ctx = np.repeat(cond, n, axis=0) if not cfg else np.concatenate([np.repeat(cond[:1], n, 0), np.repeat(cond[1:], n, 0)])
+        batch = self.profile.batch_perturbations  # low-memory profiles run one sample per U-Net call
+        for i, t in enumerate(sampler.timesteps):
+            x = sampler.scale_model_input(latents, i).astype(np.float32)
+            x_in = np.concatenate([x, x]) if cfg else x
+            if batch:
+                pred = self._unet(unet, x_in, t, ctx)
+            else:
+                pred = np.concatenate([self._unet(unet, x_in[j : j + 1], t, ctx[j : j + 1]) for j in range(len(x_in))])
+            if cfg:
+                uncond, text = pred[:n], pred[n:]
+                pred = uncond + guidance * (text - uncond)
+            latents = sampler.step(pred, i, latents).astype(np.float32)
+            if progress:
+                progress(i + 1, len(sampler.timesteps))
+        self.sessions.release("unet")  # the decoder never shares memory with the U-Net
+        images = self.decode(latents, tile=tile)
+        if not self.profile.resident_sessions:
+            self.sessions.release("vae_decoder")
+        return to_pil(images)
+
+    @staticmethod
+    def _unet(sess, x: np.ndarray, t, ctx: np.ndarray) -> np.ndarray:
+        return sess.run(["out_sample"], {"sample": x, "timestep": np.full((len(x),), t, np.float32),
+                                         "encoder_hidden_states": ctx})[0]
+
+    def decode(self, latents: np.ndarray, tile: int | None = None) -> np.ndarray:
+        """VAE-decode one latent at a time; ``tile`` (latent pixels) decodes in overlapping tiles to bound memory."""
+        dec = self.sessions.get("vae_decoder")
+        scale = self.bundle.manifest["latent_scale"]
+
+        def run(z: np.ndarray) -> np.ndarray:
+            return dec.run(["image"], {"latent": np.ascontiguousarray(z, dtype=np.float32)})[0]
+
+        out = []
+        for i in range(len(latents)):
+            z = latents[i : i + 1] / scale
+            out.append(run(z) if tile is None else decode_tiled(run, z, tile))
+        return np.concatenate(out)
+
+
+def _starts(size: int, tile: int, stride: int) -> list[int]:
+    starts = list(range(0, max(size - tile, 0) + 1, stride))
+    if starts[-1] + tile < size:
+        starts.append(size - tile)
+    return starts
+
+
+def decode_tiled(run: Callable[[np.ndarray], np.ndarray], z: np.ndarray, tile: int, overlap: int | None = None) -> np.ndarray:
+    """Decode ``z`` [1, c, h, w] in tiles of ``tile`` latent pixels, blending overlaps with linear ramps.
+
+    Peak decoder memory then scales with the tile, not the image. Seams are smoothed, not
+    removed: the decoder's GroupNorm sees each tile's statistics.
+    """
+    _, _, h, w = z.shape
+    if tile >= max(h, w):
+        return run(z)
+    if tile < 4:
+        raise UserError("--tile must be at least 4 latent pixels")
+    overlap = max(1, tile // 4) if overlap is None else overlap
+    stride = tile - overlap
+    acc = weight = None
+    for y in _starts(h, tile, stride):
+        for x in _starts(w, tile, stride):
+            part = run(z[:, :, y : y + tile, x : x + tile])
+            f = part.shape[-1] // min(tile, w)  # the decoder's upsampling factor
+            if acc is None:
+                acc = np.zeros((1, part.shape[1], h * f, w * f), np.float64)
+                weight = np.zeros((1, 1, h * f, w * f), np.float64)
+            ramp = lambda n: np.minimum(np.arange(n) + 1, np.arange(n)[::-1] + 1).clip(max=overlap * f)  # noqa: E731
+            wgt = np.outer(ramp(part.shape[-2]), ramp(part.shape[-1]))[None, None].astype(np.float64)
+            acc[:, :, y * f : y * f + part.shape[-2], x * f : x * f + part.shape[-1]] += part * wgt
+            weight[:, :, y * f : y * f + part.shape[-2], x * f : x * f + part.shape[-1]] += wgt
+    return (acc / weight).astype(np.float32)
