@@ -128,3 +128,16 @@ def test_tiled_generation_runs_on_the_bundle(sd1_bundle):
     tiled = np.asarray(g.generate("a dog", steps=2, seed=0, tile=4)[0], dtype=np.float32)
     assert tiled.shape == whole.shape and np.isfinite(tiled).all()
     assert np.abs(tiled - whole).mean() < 64  # same picture, seams aside (random-weight decoder)
+
+
+def test_several_embeddings_at_once(sd1_bundle, learned, tmp_path):
+    other = tmp_path / "other.safetensors"
+    save_embedding(other, "<other>", np.full((1, 32), 0.5, np.float32))
+    g = Generator(sd1_bundle, profile="cpu", embeddings=[learned, other])
+    prompt = "<thing> next to <other>"
+    ids, emb = g.text.ids(prompt), g.text.embed(prompt)[0]
+    at = {tok: int(np.flatnonzero(ids == g.text.tok.token_to_id(tok))[0]) for tok in ("<thing>", "<other>")}
+    assert np.array_equal(emb[at["<thing>"]], load_file(str(learned))["<thing>"][0])
+    assert np.array_equal(emb[at["<other>"]], np.full(32, 0.5, np.float32))
+    with pytest.raises(Exception, match="already in the vocabulary"):
+        Generator(sd1_bundle, profile="cpu", embeddings=[learned, learned])
