@@ -26,8 +26,8 @@ from .. import __version__
 from ..bundle import Bundle, load_bundle
 from ..errors import UserError
 from .checkpoint import load_checkpoint, save_checkpoint
-from .sessions import BundleSessions
 from .diffusion import alphas_cumprod, noisy_and_target
+from .sessions import BundleSessions
 from .text import TEMPLATES, PromptEncoder, mmap_safetensors
 from .zo import StepRecord, ZOConfig, ZOOptimizer
 
@@ -111,19 +111,20 @@ class Personalizer:
             raise UserError(f"initial embedding has {theta0.size} values; this bundle's tokens have {table.shape[1]}")
         self.theta0 = theta0
 
+        self.abar = alphas_cumprod(m["scheduler"])
+        self.prediction_type = m["scheduler"].get("prediction_type", "epsilon")
+        self.config = settings.zo_config(m["defaults"], len(self.abar))  # bad hyperparameters fail before any work
+
         loaded = load_images(images, m["resolution"])
         names = [n for n, _ in loaded]
         caps = load_captions(captions, names) if isinstance(captions, (str, Path)) else captions
         if caps is not None:
-            missing = [n for n in names if n not in caps]
-            if missing or any("{}" not in caps[n] for n in names):
-                raise UserError(f"captions must give every image a caption containing {{}} (missing or invalid: {', '.join(missing) or 'see {}'})")
+            bad = [n for n in names if "{}" not in caps.get(n, "")]
+            if bad:
+                raise UserError(f"captions must give every image a caption containing {{}}; missing or without {{}}: {', '.join(bad)}")
         self.sessions = BundleSessions(self.bundle, self.profile, strict, warn)
         self.examples = self._encode(loaded, caps)
 
-        self.abar = alphas_cumprod(m["scheduler"])
-        self.prediction_type = m["scheduler"].get("prediction_type", "epsilon")
-        self.config = settings.zo_config(m["defaults"], len(self.abar))
         self.optimizer = ZOOptimizer(theta0, self.config, settings.seed)
         self.last_loss: float | None = None
 
