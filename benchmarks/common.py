@@ -42,7 +42,7 @@ def run_measured(cmd: list[str]) -> dict:
 
 
 def header(argv: list[str]) -> str:
-    return f"Machine: {machine()}\n\nCommand: `{' '.join(shlex.quote(a) for a in argv)}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})\n"
+    return f"Machine: {machine()}\n\nCommand: `python {' '.join(shlex.quote(a) for a in argv)}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})\n"
 
 
 def peak_rss_mb() -> float:
