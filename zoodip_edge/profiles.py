@@ -8,7 +8,7 @@ A profile is a TOML file (``devices/*.toml`` in the source tree, the package
     intra_op_threads = 0          # 0 = ORT default (one per physical core)
     batch_perturbations = true    # run the n+1 perturbed passes as one batch
     resident_sessions = true      # keep text encoder + U-Net loaded (else load/release in turn)
-    memory_budget_mb = 8192       # planning figure the runtime stays under
+    memory_budget_mb = 8192       # planning figure (not enforced by the runtime yet)
     io_binding = true             # keep tensors on the device between passes
     recommended_recipe = "int8-gpu"   # optional: export recipe that suits the target
 
