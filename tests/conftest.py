@@ -10,6 +10,16 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no machine of this project reaches a model hub
 
+# Prepended to code run in a subprocess: makes torch, diffusers and transformers unimportable.
+BLOCK_TORCH = """
+import sys, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('torch', 'diffusers', 'transformers'):
+            raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Block())
+"""
+
 
 @pytest.fixture(scope="session")
 def work(tmp_path_factory) -> Path:

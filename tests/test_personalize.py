@@ -15,6 +15,8 @@ from PIL import Image, ImageDraw
 from safetensors.numpy import load_file
 from typer.testing import CliRunner
 
+from conftest import BLOCK_TORCH
+
 from zoodip_edge.cli import app
 from zoodip_edge.runtime.personalize import Personalizer, Settings
 from zoodip_edge.runtime.zo import replay, ZOConfig
@@ -182,14 +184,6 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(sd1_bundle, photos, tmp_pat
     assert load_checkpoint(ckpt)["optimizer"]["step"] > 0
 
 
-BLOCK_TORCH = """
-import sys, importlib.abc
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in ('torch', 'diffusers', 'transformers'):
-            raise ImportError('blocked: ' + name)
-sys.meta_path.insert(0, Block())
-"""
 
 
 def test_runtime_never_imports_torch_diffusers_transformers(sd1_bundle, photos, tmp_path):

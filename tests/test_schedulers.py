@@ -10,6 +10,8 @@ import pytest
 
 from zoodip_edge.errors import UserError
 from zoodip_edge.runtime.diffusion import alphas_cumprod
+from conftest import BLOCK_TORCH
+
 from zoodip_edge.runtime.schedulers import SAMPLERS, make_sampler
 
 torch = pytest.importorskip("torch")
@@ -221,13 +223,7 @@ def test_other_refusals_and_ignored_keys():
 
 # ---------------------------------------------------------------------------- imports ----
 
-BLOCK_TORCH = """
-import sys, importlib.abc
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in ('torch', 'diffusers', 'transformers'):
-            raise ImportError('blocked: ' + name)
-sys.meta_path.insert(0, Block())
+SAMPLE_WITHOUT_TORCH = BLOCK_TORCH + """
 import numpy as np
 from zoodip_edge.runtime.schedulers import make_sampler
 for name in ('ddim', 'dpm++', 'euler'):
@@ -242,7 +238,7 @@ assert not bad, bad
 
 
 def test_schedulers_module_never_imports_torch_diffusers_transformers():
-    r = subprocess.run([sys.executable, "-c", BLOCK_TORCH], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", SAMPLE_WITHOUT_TORCH], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
 
 

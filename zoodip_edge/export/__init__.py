@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import gc
 import logging
 import os
 import shutil
@@ -139,6 +140,7 @@ def export_bundle(
                 export_graph(spec, p, str(raw))
                 graph = onnx.load(str(raw))
             shutil.rmtree(raw.parent)
+            gc.collect()  # the exporter's intermediate copies of the weights
             say(f"quantizing {spec.name} ({recipe})")
             with _quiet():
                 graph, quant_info[spec.name] = quantize(graph, recipe)
@@ -161,17 +163,10 @@ def export_bundle(
         fast.save(str(tmp / "tokenizer.json"))
 
         say("verifying against torch fp32")
-        sess = {s.name: verify.session(tmp / components[s.name]["path"], rec.session_config) for s in specs}
-        table32 = table.astype(np.float32)
         with _quiet():
-            v = {
-                "parity_tolerance": rec.parity_tolerance,
-                "parity": {s.name: verify.graph_parity(s, p, sess[s.name]) for s in specs},
-                "text_encoder_parity": verify.text_encoder_parity(p, table32, sess["text_encoder"]),
-                "conditioning_sensitivity": verify.conditioning_sensitivity(p, table32, sess["text_encoder"], sess["unet"], latent),
-                "zo_fidelity": verify.zo_fidelity(p, table32, sess["text_encoder"], sess["unet"], p.family, latent),
-            }
-        del sess
+            v = verify.run_gates(p, specs, {s.name: tmp / components[s.name]["path"] for s in specs},
+                                 rec.session_config, table.astype(np.float32), latent)
+        v["parity_tolerance"] = rec.parity_tolerance
         verify.check_gates(v, recipe, allow_unfaithful)
 
         sched = {k: v_ for k, v_ in p.scheduler_config.items() if not k.startswith("_")}

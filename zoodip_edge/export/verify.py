@@ -5,6 +5,7 @@ Each figure lands in the manifest's ``verification``; a failed gate stops the ex
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,7 +86,7 @@ def torch_directional_derivatives(p: LoadedPipeline, probe: Probe, dirs: np.ndar
     return dirs @ grad[0, probe.row].double().numpy()
 
 
-def bundle_losses(te: ort.InferenceSession, unet: ort.InferenceSession, embeds: np.ndarray, probe: Probe, chunk: int = 4) -> np.ndarray:
+def bundle_losses(te: ort.InferenceSession, unet: ort.InferenceSession, embeds: np.ndarray, probe: Probe, chunk: int = 1) -> np.ndarray:
     """Diffusion loss of the bundle graphs for a batch of prompt embeddings [B, 77, d]."""
     out = []
     for i in range(0, len(embeds), chunk):
@@ -139,6 +140,27 @@ def text_encoder_parity(p: LoadedPipeline, table: np.ndarray, te: ort.InferenceS
         ref = p.text_encoder(torch.from_numpy(ids)).last_hidden_state.numpy()
     got = te.run(["last_hidden_state"], {"inputs_embeds": table[ids].astype(np.float32)})[0]
     return {"max_abs": float(np.abs(got - ref).max()), "rel": rel_err(got, ref), "table_dtype": str(table.dtype)}
+
+
+def run_gates(p: LoadedPipeline, specs: list[GraphSpec], paths: dict[str, Path], config: dict,
+              table: np.ndarray, latent: int) -> dict:
+    """All gates, holding as few ORT sessions at once as it can (export memory peaks here)."""
+    v: dict = {"parity": {}}
+    for spec in specs:
+        if spec.name in ("vae_encoder", "vae_decoder"):
+            sess = session(paths[spec.name], config)
+            v["parity"][spec.name] = graph_parity(spec, p, sess)
+            del sess
+            gc.collect()
+    te, unet = session(paths["text_encoder"], config), session(paths["unet"], config)
+    by_name = {s.name: s for s in specs}
+    v["parity"]["text_encoder"] = graph_parity(by_name["text_encoder"], p, te)
+    v["parity"]["unet"] = graph_parity(by_name["unet"], p, unet)
+    v["text_encoder_parity"] = text_encoder_parity(p, table, te)
+    v["conditioning_sensitivity"] = conditioning_sensitivity(p, table, te, unet, latent)
+    v["zo_fidelity"] = zo_fidelity(p, table, te, unet, p.family, latent)
+    v["parity"] = {s.name: v["parity"][s.name] for s in specs}  # manifest order
+    return v
 
 
 def check_gates(v: dict, recipe: str, allow_unfaithful: bool) -> None:
