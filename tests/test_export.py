@@ -203,3 +203,12 @@ def test_inspect_refuses_missing_file_and_non_bundle(bundle_copy, tmp_path):
     assert "missing" in runner.invoke(app, ["inspect", str(bundle_copy)]).output
     r = runner.invoke(app, ["inspect", str(tmp_path)])
     assert r.exit_code == 2 and "not a zoodip-edge bundle" in r.output
+
+
+def test_resolution_option_sets_graph_shapes(sd1_pipeline, tmp_path):
+    m = export_bundle(str(sd1_pipeline), tmp_path / "b32", recipe="int8-gpu", resolution=32)
+    assert m["resolution"] == 32 and m["latent_size"] == 4
+    assert m["components"]["unet"]["inputs"][0]["shape"] == ["batch", 4, 4, 4]
+    assert m["components"]["vae_encoder"]["inputs"][0]["shape"] == ["batch", 3, 32, 32]
+    with pytest.raises(UserError, match="multiple of 32"):
+        export_bundle(str(sd1_pipeline), tmp_path / "b50", resolution=50)
