@@ -19,6 +19,7 @@ ap = argparse.ArgumentParser()
 ap.add_argument("bundles", nargs="+")
 ap.add_argument("--steps", type=int, default=3)
 ap.add_argument("--out", type=Path)
+ap.add_argument("--torch-pipeline", help="diffusers folder of the same model: adds torch fp32 baselines")
 a = ap.parse_args()
 script = str(Path(__file__).parent / "personalize_steps.py")
 rows = []
@@ -32,6 +33,17 @@ for bundle in a.bundles:
         res = r["result"]
         rows.append(f"| {recipe} | {mode[2:]} | {res['n']} | {res['setup_s']:.1f} | {res['first_step_s']:.1f} | "
                     f"{res['s_per_step']:.2f} | {res['peak_rss_mb']:.0f} |")
+        print(rows[-1], flush=True)
+if a.torch_pipeline:
+    script = str(Path(__file__).parent / "torch_steps.py")
+    for mode, label in (("zo", "torch fp32, forward-only ZO (batched)"), ("grad", "torch fp32, gradient TI (batch 1)")):
+        r = run_measured([sys.executable, script, a.torch_pipeline, "--mode", mode, "--steps", str(a.steps)])
+        if r["rc"] != 0 or not r["result"]:
+            rows.append(f"| {label} | failed: {r['stderr'].strip().splitlines()[-1:]} |")
+            continue
+        res = r["result"]
+        rows.append(f"| {label} | {'batched' if mode == 'zo' else '-'} | {res['n'] if mode == 'zo' else '-'} | {res['setup_s']:.1f} | "
+                    f"{res['first_step_s']:.1f} | {res['s_per_step']:.2f} | {res['peak_rss_mb']:.0f} |")
         print(rows[-1], flush=True)
 table = "\n".join([header(sys.argv), "", "| recipe | perturbations | n | setup s (load + VAE encode) | first step s | s/step (median) | peak RSS MB |",
                    "|---|---|---|---|---|---|---|", *rows])
