@@ -118,17 +118,18 @@ def save_embedding(
     _write_atomic(p, data)
 
 
-def _as_matrix(vector: Any, what: str) -> np.ndarray:
+def _as_matrix(vector: Any, what: str, error: type[Exception] = ValueError) -> np.ndarray:
+    """float32 ``[k, d]`` from ``[d]`` or ``[k, d]``; ValueError for callers' mistakes, UserError for files."""
     arr = np.asarray(vector)
     if arr.dtype.kind not in "fiu":
-        raise ValueError(f"{what} must be numeric, got dtype {arr.dtype}")
+        raise error(f"{what} must be numeric, got dtype {arr.dtype}")
     if arr.ndim == 1:
         arr = arr[None, :]
     if arr.ndim != 2 or arr.shape[0] < 1 or arr.shape[1] < 1:
-        raise ValueError(f"{what} must have shape [d] or [k, d], got {list(np.shape(vector))}")
+        raise error(f"{what} has shape {list(np.shape(vector))}, expected [d] or [k, d]")
     arr = np.ascontiguousarray(arr, dtype=np.float32)
     if not np.isfinite(arr).all():
-        raise ValueError(f"{what} contains NaN or infinite values")
+        raise error(f"{what} contains NaN or infinite values")
     return arr
 
 
@@ -316,14 +317,7 @@ def _interpret_safetensors(p: Path, tensors: dict[str, np.ndarray], meta: dict[s
 
 
 def _check_matrix(p: Path, arr: np.ndarray, key: str) -> np.ndarray:
-    if arr.ndim == 1:
-        arr = arr[None, :]
-    if arr.ndim != 2 or arr.shape[0] < 1 or arr.shape[1] < 1:
-        raise UserError(f"{p}: embedding {key!r} has shape {list(arr.shape)}, expected [d] or [k, d]")
-    arr = np.ascontiguousarray(arr, dtype=np.float32)
-    if not np.isfinite(arr).all():
-        raise UserError(f"{p}: embedding {key!r} contains NaN or infinite values")
-    return arr
+    return _as_matrix(arr, f"{p}: embedding {key!r}", UserError)
 
 
 def _bf16_to_f32(u16: np.ndarray) -> np.ndarray:
