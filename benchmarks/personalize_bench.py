@@ -8,6 +8,7 @@ Each configuration runs in its own process so peaks do not mix.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -36,13 +37,18 @@ for bundle in a.bundles:
         print(rows[-1], flush=True)
 if a.torch_pipeline:
     script = str(Path(__file__).parent / "torch_steps.py")
-    for mode, label in (("zo", "torch fp32, forward-only ZO (batched)"), ("grad", "torch fp32, gradient TI (batch 1)")):
+    modes = [("zo", "torch fp32, forward-only ZO (batched)"), ("grad", "torch fp32, gradient TI (batch 1)")]
+    if importlib.util.find_spec("optimum") and importlib.util.find_spec("optimum.quanto"):
+        modes.append(("quanto", "torch + optimum-quanto int8 weights, forward-only ZO (batched)"))
+    else:
+        print("optimum-quanto not installed: skipping the paper's torch + quanto baseline", file=sys.stderr)
+    for mode, label in modes:
         r = run_measured([sys.executable, script, a.torch_pipeline, "--mode", mode, "--steps", str(a.steps)])
         if r["rc"] != 0 or not r["result"]:
             rows.append(f"| {label} | failed: {r['stderr'].strip().splitlines()[-1:]} |")
             continue
         res = r["result"]
-        rows.append(f"| {label} | {'batched' if mode == 'zo' else '-'} | {res['n'] if mode == 'zo' else '-'} | {res['setup_s']:.1f} | "
+        rows.append(f"| {label} | {'-' if mode == 'grad' else 'batched'} | {'-' if mode == 'grad' else res['n']} | {res['setup_s']:.1f} | "
                     f"{res['first_step_s']:.1f} | {res['s_per_step']:.2f} | {res['peak_rss_mb']:.0f} |")
         print(rows[-1], flush=True)
 table = "\n".join([header(sys.argv), "", "| recipe | perturbations | n | setup s (load + VAE encode) | first step s | s/step (median) | peak RSS MB |",

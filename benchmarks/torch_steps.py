@@ -5,6 +5,8 @@
 - zo:   forward-only ZO step as the paper's PyTorch code does it: n + 1 text-encoder + U-Net passes
         (one batch), no gradients.
 - grad: gradient textual inversion: one embedding row trainable, forward + backward + Adam, batch 1.
+- quanto: the paper's way: text encoder and U-Net weights quantized to int8 with optimum-quanto
+        (Linear and Conv, activations float), then the forward-only ZO step (needs `pip install optimum-quanto`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from zoodip_edge.export.load import load_pipeline  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("pipeline")
-ap.add_argument("--mode", choices=["zo", "grad"], required=True)
+ap.add_argument("--mode", choices=["zo", "grad", "quanto"], required=True)
 ap.add_argument("--steps", type=int, default=3)
 ap.add_argument("--n", type=int, default=2)
 a = ap.parse_args()
@@ -34,6 +36,15 @@ torch.manual_seed(0)
 t0 = time.perf_counter()
 p = load_pipeline(a.pipeline)
 te, unet = TextEncoderFromEmbeddings(p.text_encoder).eval(), p.unet.eval()
+if a.mode == "quanto":
+    from optimum.quanto import freeze, qint8, quantize
+
+    for module in (p.text_encoder, p.unet):
+        quantize(module, weights=qint8)
+        freeze(module)
+    import gc
+
+    gc.collect()
 ids = torch.tensor([p.tokenizer("a photo of a dog", padding="max_length", max_length=77).input_ids])
 table = p.text_encoder.get_input_embeddings().weight.detach()
 row = int((ids[0] == p.tokenizer.eos_token_id).nonzero()[0]) - 1
@@ -45,7 +56,7 @@ opt = torch.optim.Adam([theta.requires_grad_(a.mode == "grad")], lr=5e-3) if a.m
 times = []
 for step in range(a.steps):
     t = time.perf_counter()
-    if a.mode == "zo":
+    if a.mode in ("zo", "quanto"):
         with torch.no_grad():
             thetas = theta[None] + 1e-3 * torch.cat([torch.zeros(1, theta.numel()), torch.randn(a.n, theta.numel())])
             emb = table[ids].repeat(a.n + 1, 1, 1)
