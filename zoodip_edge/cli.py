@@ -5,6 +5,7 @@ Every command turns a UserError into one line on stderr and exit status 2.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from pathlib import Path
@@ -197,7 +198,7 @@ def personalize(
     log = None
     if log_jsonl:
         header = {"type": "start", "token": token, "init": init, "seed": seed, "bundle": p.bundle.manifest_sha256,
-                  "config": __import__("dataclasses").asdict(p.config), "theta0": p.theta0.tolist()}
+                  "config": dataclasses.asdict(p.config), "theta0": p.theta0.tolist()}
         log = _JsonlLog(log_jsonl, header, p.step_index if resume else None)
     bar = tqdm(total=total, initial=p.step_index, disable=quiet, unit="step", dynamic_ncols=True)
     ema = None

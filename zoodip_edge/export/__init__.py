@@ -45,16 +45,22 @@ def _quiet():
                 logging.disable(logging.NOTSET)
 
 
-def _io_entries(path: Path) -> tuple[list[dict], list[dict]]:
-    import onnxruntime as ort
+def _io_entries(model) -> tuple[list[dict], list[dict]]:
+    """Graph inputs/outputs (name, ORT-style dtype, shape with named dynamic axes) from the proto.
 
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    Read from the model in memory: loading each graph into a session only for this would cost
+    a second U-Net load per export (the gates load it anyway).
+    """
+    import onnx
 
-    def desc(args):
-        return [{"name": a.name, "dtype": a.type.replace("tensor(", "").rstrip(")"),
-                 "shape": [d if isinstance(d, int) else str(d) for d in a.shape]} for a in args]
+    inits = {i.name for i in model.graph.initializer}
 
-    return desc(sess.get_inputs()), desc(sess.get_outputs())
+    def desc(values):
+        return [{"name": v.name, "dtype": onnx.TensorProto.DataType.Name(v.type.tensor_type.elem_type).lower(),
+                 "shape": [d.dim_value if d.HasField("dim_value") else d.dim_param for d in v.type.tensor_type.shape.dim]}
+                for v in values if v.name not in inits]
+
+    return desc(model.graph.input), desc(model.graph.output)
 
 
 def _save_graph(model, folder: Path, name: str) -> list[str]:
@@ -144,11 +150,12 @@ def export_bundle(
             say(f"quantizing {spec.name} ({recipe})")
             with _quiet():
                 graph, quant_info[spec.name] = quantize(graph, recipe)
+            io = _io_entries(graph)
             files = _save_graph(graph, tmp, spec.name)
             del graph
             entry = file_entry(tmp, files[0])
             entry["external_data"] = [file_entry(tmp, f) for f in files[1:]]
-            entry["inputs"], entry["outputs"] = _io_entries(tmp / files[0])
+            entry["inputs"], entry["outputs"] = io
             components[spec.name] = entry
 
         say("writing token embeddings and tokenizer")
