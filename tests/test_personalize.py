@@ -301,17 +301,6 @@ def test_captions_file_is_used_and_checked(sd1_bundle, photos, tmp_path):
     _bad(_cli(sd1_bundle, photos, tmp_path / "o.safetensors", "--captions", str(bad)), "ball2.png")
 
 
-def test_demo_runs_end_to_end(sd1_pipeline, sd1_bundle, tmp_path):
-    """The README's main command, on the session's tiny pipeline and bundle (the same ones demo builds)."""
-    import shutil
-
-    shutil.copytree(sd1_pipeline, tmp_path / "tiny-sd1")
-    shutil.copytree(sd1_bundle, tmp_path / "bundle")
-    r = runner.invoke(app, ["demo", "--out", str(tmp_path), "--steps", "40"])
-    assert r.exit_code == 0, r.output
-    assert "held-out loss" in r.output and (tmp_path / "learned_embeds.safetensors").exists()
-
-
 def test_devices_command_lists_profiles_and_marks_auto():
     r = runner.invoke(app, ["devices"])
     assert r.exit_code == 0, r.output

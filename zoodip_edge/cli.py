@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import sys
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -353,16 +354,26 @@ def devices() -> None:
 @app.command()
 @cli_errors
 def demo(
-    out: Path = typer.Option(Path("zoodip-demo"), "--out", "-o", help="folder for the pipeline, bundle, photos and embedding"),
-    steps: int = typer.Option(300, help="personalization steps"),
+    out: Path = typer.Option(Path("zoodip-demo"), "--out", "-o", help="folder for the photos, images, curve and embedding"),
+    steps: int = typer.Option(1500, help="personalization steps"),
     seed: int = typer.Option(0, help="random seed"),
+    concept: str = typer.Option("purple-ring", help="color-shape of the toy world to learn, e.g. green-triangle"),
+    images: int = typer.Option(16, help="images generated before and after (the concept score's sample)"),
 ) -> None:
-    """Run the whole chain offline on a tiny built-in model (needs the export extra)."""
+    """Learn a concept on the shipped toy model and show it: grid.png, loss.png, one line of figures."""
+    from tqdm import tqdm
+
     from .demo import run_demo
 
-    r = run_demo(out, steps=steps, seed=seed, say=lambda msg: typer.echo(f"[demo] {msg}", err=True))
-    typer.echo(f"held-out loss {r['before']:.4f} -> {r['after']:.4f} ({100 * r['change']:+.2f}%) after {r['steps']} ZOODiP steps; "
-               f"a random move of the same size changes it by at most {100 * r['random_change']:.2f}%; embedding: {r['embedding']}")
+    with tqdm(total=steps, desc="ZOODiP", unit="step", leave=False) as bar:
+        r = run_demo(out, steps=steps, seed=seed, concept=concept, images=images,
+                     say=lambda msg: tqdm.write(f"[demo] {msg}", file=sys.stderr),
+                     progress=lambda i, n: bar.update(i - bar.n))
+    b, a = r["score_before"], r["score_after"]
+    typer.echo(f"{r['token']} ({r['concept']}): concept score {b['score']:.2f} -> {a['score']:.2f} "
+               f"(color {b['color']:.2f} -> {a['color']:.2f}, shape {b['shape']:.2f} -> {a['shape']:.2f}; "
+               f"{images} images read from pixels); held-out loss closed {100 * r['gap_closed']:.0f}% of the gap "
+               f"to the words '{r['concept']}' in {r['steps']} steps ({r['seconds']:.0f} s); {r['grid']}")
 
 
 def main() -> None:

@@ -30,6 +30,24 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
+def _apply_bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    while len(symbols) > 1:
+        pairs = {(a, b) for a, b in zip(symbols, symbols[1:]) if (a, b) in ranks}
+        if not pairs:
+            break
+        a, b = min(pairs, key=ranks.get)
+        out, i = [], 0
+        while i < len(symbols):
+            if i + 1 < len(symbols) and symbols[i] == a and symbols[i + 1] == b:
+                out.append(a + b)
+                i += 2
+            else:
+                out.append(symbols[i])
+                i += 1
+        symbols = out
+    return symbols
+
+
 def write_clip_bpe(folder: Path, words: tuple[str, ...] = tuple(WORDS), vocab_size: int | None = None) -> int:
     """Write vocab.json + merges.txt of a small CLIP-style BPE; returns the vocab size.
 
@@ -38,17 +56,19 @@ def write_clip_bpe(folder: Path, words: tuple[str, ...] = tuple(WORDS), vocab_si
     """
     base = list(_bytes_to_unicode().values())
     vocab = base + [c + "</w>" for c in base]
-    merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
     for word in words:
-        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        # Apply the merges so far the way CLIP's BPE does (lowest rank first), then add merges
+        # for what is left, at the lowest priority: earlier words, which already end as one
+        # token, never reach them, so every word stays a single token.
+        symbols = _apply_bpe(list(word[:-1]) + [word[-1] + "</w>"], ranks)
         while len(symbols) > 1:
             pair = (symbols[0], symbols[1])
-            merged = pair[0] + pair[1]
-            if pair not in merges:
-                merges.append(pair)
-                if merged not in vocab:
-                    vocab.append(merged)
-            symbols = [merged] + symbols[2:]
+            ranks.setdefault(pair, len(ranks))
+            if pair[0] + pair[1] not in vocab:
+                vocab.append(pair[0] + pair[1])
+            symbols = [pair[0] + pair[1]] + symbols[2:]
+    merges = sorted(ranks, key=ranks.get)
     if vocab_size is not None:
         vocab += [f"<|filler-{i}|>" for i in range(vocab_size - 2 - len(vocab))]
     vocab += ["<|startoftext|>", "<|endoftext|>"]

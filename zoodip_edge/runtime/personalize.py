@@ -151,10 +151,11 @@ class Personalizer:
         return caption.replace("{}", self.token), zt, target
 
     # ------------------------------------------------------------------ model ---------
-    def losses(self, thetas: np.ndarray, t: int, noise_seed: int) -> np.ndarray:
-        """Diffusion loss at each row of ``thetas`` on one shared (image, t, ε)."""
+    def losses(self, thetas: np.ndarray, t: int, noise_seed: int, words: str | None = None) -> np.ndarray:
+        """Diffusion loss at each row of ``thetas`` on one shared (image, t, ε); with ``words``
+        the prompt names the concept in words instead of the token (a reference loss; thetas unused)."""
         prompt, zt, target = self.draw(t, noise_seed)
-        embeds = self.text.embed(prompt, thetas)
+        embeds = self.text.embed(prompt, thetas) if words is None else self.text.embed(prompt.replace(self.token, words))
         chunks = [embeds] if self.batch else [e[None] for e in embeds]
         # Text encoder first for every chunk, so a profile that loads sessions in turn loads each once per step.
         te = self.sessions.get("text_encoder")
@@ -185,9 +186,11 @@ class Personalizer:
         value = binding.get_outputs()[0]
         return value if keep_on_device else value.numpy()
 
-    def held_out_loss(self, theta: np.ndarray, probes: Sequence[tuple[int, int]]) -> float:
-        """Mean loss of ``theta`` over fixed (t, noise seed) probes: a learning signal independent of training draws."""
-        return float(np.mean([self.losses(np.atleast_2d(theta), t, s)[0] for t, s in probes]))
+    def held_out_loss(self, theta: np.ndarray | None, probes: Sequence[tuple[int, int]], words: str | None = None) -> float:
+        """Mean loss of ``theta`` (or of the prompt with ``words`` in the token's place) over fixed
+        (t, noise seed) probes: a learning signal independent of training draws."""
+        rows = None if theta is None else np.atleast_2d(theta)
+        return float(np.mean([self.losses(rows, t, s, words)[0] for t, s in probes]))
 
     # ------------------------------------------------------------------ loop ----------
     @property

@@ -1,0 +1,169 @@
+"""The toy world, its shipped model and bundle, learning on it, and the demo."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import BLOCK_TORCH
+
+from zoodip_edge.toy import shipped_path
+from zoodip_edge.toy.score import concept_score, read_image
+from zoodip_edge.toy.world import HELD_OUT, SIZE, caption, concept_photos, random_scene, render, training_set
+
+
+def test_world_is_deterministic_from_its_seed():
+    a, sa = training_set(40, seed=3)
+    b, sb = training_set(40, seed=3)
+    c, _ = training_set(40, seed=4)
+    assert a.shape == (40, SIZE, SIZE, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b) and sa == sb
+    assert not np.array_equal(a, c)
+    r1, r2 = np.random.default_rng(0), np.random.default_rng(0)
+    assert [caption(s, r1) for s in sa] == [caption(s, r2) for s in sb]
+
+
+def test_training_set_never_shows_the_held_out_concept():
+    _, scenes = training_set(3000, seed=0)
+    combos = {(s.color, s.shape) for s in scenes}
+    assert HELD_OUT not in combos and len(combos) == 29  # every other color x shape appears
+
+
+def test_captions_name_what_the_scene_shows():
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        s = random_scene(rng)
+        text = caption(s, rng)
+        words = text.split()
+        assert s.shape in words or "shape" in words
+        assert not any(c in words for c in ("red", "green", "blue", "yellow", "purple", "orange") if c != s.color)
+
+
+def test_concept_score_reads_color_and_shape_from_pixels():
+    images, scenes = training_set(400, seed=7)
+    readings = [read_image(im) for im in images]
+    assert np.mean([r.color == s.color for r, s in zip(readings, scenes)]) >= 0.98
+    assert np.mean([r.shape == s.shape for r, s in zip(readings, scenes)]) >= 0.95
+    blank = Image.new("RGB", (SIZE, SIZE), (128, 128, 128))
+    assert read_image(blank).color is None
+    photos = [Image.open(p) for p in concept_photos(_tmp(), "purple", "ring", count=6)]
+    assert concept_score(photos, "purple", "ring")["score"] == 1.0
+    assert concept_score(photos, "green", "triangle")["score"] == 0.0
+
+
+def _tmp():
+    import tempfile
+    from pathlib import Path
+
+    return Path(tempfile.mkdtemp())
+
+
+# ------------------------------------------------------------- shipped model ----------
+
+def test_shipped_bundle_matches_its_manifest_and_provenance():
+    from zoodip_edge.bundle import load_bundle
+
+    b = load_bundle(shipped_path("bundle"))  # verifies every file's hash
+    m = b.manifest
+    assert m["recipe"]["name"] == "int8-cpu" and m["resolution"] == SIZE and m["family"] == "sd1"
+    prov = json.loads(shipped_path("model/provenance.json").read_text())
+    for key in ("script", "seed", "steps", "final_loss", "seconds", "versions"):
+        assert key in prov
+    assert prov["final_loss"] < 0.5  # a trained model, not a random one (random: about 1.0)
+    assert m["verification"]["zo_fidelity"]["passed"]
+
+
+def test_shipped_weights_are_the_bundles_source(tmp_path):
+    """The bundle's text encoder reproduces the shipped diffusers weights' text encoder."""
+    torch = pytest.importorskip("torch")
+    from transformers import CLIPTextModel
+
+    from zoodip_edge.export.graphs import TextEncoderFromEmbeddings
+    from zoodip_edge.bundle import load_bundle
+    from zoodip_edge.runtime.sessions import create_session
+    from zoodip_edge.runtime.text import PromptEncoder, mmap_safetensors
+
+    b = load_bundle(shipped_path("bundle"))
+    m = b.manifest
+    table = mmap_safetensors(b.path("token_embeddings"), m["token_embeddings"].get("tensor", "token_embedding"))
+    enc = PromptEncoder(b.path("tokenizer"), table, m["text"]["max_length"], m["text"]["pad_token_id"])
+    embeds = enc.embed("a photo of a purple ring on a gray background")
+    text = CLIPTextModel.from_pretrained(shipped_path("model/text_encoder"))
+    ids = torch.from_numpy(enc.ids("a photo of a purple ring on a gray background"))[None]
+    assert np.allclose(text.get_input_embeddings()(ids).detach().numpy(), embeds, atol=1e-3)  # fp16 table
+    with torch.no_grad():
+        ref = TextEncoderFromEmbeddings(text)(torch.from_numpy(embeds))[0].numpy()
+    from zoodip_edge.profiles import resolve_profile
+
+    sess = create_session(b.path("text_encoder"), resolve_profile("cpu"))
+    got = sess.run(["last_hidden_state"], {"inputs_embeds": embeds})[0]
+    assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()
+
+
+# ------------------------------------------------------------- learning ---------------
+
+@pytest.fixture(scope="module")
+def learned(tmp_path_factory):
+    from zoodip_edge.demo import DEMO_LR, DEMO_MU, PROBES
+    from zoodip_edge.runtime.personalize import Personalizer, Settings
+
+    photos = concept_photos(tmp_path_factory.mktemp("purple"), "purple", "ring", count=5)
+    p = Personalizer(shipped_path("bundle"), photos, "<pr>", "shape", profile="cpu",
+                     settings=Settings(seed=0, lr=DEMO_LR, mu=DEMO_MU, batch_perturbations=True))
+    before = p.held_out_loss(p.theta0, PROBES)
+    for _ in p.run(STEPS):
+        pass
+    return p, before, p.held_out_loss(p.theta, PROBES), p.held_out_loss(None, PROBES, words="purple ring")
+
+
+STEPS = 300
+
+
+def test_zoodip_learns_the_concept_on_the_shipped_bundle(learned):
+    from zoodip_edge.demo import PROBES
+
+    p, before, after, words = learned
+    assert words < before  # the concept in words explains the photos better than "shape"
+    closed = (before - after) / (before - words)
+    # a no-op optimizer closes exactly 0; a random move of the same length does not close the gap
+    assert closed > 0.3, (before, after, words)
+    moved = p.theta - p.theta0
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        u = rng.standard_normal(moved.size)
+        u *= np.linalg.norm(moved) / np.linalg.norm(u)
+        assert (before - p.held_out_loss(p.theta0 + u, PROBES)) / (before - words) < closed / 2
+
+
+def test_demo_runs_end_to_end_on_the_device_install(tmp_path):
+    """The README's main command, at a reduced step count, with torch/diffusers/transformers unimportable."""
+    out = tmp_path / "demo"
+    code = BLOCK_TORCH + (
+        "from zoodip_edge.cli import main\n"
+        f"sys.argv = ['zoodip-edge', 'demo', '--out', {str(out)!r}, '--steps', '60', '--images', '4']\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'transformers')]\n"
+        "assert not bad, bad\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "concept score" in r.stdout and "held-out loss closed" in r.stdout
+    grid = Image.open(out / "grid.png")
+    assert grid.width > 8 * SIZE and grid.height >= 3 * SIZE
+    assert Image.open(out / "loss.png").size == (640, 360)
+    assert (out / "learned_embeds.safetensors").exists() and len(list((out / "photos").glob("*.png"))) == 5
+
+
+def test_demo_refuses_an_unknown_concept(tmp_path):
+    from typer.testing import CliRunner
+
+    from zoodip_edge.cli import app
+
+    r = CliRunner().invoke(app, ["demo", "--out", str(tmp_path), "--concept", "pink-hexagon"])
+    assert r.exit_code == 2 and "pink-hexagon" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "grid.png").exists()

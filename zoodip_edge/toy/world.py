@@ -1,0 +1,139 @@
+"""A procedural world of colored shapes, deterministic from a seed (NumPy + Pillow only).
+
+Each scene is a shape kind, a color, a size, a position and a background; its caption names
+the color, the shape and (sometimes) the background. A personalization *concept* is a color x
+shape pair that the model's vocabulary describes with two words and a textual-inversion token
+must capture in one; ``HELD_OUT`` never appears in the training data at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SIZE = 32  # pixels; the model's resolution
+SHAPES = ("circle", "square", "triangle", "cross", "ring")
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 225),
+    "yellow": (235, 210, 40),
+    "purple": (140, 55, 190),
+    "orange": (245, 135, 30),
+}
+BACKGROUNDS = {"white": (240, 240, 235), "gray": (128, 128, 128), "black": (22, 22, 22)}
+HELD_OUT = ("orange", "cross")  # never drawn in the training set: a concept the model has not seen
+GENERIC = "shape"  # the word that names any object (captions drop color and shape words to it)
+# Words the tokenizer keeps whole: the world's, plus those of the textual-inversion templates.
+WORDS = tuple(SHAPES) + tuple(COLORS) + tuple(BACKGROUNDS) + (
+    GENERIC, "background", "on", "a", "an", "the", "of", "photo", "rendering", "rendition", "cropped",
+    "close", "up", "clean", "dirty", "dark", "bright", "my", "cool", "good", "one", "nice", "small",
+    "large", "weird", "picture", "image",
+)
+
+
+@dataclass(frozen=True)
+class Scene:
+    shape: str
+    color: str
+    background: str
+    size: int  # bounding-box side in pixels
+    cx: float
+    cy: float
+
+    @property
+    def box(self) -> tuple[float, float, float, float]:
+        h = self.size / 2
+        return (self.cx - h, self.cy - h, self.cx + h, self.cy + h)
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[float, float, float, float], fill, hole) -> None:
+    """Draw ``shape`` filling ``box`` (x0, y0, x1, y1); ``hole`` fills the ring's middle.
+    Also draws the templates the concept score fits to a detected object."""
+    x0, y0, x1, y1 = box
+    w, h = x1 - x0, y1 - y0
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill)
+    elif shape == "triangle":
+        draw.polygon([(x0, y1), (x1, y1), ((x0 + x1) / 2, y0)], fill=fill)
+    elif shape == "cross":
+        draw.rectangle((x0 + w / 3, y0, x1 - w / 3, y1), fill=fill)
+        draw.rectangle((x0, y0 + h / 3, x1, y1 - h / 3), fill=fill)
+    elif shape == "ring":
+        draw.ellipse(box, fill=fill)
+        draw.ellipse((x0 + w / 4, y0 + h / 4, x1 - w / 4, y1 - h / 4), fill=hole)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+
+
+def render(scene: Scene, rng: np.random.Generator | None = None) -> Image.Image:
+    """The scene at SIZE x SIZE; ``rng`` adds mild lighting and sensor noise (a "photo")."""
+    bg = np.array(BACKGROUNDS[scene.background], dtype=np.float64)
+    im = Image.new("RGB", (SIZE, SIZE), tuple(int(v) for v in bg))
+    d = ImageDraw.Draw(im)
+    draw_shape(d, scene.shape, scene.box, COLORS[scene.color], tuple(int(v) for v in bg))
+    if rng is None:
+        return im
+    a = np.asarray(im, dtype=np.float64) * rng.uniform(0.9, 1.08) + rng.normal(0, 4.0, (SIZE, SIZE, 3))
+    return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+
+
+def random_scene(rng: np.random.Generator, shape: str | None = None, color: str | None = None,
+                 allow_held_out: bool = True) -> Scene:
+    """A scene with the given attributes fixed and the rest drawn from ``rng``."""
+    while True:
+        s = shape or SHAPES[rng.integers(len(SHAPES))]
+        c = color or list(COLORS)[rng.integers(len(COLORS))]
+        if allow_held_out or (c, s) != HELD_OUT:
+            break
+    size = int(rng.integers(12, 23))
+    margin = size / 2 + 1
+    cx, cy = rng.uniform(margin, SIZE - margin, 2)
+    bg = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
+    return Scene(s, c, bg, size, float(cx), float(cy))
+
+
+def caption(scene: Scene, rng: np.random.Generator) -> str:
+    """A caption naming what the scene shows; words are dropped at random so that partial
+    descriptions ("a red shape", "a photo of a shape") also mean something to the model."""
+    from ..runtime.text import OBJECT_TEMPLATES
+
+    r = rng.random()
+    if r < 0.7:
+        thing = f"{scene.color} {scene.shape}"
+    elif r < 0.8:
+        thing = scene.shape
+    elif r < 0.9:
+        thing = f"{scene.color} {GENERIC}"
+    else:
+        thing = GENERIC
+    text = OBJECT_TEMPLATES[rng.integers(len(OBJECT_TEMPLATES))].format(thing) if rng.random() < 0.5 else f"a photo of a {thing}"
+    if rng.random() < 0.5:
+        text += f" on a {scene.background} background"
+    return text
+
+
+def concept_photos(folder: Path, color: str, shape: str, count: int = 5, seed: int = 0) -> list[Path]:
+    """Write ``count`` reference photos of one concept (random sizes, places and backgrounds)."""
+    rng = np.random.default_rng([seed, list(COLORS).index(color), SHAPES.index(shape)])
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        p = folder / f"{color}-{shape}-{i}.png"
+        render(random_scene(rng, shape, color), rng).save(p)
+        paths.append(p)
+    return paths
+
+
+def training_set(count: int, seed: int) -> tuple[np.ndarray, list[Scene]]:
+    """``count`` training images (uint8 [N, SIZE, SIZE, 3]) and their scenes; HELD_OUT excluded."""
+    rng = np.random.default_rng(seed)
+    scenes = [random_scene(rng, allow_held_out=False) for _ in range(count)]
+    images = np.stack([np.asarray(render(s, rng)) for s in scenes])
+    return images, scenes
