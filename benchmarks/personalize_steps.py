@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -18,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import peak_rss_mb  # noqa: E402
 
 from zoodip_edge.demo import draw_photos  # noqa: E402
+from zoodip_edge.profiles import resolve_profile  # noqa: E402
 from zoodip_edge.runtime.personalize import Personalizer, Settings  # noqa: E402
 
 ap = argparse.ArgumentParser()
@@ -27,10 +29,13 @@ ap.add_argument("--n", type=int, default=None)
 g = ap.add_mutually_exclusive_group()
 g.add_argument("--batched", dest="batched", action="store_true", default=True)
 g.add_argument("--sequential", dest="batched", action="store_false")
+ap.add_argument("--no-arena", action="store_true", help="cpu profile with ORT's CPU arena and memory pattern off")
 a = ap.parse_args()
 photos = draw_photos(Path(tempfile.mkdtemp()) / "photos")
+profile = resolve_profile("cpu")
+profile = dataclasses.replace(profile, enable_cpu_mem_arena=not a.no_arena, enable_mem_pattern=not a.no_arena)
 t0 = time.perf_counter()
-p = Personalizer(a.bundle, photos, "<bench>", "dog", settings=Settings(n=a.n, batch_perturbations=a.batched), profile="cpu")
+p = Personalizer(a.bundle, photos, "<bench>", "dog", settings=Settings(n=a.n, batch_perturbations=a.batched), profile=profile)
 setup_s = time.perf_counter() - t0
 times = []
 for _ in range(a.steps):

@@ -55,10 +55,11 @@ class Evaluator:
                 **concept_score(images, self.color, self.shape)}
 
 
-def run_zo(method: str, photos, token: str, seed: int, steps: int, every: int, evaluate: Evaluator, lr: float, mu: float) -> list[dict]:
+def run_zo(method: str, photos, token: str, seed: int, steps: int, every: int, evaluate: Evaluator, lr: float, mu: float,
+           tau: int | None = None) -> list[dict]:
     sg, puts = ZO_METHODS[method]
     p = Personalizer(shipped_path("bundle"), photos, token, GENERIC, profile="cpu",
-                     settings=Settings(seed=seed, lr=lr, mu=mu, subspace=sg, puts=puts, batch_perturbations=True))
+                     settings=Settings(seed=seed, lr=lr, mu=mu, tau=tau, subspace=sg, puts=puts, batch_perturbations=True))
     curve, train_s = [{"step": 0, "seconds": 0.0, **evaluate(p.theta0)}], 0.0
     while p.step_index < steps:
         t = time.perf_counter()
@@ -152,6 +153,31 @@ def summarize(runs: list[dict], methods: list[str]) -> str:
     return "\n".join(lines)
 
 
+def curve_table(runs: list[dict], methods: list[str]) -> str:
+    """Mean gap closed / concept score at a few step counts: how fast each method gets there."""
+    steps = sorted({c["step"] for r in runs for c in r["curve"]})
+    show = [s for s in steps if s in (100, 200, 300, 500) or s == steps[-1]]
+    lines = ["| method | " + " | ".join(f"step {s}" for s in show) + " |", "|---|" + "---|" * len(show)]
+    for m in methods:
+        rs = [r for r in runs if r["method"] == m]
+        if rs:
+            cells = []
+            for s in show:
+                at = [c for r in rs for c in r["curve"] if c["step"] == s]
+                cells.append(f"{np.mean([c['gap_closed'] for c in at]):.2f} / {np.mean([c['score'] for c in at]):.2f}")
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def report(runs: list[dict], methods: list[str], concepts: list[str]) -> None:
+    print(summarize(runs, methods))
+    print("\nGap closed / concept score, mean over all runs, by step:\n")
+    print(curve_table(runs, methods))
+    for concept in concepts:
+        print(f"\n{concept}:\n")
+        print(summarize([r for r in runs if r["concept"] == concept], methods))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--concepts", nargs="+", default=["purple-ring", "green-triangle", "blue-cross", "orange-cross"])
@@ -161,9 +187,17 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=[*ZO_METHODS, "gradient-ti"])
     ap.add_argument("--lr", type=float, default=DEMO_LR)
     ap.add_argument("--mu", type=float, default=DEMO_MU)
+    ap.add_argument("--tau", type=int, default=None, help="SG buffer length (default: the bundle's, 128)")
     ap.add_argument("--ti-lr", type=float, default=5e-3)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--report", type=Path, nargs="+", help="print the tables of saved --out files (together) and exit")
     a = ap.parse_args()
+    if a.report:
+        runs = [r for path in a.report for r in json.loads(path.read_text())["runs"]]
+        methods = list(dict.fromkeys(r["method"] for r in runs))
+        print(f"Report of {' '.join(map(str, a.report))}\n")
+        report(runs, methods, list(dict.fromkeys(r["concept"] for r in runs)))
+        return
 
     import torch
 
@@ -181,7 +215,7 @@ def main() -> None:
                     if method == "gradient-ti":
                         curve = run_gradient_ti(photos, token, seed, a.steps, a.every, evaluate, a.ti_lr)
                     else:
-                        curve = run_zo(method, photos, token, seed, a.steps, a.every, evaluate, a.lr, a.mu)
+                        curve = run_zo(method, photos, token, seed, a.steps, a.every, evaluate, a.lr, a.mu, a.tau)
                     runs.append({"concept": concept, "seed": seed, "method": method, "curve": curve,
                                  "l_init": evaluate.l_init, "l_words": evaluate.l_words})
                     f = curve[-1]
@@ -194,12 +228,9 @@ def main() -> None:
 
     print(header(sys.argv))
     print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, onnxruntime {onnxruntime.__version__}; "
-          f"ZO: lr {a.lr}, mu {a.mu}, n 2 (int8-cpu bundle); gradient TI: Adam lr {a.ti_lr}; "
+          f"ZO: lr {a.lr}, mu {a.mu}, n 2, tau {a.tau or 'bundle default'} (int8-cpu bundle); gradient TI: Adam lr {a.ti_lr}; "
           f"{len(a.concepts)} concepts x {len(a.seeds)} seeds, {a.steps} steps, scored every {a.every}\n")
-    print(summarize(runs, a.methods))
-    for concept in a.concepts:
-        print(f"\n{concept}:\n")
-        print(summarize([r for r in runs if r["concept"] == concept], a.methods))
+    report(runs, a.methods, a.concepts)
 
 
 if __name__ == "__main__":

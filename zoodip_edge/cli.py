@@ -355,7 +355,7 @@ def devices() -> None:
 @cli_errors
 def demo(
     out: Path = typer.Option(Path("zoodip-demo"), "--out", "-o", help="folder for the photos, images, curve and embedding"),
-    steps: int = typer.Option(1500, help="personalization steps"),
+    steps: int = typer.Option(1000, help="personalization steps"),
     seed: int = typer.Option(0, help="random seed"),
     concept: str = typer.Option("purple-ring", help="color-shape of the toy world to learn, e.g. green-triangle"),
     images: int = typer.Option(16, help="images generated before and after (the concept score's sample)"),

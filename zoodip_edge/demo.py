@@ -22,8 +22,9 @@ from .toy.world import COLORS, GENERIC, SHAPES
 
 DEFAULT_CONCEPT = "purple-ring"
 # The toy text encoder's tokens are 64-d, not CLIP-L's 768: a larger step and perturbation
-# than the SD defaults (measured in docs/toy.md).
-DEMO_LR, DEMO_MU = 2e-2, 1e-2
+# than the SD defaults, and an SG buffer at the paper's tau/d ratio (128/768 -> 11 of 64);
+# at tau = 128 > d, SG holds the token back (measured in docs/toy.md).
+DEMO_LR, DEMO_MU, DEMO_TAU = 2e-2, 1e-2, 11
 PROBES = [(int(t), 1000 + i) for i, t in enumerate(np.linspace(500, 899, 16))]
 
 
@@ -43,7 +44,7 @@ def generate_with(p, theta: np.ndarray, n: int, seed: int, steps: int = 20, guid
     return g.generate(f"a photo of a {p.token}", n=n, steps=steps, guidance=guidance, seed=seed)
 
 
-def run_demo(out: Path, steps: int = 1500, seed: int = 0, concept: str = DEFAULT_CONCEPT, images: int = 16,
+def run_demo(out: Path, steps: int = 1000, seed: int = 0, concept: str = DEFAULT_CONCEPT, images: int = 16,
              say: Callable[[str], None] = lambda s: None,
              progress: Callable[[int, int], None] | None = None) -> dict:
     from .runtime.personalize import Personalizer, Settings
@@ -56,7 +57,7 @@ def run_demo(out: Path, steps: int = 1500, seed: int = 0, concept: str = DEFAULT
     out.mkdir(parents=True, exist_ok=True)
     photos = concept_photos(out / "photos", color, shape, count=5, seed=seed)
     token = f"<{color}-{shape}>"
-    settings = Settings(seed=seed, lr=DEMO_LR, mu=DEMO_MU, batch_perturbations=True)  # tiny model: batching is cheap
+    settings = Settings(seed=seed, lr=DEMO_LR, mu=DEMO_MU, tau=DEMO_TAU, batch_perturbations=True)  # tiny model: batching is cheap
     p = Personalizer(shipped_path("bundle"), photos, token, GENERIC, settings=settings, profile="cpu")
     say(f"generating {images} images of 'a photo of a {token}' with the token at its initializer '{GENERIC}'")
     before_images = generate_with(p, p.theta0, images, seed)
@@ -65,11 +66,12 @@ def run_demo(out: Path, steps: int = 1500, seed: int = 0, concept: str = DEFAULT
     curve, held = [], [(0, p.held_out_loss(p.theta0, PROBES))]
     start = time.perf_counter()
     for record in p.run(steps):
+        done = record.step + 1  # records count from 0
         curve.append(float(record.losses[0]))
-        if record.step % every == 0 or record.step == steps:
-            held.append((record.step, p.held_out_loss(p.theta, PROBES)))
+        if done % every == 0 or done == steps:
+            held.append((done, p.held_out_loss(p.theta, PROBES)))
         if progress:
-            progress(record.step, steps)
+            progress(done, steps)
     seconds = time.perf_counter() - start
     after_images = generate_with(p, p.theta, images, seed)
     words_loss = p.held_out_loss(None, PROBES, words=f"{color} {shape}")

@@ -11,6 +11,8 @@ A profile is a TOML file (``devices/*.toml`` in the source tree, the package
     memory_budget_mb = 8192       # planning figure (not enforced by the runtime yet)
     io_binding = true             # keep tensors on the device between passes
     recommended_recipe = "int8-gpu"   # optional: export recipe that suits the target
+    enable_cpu_mem_arena = true   # optional (default true): ORT's CPU memory arena
+    enable_mem_pattern = true     # optional (default true): ORT's memory-pattern planner
 
     [[providers]]                 # in order of preference
     name = "CUDAExecutionProvider"
@@ -105,7 +107,7 @@ TEGRA_RELEASE = Path("/etc/nv_tegra_release")
 
 _REQUIRED = ("name", "providers", "intra_op_threads", "batch_perturbations", "resident_sessions",
              "memory_budget_mb", "io_binding")
-_OPTIONAL = ("description", "session_config", "recommended_recipe")
+_OPTIONAL = ("description", "session_config", "recommended_recipe", "enable_cpu_mem_arena", "enable_mem_pattern")
 _PROVIDER_KEYS = ("name", "options")
 
 
@@ -123,6 +125,10 @@ class DeviceProfile:
     io_binding: bool
     session_config: dict[str, str] = field(default_factory=dict)
     recommended_recipe: str | None = None
+    # ORT's CPU arena and memory-pattern planner: faster allocation, but they keep the peak
+    # of every run reserved (docs/performance.md: off saves about 0.9 GB on a SD1.5 U-Net).
+    enable_cpu_mem_arena: bool = True
+    enable_mem_pattern: bool = True
     source: str = field(default="", compare=False)  # file it came from, for messages
 
     @property
@@ -213,6 +219,11 @@ def parse_profile(data: dict[str, Any], source: str) -> DeviceProfile:
     batch = want("batch_perturbations", bool, "true or false")
     resident = want("resident_sessions", bool, "true or false")
     io_binding = want("io_binding", bool, "true or false")
+    arena = data.get("enable_cpu_mem_arena", True)
+    pattern = data.get("enable_mem_pattern", True)
+    for key, v in (("enable_cpu_mem_arena", arena), ("enable_mem_pattern", pattern)):
+        if not isinstance(v, bool):
+            raise UserError(f"{src}: field {key!r} must be true or false, not a {_type_name(v)} ({v!r})")
     recipe = data.get("recommended_recipe")
     if recipe is not None and (not isinstance(recipe, str) or not recipe):
         raise UserError(f"{src}: field 'recommended_recipe' must be a non-empty string")
@@ -255,6 +266,7 @@ def parse_profile(data: dict[str, Any], source: str) -> DeviceProfile:
         name=name, description=description, providers=tuple(providers), intra_op_threads=threads,
         batch_perturbations=batch, resident_sessions=resident, memory_budget_mb=budget,
         io_binding=io_binding, session_config=cfg, recommended_recipe=recipe, source=src,
+        enable_cpu_mem_arena=arena, enable_mem_pattern=pattern,
     )
 
 

@@ -58,6 +58,8 @@ def session_options(profile: DeviceProfile, config_entries: dict | None = None) 
     so = ort.SessionOptions()
     so.intra_op_num_threads = int(profile.intra_op_threads)
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.enable_cpu_mem_arena = profile.enable_cpu_mem_arena
+    so.enable_mem_pattern = profile.enable_mem_pattern
     for key, value in {**bundle_cfg, **profile.session_config}.items():
         try:
             so.add_session_config_entry(key, value)

@@ -1,0 +1,59 @@
+"""Does ORT's CPU kernel for the ONNX Attention op (opset 23) hold the full score matrix?
+
+    python benchmarks/attention_memory.py [--length 4096] [--heads 8] [--dim 40]
+
+One graph per variant (the Attention op; MatMul-Softmax-MatMul), each in its own process:
+peak RSS over the process after loading, against the size of one fp32 score matrix. The
+defaults are SD1.5's largest self-attention at 512 px (64 x 64 latents, 8 heads of 40).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import header, run_measured  # noqa: E402
+
+CHILD = r"""
+import json, resource, sys, time
+import numpy as np, onnxruntime as ort
+from onnx import TensorProto, helper
+kind, L, H, D = sys.argv[1], *map(int, sys.argv[2:5])
+vi = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, H, L, D])
+if kind == "Attention":
+    nodes, opset = [helper.make_node("Attention", ["q", "k", "v"], ["o"])], 23
+else:
+    nodes = [helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]), helper.make_node("MatMul", ["q", "kt"], ["s"]),
+             helper.make_node("Softmax", ["s"], ["p"], axis=-1), helper.make_node("MatMul", ["p", "v"], ["o"])]
+    opset = 17
+model = helper.make_model(helper.make_graph(nodes, "g", [vi("q"), vi("k"), vi("v")], [vi("o")]),
+                          opset_imports=[helper.make_opsetid("", opset)])
+s = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+feed = {n: np.random.default_rng(0).standard_normal((1, H, L, D), dtype=np.float32) for n in "qkv"}
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+t = time.perf_counter(); s.run(None, feed); s.run(None, feed)
+print(json.dumps({"before_mb": before, "s": (time.perf_counter() - t) / 2}))
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--length", type=int, default=4096)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--dim", type=int, default=40)
+    a = ap.parse_args()
+    scores = a.heads * a.length ** 2 * 4 / 2**20
+    print(header(sys.argv))
+    print(f"One fp32 score matrix: {a.heads} x {a.length}^2 = {scores:.0f} MB\n")
+    print("| graph | peak RSS MB | of which after loading inputs MB | growth during run MB | s/run |")
+    print("|---|---|---|---|---|")
+    for kind in ("Attention", "MatMul-Softmax-MatMul"):
+        r = run_measured([sys.executable, "-c", CHILD, kind, str(a.length), str(a.heads), str(a.dim)])
+        res = r["result"]
+        print(f"| {kind} | {r['peak_rss_mb']:.0f} | {res['before_mb']:.0f} | {r['peak_rss_mb'] - res['before_mb']:.0f} | {res['s']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
