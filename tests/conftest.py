@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,20 @@ class Block(importlib.abc.MetaPathFinder):
             raise ImportError('blocked: ' + name)
 sys.meta_path.insert(0, Block())
 """
+
+
+def run_cli_without_torch(argv: list[str]) -> subprocess.CompletedProcess:
+    """Run ``zoodip-edge ARGV`` in a child where torch, diffusers and transformers cannot be
+    imported; the child also fails if any of them got imported anyway."""
+    code = BLOCK_TORCH + (
+        "import zoodip_edge.runtime.personalize, zoodip_edge.runtime.generate\n"
+        "from zoodip_edge.cli import main\n"
+        f"sys.argv = ['zoodip-edge'] + {list(argv)!r}\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'transformers')]\n"
+        "assert not bad, bad\n"
+    )
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 from safetensors.numpy import load_file
 from typer.testing import CliRunner
 
-from conftest import BLOCK_TORCH
+from conftest import run_cli_without_torch
 
 from zoodip_edge.cli import app
 from zoodip_edge.runtime.personalize import Personalizer, Settings
@@ -172,15 +172,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(sd1_bundle, photos, tmp_pat
 
 def test_runtime_never_imports_torch_diffusers_transformers(sd1_bundle, photos, tmp_path):
     out = tmp_path / "e.safetensors"
-    code = BLOCK_TORCH + (
-        "import zoodip_edge.runtime, zoodip_edge.runtime.personalize, zoodip_edge.cli\n"
-        "from zoodip_edge.cli import main\n"
-        f"sys.argv = ['zoodip-edge'] + {_cli(sd1_bundle, photos, out, '--steps', '3')!r}\n"
-        "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
-        "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'transformers')]\n"
-        "assert not bad, bad\n"
-    )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    r = run_cli_without_torch(_cli(sd1_bundle, photos, out, "--steps", "3"))
     assert r.returncode == 0, r.stderr
     assert out.exists()
 

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import BLOCK_TORCH
+from conftest import run_cli_without_torch
 
 from zoodip_edge.toy import shipped_path
 from zoodip_edge.toy.score import concept_score, read_image
@@ -143,14 +141,7 @@ def test_zoodip_learns_the_concept_on_the_shipped_bundle(learned):
 def test_demo_runs_end_to_end_on_the_device_install(tmp_path):
     """The README's main command, at a reduced step count, with torch/diffusers/transformers unimportable."""
     out = tmp_path / "demo"
-    code = BLOCK_TORCH + (
-        "from zoodip_edge.cli import main\n"
-        f"sys.argv = ['zoodip-edge', 'demo', '--out', {str(out)!r}, '--steps', '60', '--images', '4']\n"
-        "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
-        "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'transformers')]\n"
-        "assert not bad, bad\n"
-    )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    r = run_cli_without_torch(["demo", "--out", str(out), "--steps", "60", "--images", "4"])
     assert r.returncode == 0, r.stderr
     assert "concept score" in r.stdout and "held-out loss closed" in r.stdout
     grid = Image.open(out / "grid.png")
