@@ -90,7 +90,7 @@ def run_gradient_ti(photos, token: str, seed: int, steps: int, every: int, evalu
     enc = evaluate.p.text  # the same tokenizer and table as the bundle (ids only)
     table = text.model.embeddings.token_embedding.weight
     with torch.no_grad():
-        imgs = torch.from_numpy(np.stack([im for _, im in load_images(photos, 32)]))
+        imgs = torch.from_numpy(np.stack([im for _, im in load_images(photos, evaluate.p.bundle.manifest["resolution"])]))
         post = vae.encode(imgs).latent_dist
         mean, std, scale = post.mean, post.std, vae.config.scaling_factor
     theta = torch.nn.Parameter(torch.tensor(evaluate.p.theta0, dtype=torch.float32))

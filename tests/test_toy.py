@@ -42,23 +42,16 @@ def test_captions_name_what_the_scene_shows():
         assert not any(c in words for c in ("red", "green", "blue", "yellow", "purple", "orange") if c != s.color)
 
 
-def test_concept_score_reads_color_and_shape_from_pixels():
+def test_concept_score_reads_color_and_shape_from_pixels(tmp_path):
     images, scenes = training_set(400, seed=7)
     readings = [read_image(im) for im in images]
     assert np.mean([r.color == s.color for r, s in zip(readings, scenes)]) >= 0.98
     assert np.mean([r.shape == s.shape for r, s in zip(readings, scenes)]) >= 0.95
     blank = Image.new("RGB", (SIZE, SIZE), (128, 128, 128))
     assert read_image(blank).color is None
-    photos = [Image.open(p) for p in concept_photos(_tmp(), "purple", "ring", count=6)]
+    photos = [Image.open(p) for p in concept_photos(tmp_path, "purple", "ring", count=6)]
     assert concept_score(photos, "purple", "ring")["score"] == 1.0
     assert concept_score(photos, "green", "triangle")["score"] == 0.0
-
-
-def _tmp():
-    import tempfile
-    from pathlib import Path
-
-    return Path(tempfile.mkdtemp())
 
 
 # ------------------------------------------------------------- shipped model ----------

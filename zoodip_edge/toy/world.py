@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..runtime.text import OBJECT_TEMPLATES
+
 SIZE = 32  # pixels; the model's resolution
 SHAPES = ("circle", "square", "triangle", "cross", "ring")
 COLORS = {
@@ -101,8 +103,6 @@ def random_scene(rng: np.random.Generator, shape: str | None = None, color: str 
 def caption(scene: Scene, rng: np.random.Generator) -> str:
     """A caption naming what the scene shows; words are dropped at random so that partial
     descriptions ("a red shape", "a photo of a shape") also mean something to the model."""
-    from ..runtime.text import OBJECT_TEMPLATES
-
     r = rng.random()
     if r < 0.7:
         thing = f"{scene.color} {scene.shape}"
