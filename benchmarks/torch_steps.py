@@ -1,18 +1,30 @@
-"""One process: torch baselines for a personalize step on a diffusers pipeline folder (CPU, fp32).
+"""One process: torch baselines for a personalize step on a diffusers pipeline folder (CPU or CUDA).
 
-    python benchmarks/torch_steps.py PIPELINE --mode zo|grad --steps 3 [--n 2]
+    python benchmarks/torch_steps.py PIPELINE --mode zo|grad|quanto --steps 3 [--n 2]
+                                     [--device cpu|cuda] [--dtype fp32|fp16] [--warmup K]
 
 - zo:   forward-only ZO step as the paper's PyTorch code does it: n + 1 text-encoder + U-Net passes
         (one batch), no gradients.
-- grad: gradient textual inversion: one embedding row trainable, forward + backward + Adam, batch 1.
+- grad: gradient textual inversion: one embedding row trainable, forward + backward + Adam, batch 1
+        (fp32 only).
 - quanto: the paper's way: text encoder and U-Net weights quantized to int8 with optimum-quanto
-        (Linear and Conv, activations float), then the forward-only ZO step (needs `pip install optimum-quanto`).
+        (Linear and Conv, activations float: fp32, or fp16 with --dtype fp16), then the forward-only
+        ZO step (needs `pip install optimum-quanto`). int8 weights with float activations run
+        quanto's pure-torch path (dequantize, then matmul/conv) on CPU and CUDA alike: its CUDA
+        extension (JIT-compiled on first use) serves only int4/AWQ/Marlin kernels.
+
+Timing: ``first_step_s`` is the very first step; ``s_per_step`` is the median of the ``--steps``
+steps after ``--warmup`` untimed-in-the-median steps (default 0 on CPU, so the median includes
+the first step as it always has; 1 on CUDA). On CUDA every timing read follows
+torch.cuda.synchronize(). The last line printed is one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -29,49 +41,146 @@ from zoodip_edge.export.load import load_pipeline  # noqa: E402
 ap = argparse.ArgumentParser()
 ap.add_argument("pipeline")
 ap.add_argument("--mode", choices=["zo", "grad", "quanto"], required=True)
-ap.add_argument("--steps", type=int, default=3)
+ap.add_argument("--steps", type=int, default=3, help="steps in the median (after --warmup)")
 ap.add_argument("--n", type=int, default=2)
+ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+ap.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32",
+                help="weights and activations (fp16: CUDA only; the paper's ZO setting)")
+ap.add_argument("--warmup", type=int, default=None, help="steps run before the timed ones (default: 0 cpu, 1 cuda)")
 a = ap.parse_args()
+if a.dtype == "fp16" and a.device != "cuda":
+    ap.error("--dtype fp16 is for --device cuda (CPU fp16 kernels are not what any baseline runs)")
+if a.dtype == "fp16" and a.mode == "grad":
+    ap.error("--mode grad runs in fp32 only (fp16 gradient TI would need loss scaling; not a baseline here)")
+if a.device == "cuda" and not torch.cuda.is_available():
+    ap.error("--device cuda but torch.cuda.is_available() is False")
+if a.steps < 1:
+    ap.error("--steps must be at least 1")
+warmup = a.warmup if a.warmup is not None else (1 if a.device == "cuda" else 0)
+dev = torch.device(a.device)
+dt = torch.float16 if a.dtype == "fp16" else torch.float32
+cuda = dev.type == "cuda"
+MB = 2**20
+
+
+def sync() -> None:
+    if cuda:
+        torch.cuda.synchronize()
+
+
+def nvml_used_mb() -> tuple[float | None, str]:
+    """This process's GPU memory from NVML (what nvidia-smi shows: context + allocator reserve).
+
+    Falls back to the whole device's used memory when NVML does not list our pid (containers
+    with their own pid namespace); None when pynvml (nvidia-ml-py) is missing or NVML fails.
+    """
+    try:
+        import pynvml
+    except ImportError:
+        return None, "pynvml not importable"
+    try:
+        pynvml.nvmlInit()
+    except Exception as e:  # noqa: BLE001 - any NVML failure only loses this number
+        return None, f"nvmlInit failed: {e}"
+    try:
+        handle = None
+        uuid = str(getattr(torch.cuda.get_device_properties(dev), "uuid", "") or "")
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            u = pynvml.nvmlDeviceGetUUID(h)
+            u = u.decode() if isinstance(u, bytes) else str(u)
+            if uuid and uuid in u:
+                handle = h
+                break
+        if handle is None:
+            handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+        for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+            if proc.pid == os.getpid() and proc.usedGpuMemory is not None:
+                return proc.usedGpuMemory / MB, "process"
+        return pynvml.nvmlDeviceGetMemoryInfo(handle).used / MB, "device_used (pid not listed)"
+    except Exception as e:  # noqa: BLE001
+        return None, f"nvml error: {e}"
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:  # noqa: BLE001
+            pass
+
+
 torch.manual_seed(0)
 t0 = time.perf_counter()
 p = load_pipeline(a.pipeline)
+if cuda or dt != torch.float32:
+    # The VAE stays on the CPU: a personalize step with cached latents never runs it.
+    p.text_encoder.to(device=dev, dtype=dt)
+    p.unet.to(device=dev, dtype=dt)
 te, unet = TextEncoderFromEmbeddings(p.text_encoder).eval(), p.unet.eval()
+extra: dict = {}
 if a.mode == "quanto":
     from optimum.quanto import freeze, qint8, quantize
 
     for module in (p.text_encoder, p.unet):
         quantize(module, weights=qint8)
         freeze(module)
-    import gc
-
     gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
 ids = torch.tensor([p.tokenizer("a photo of a dog", padding="max_length", max_length=77).input_ids])
 table = p.text_encoder.get_input_embeddings().weight.detach()
 row = int((ids[0] == p.tokenizer.eos_token_id).nonzero()[0]) - 1
+ids = ids.to(dev)
 h = p.unet.config.sample_size
-z, eps = torch.randn(1, 4, h, h), torch.randn(1, 4, h, h)
+z, eps = torch.randn(1, 4, h, h), torch.randn(1, 4, h, h)  # drawn on the CPU: same values on either device
+z, eps = z.to(dev, dt), eps.to(dev, dt)
+timestep = torch.full((a.n + 1,), 700.0, device=dev) if a.mode in ("zo", "quanto") else torch.tensor([700.0], device=dev)
+sync()
 setup_s = time.perf_counter() - t0
+if cuda:
+    extra["setup_peak_cuda_allocated_mb"] = torch.cuda.max_memory_allocated(dev) / MB
+    extra["weights_cuda_allocated_mb"] = torch.cuda.memory_allocated(dev) / MB
+    torch.cuda.reset_peak_memory_stats(dev)
 theta = table[ids[0, row]].clone()
 opt = torch.optim.Adam([theta.requires_grad_(a.mode == "grad")], lr=5e-3) if a.mode == "grad" else None
-times = []
-for step in range(a.steps):
+times, finite = [], True
+for step in range(warmup + a.steps):
+    sync()
     t = time.perf_counter()
     if a.mode in ("zo", "quanto"):
         with torch.no_grad():
-            thetas = theta[None] + 1e-3 * torch.cat([torch.zeros(1, theta.numel()), torch.randn(a.n, theta.numel())])
+            noise = torch.randn(a.n, theta.numel()).to(dev, dt)
+            thetas = theta[None] + 1e-3 * torch.cat([torch.zeros_like(noise[:1]), noise])
             emb = table[ids].repeat(a.n + 1, 1, 1)
             emb[:, row] = thetas
-            pred = unet(z.repeat(a.n + 1, 1, 1, 1), torch.full((a.n + 1,), 700.0), te(emb)[0], return_dict=False)[0]
-            losses = ((pred - eps) ** 2).mean(dim=(1, 2, 3))
+            pred = unet(z.repeat(a.n + 1, 1, 1, 1), timestep, te(emb)[0], return_dict=False)[0]
+            losses = ((pred.float() - eps.float()) ** 2).mean(dim=(1, 2, 3))
     else:
         emb = table[ids].clone()
         emb[0, row] = theta
-        pred = unet(z, torch.tensor([700.0]), te(emb)[0], return_dict=False)[0]
+        pred = unet(z, timestep, te(emb)[0], return_dict=False)[0]
         loss = ((pred - eps) ** 2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
+        losses = loss.detach()[None]
+    sync()
     times.append(time.perf_counter() - t)
-print(json.dumps({"mode": a.mode, "n": a.n, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                  "setup_s": setup_s, "first_step_s": times[0], "s_per_step": float(np.median(times)),
-                  "peak_rss_mb": peak_rss_mb()}))
+    finite = finite and bool(torch.isfinite(losses).all())
+result = {"mode": a.mode, "n": a.n, "device": a.device, "dtype": a.dtype, "torch": torch.__version__,
+          "threads": torch.get_num_threads(), "steps": a.steps, "warmup": warmup,
+          "setup_s": setup_s, "first_step_s": times[0], "s_per_step": float(np.median(times[warmup:])),
+          "step_times_s": [round(x, 5) for x in times], "losses_finite": finite, "peak_rss_mb": peak_rss_mb()}
+if cuda:
+    used, source = nvml_used_mb()
+    result.update(device_name=torch.cuda.get_device_name(dev), cuda=torch.version.cuda,
+                  peak_cuda_allocated_mb=torch.cuda.max_memory_allocated(dev) / MB,
+                  peak_cuda_reserved_mb=torch.cuda.max_memory_reserved(dev) / MB,
+                  nvml_used_mb=used, nvml_source=source,
+                  tf32_matmul=torch.backends.cuda.matmul.allow_tf32, tf32_cudnn=torch.backends.cudnn.allow_tf32,
+                  cudnn_benchmark=torch.backends.cudnn.benchmark, **extra)
+if a.mode == "quanto":
+    from optimum.quanto.library.extensions import get_extension, is_extension_available
+
+    ext = get_extension("quanto_cuda") if is_extension_available("quanto_cuda") else None
+    result["quanto_cuda_extension"] = ("not registered" if ext is None else
+                                       "compiled and loaded" if ext._lib is not None else "registered, never compiled")
+print(json.dumps(result))

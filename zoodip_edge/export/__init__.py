@@ -111,6 +111,7 @@ def export_bundle(
     from ..bundle import FORMAT_VERSION, file_entry, publish, write_manifest
     from ..families import defaults_for
     from . import verify
+    from .attention import fuse_attention
     from .graphs import export_graph, graph_specs, vae_scale_factor
     from .load import load_pipeline
     from .quantize import quantize
@@ -148,8 +149,11 @@ def export_bundle(
             shutil.rmtree(raw.parent)
             gc.collect()  # the exporter's intermediate copies of the weights
             say(f"quantizing {spec.name} ({recipe})")
+            graph, fused = fuse_attention(graph)
             with _quiet():
                 graph, quant_info[spec.name] = quantize(graph, recipe)
+            if fused:
+                quant_info[spec.name]["multi_head_attention"] = fused
             io = _io_entries(graph)
             files = _save_graph(graph, tmp, spec.name)
             del graph

@@ -127,9 +127,9 @@ def dummy_inputs(spec: GraphSpec, batch: int, seed: int = 0) -> dict[str, torch.
 def export_graph(spec: GraphSpec, p: LoadedPipeline, path: str) -> None:
     """torch.onnx.export (dynamo, opset 23) with a dynamic batch axis.
 
-    Opset 23 emits the ONNX Attention op. ORT's CPU kernel still materializes the score
-    matrix (measured: +560 MB for 8 heads x 4096^2, docs/performance.md), but only once, where
-    MatMul-Softmax-MatMul holds it twice. Dummy batch is 2: torch.export specializes size-1 dimensions.
+    Opset 23 emits the ONNX Attention op; ORT's CPU kernel for it materializes the score matrix
+    (+534 MB for 8 heads x 4096^2), so export_bundle rewrites it into MultiHeadAttention
+    (attention.py). Dummy batch is 2: torch.export specializes size-1 dimensions.
     """
     model = spec.wrap(p).eval()
     args = tuple(dummy_inputs(spec, batch=2).values())
