@@ -1,8 +1,18 @@
-"""Personalize benchmark: s/step and peak RSS, batched vs sequential perturbations, CPU EP.
+"""Personalize benchmark (issue 6): zoodip-edge against the torch ways, side by side, CPU.
 
-Each configuration runs in its own process so peaks do not mix.
+    python benchmarks/personalize_bench.py BUNDLE [BUNDLE...] --torch-pipeline PIPELINE [--n 2] [--steps 3]
+    python benchmarks/personalize_bench.py BUNDLE [BUNDLE...] --scaling [--steps 3]
 
-    python benchmarks/personalize_bench.py BUNDLE [BUNDLE...] --steps 3
+Rows, each in its own process so peaks do not mix:
+1. zoodip-edge on each bundle: perturbations one by one with the ``cpu`` profile as shipped
+   (ORT arena and memory pattern off), one by one with the arena on, and batched.
+2. the paper's way: torch, weights int8 by optimum-quanto, forward-only ZO (``.[bench]`` extra);
+3. gradient textual inversion in torch fp32 (one trainable row, autograd, Adam);
+4. forward-only ZO in torch fp32.
+A step is n + 1 text-encoder + U-Net passes for ZO, one forward + backward for gradient TI;
+"s/pass" is s/step / (n + 1). The table gives s/step and peak RSS as ratios against (2), (3) and
+(4) measured in the same run. ``--scaling`` instead runs the shipped ``cpu`` profile for
+n = 1, 2, 4 on each bundle (export one bundle per resolution with ``--resolution``).
 """
 
 from __future__ import annotations
@@ -16,45 +26,94 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import header, run_measured  # noqa: E402
 
-ap = argparse.ArgumentParser()
-ap.add_argument("bundles", nargs="+")
-ap.add_argument("--steps", type=int, default=3)
-ap.add_argument("--out", type=Path)
-ap.add_argument("--torch-pipeline", help="diffusers folder of the same model: adds torch fp32 baselines")
-a = ap.parse_args()
-rows = []
+HERE = Path(__file__).parent
+OURS = str(HERE / "personalize_steps.py")
+TORCH = str(HERE / "torch_steps.py")
 
 
-def measure(label: str, mode: str, cmd: list[str]) -> None:
-    """Run one configuration in its own process and add its table row."""
+def measure(cmd: list[str]) -> dict | str:
+    """One configuration in its own process: its JSON result plus the process's peak RSS, or an error line."""
     r = run_measured(cmd)
     if r["rc"] != 0 or not r["result"]:
-        rows.append(f"| {label} | {mode} | failed: {r['stderr'].strip().splitlines()[-1:]} |")
-    else:
-        res = r["result"]
-        n = res["n"] if mode != "-" else "-"
-        rows.append(f"| {label} | {mode} | {n} | {res['setup_s']:.1f} | {res['first_step_s']:.1f} | "
-                    f"{res['s_per_step']:.2f} | {res['peak_rss_mb']:.0f} |")
-    print(rows[-1], flush=True)
+        return f"failed: {(r['stderr'].strip().splitlines() or ['no output'])[-1]}"
+    return {**r["result"], "peak_rss_mb": r["peak_rss_mb"]}
 
 
-script = str(Path(__file__).parent / "personalize_steps.py")
-for bundle in a.bundles:
-    recipe = json.loads((Path(bundle) / "manifest.json").read_text())["recipe"]["name"]
-    for mode in ("--batched", "--sequential"):
-        measure(recipe, mode[2:], [sys.executable, script, bundle, "--steps", str(a.steps), mode])
-if a.torch_pipeline:
-    script = str(Path(__file__).parent / "torch_steps.py")
-    modes = [("zo", "torch fp32, forward-only ZO (batched)"), ("grad", "torch fp32, gradient TI (batch 1)")]
-    if importlib.util.find_spec("optimum") and importlib.util.find_spec("optimum.quanto"):
-        modes.append(("quanto", "torch + optimum-quanto int8 weights, forward-only ZO (batched)"))
-    else:
-        print("optimum-quanto not installed: skipping the paper's torch + quanto baseline", file=sys.stderr)
-    for mode, label in modes:
-        measure(label, "-" if mode == "grad" else "batched",
-                [sys.executable, script, a.torch_pipeline, "--mode", mode, "--steps", str(a.steps)])
-table = "\n".join([header(sys.argv), "", "| recipe | perturbations | n | setup s (load + VAE encode) | first step s | s/step (median) | peak RSS MB |",
-                   "|---|---|---|---|---|---|---|", *rows])
-print(table)
-if a.out:
-    a.out.write_text(table + "\n")
+def ratio(x: float, base: dict | str | None, key: str) -> str:
+    return f"{x / base[key]:.2f}×" if isinstance(base, dict) else "–"
+
+
+def compare(a: argparse.Namespace) -> list[str]:
+    n, steps = str(a.n), str(a.steps)
+    configs = []
+    for bundle in a.bundles:
+        m = json.loads((Path(bundle) / "manifest.json").read_text())
+        name = f"(1) zoodip-edge {m['recipe']['name']} {m['resolution']} px"
+        configs += [(f"{name}, one by one, `cpu` profile (arena off, memory pattern off)", "zo",
+                     [sys.executable, OURS, bundle, "--steps", steps, "--n", n, "--sequential", "--profile-levers"]),
+                    (f"{name}, one by one, arena on, memory pattern off", "zo",
+                     [sys.executable, OURS, bundle, "--steps", steps, "--n", n, "--sequential", "--no-mem-pattern"]),
+                    (f"{name}, batched, `cpu` profile", "zo",
+                     [sys.executable, OURS, bundle, "--steps", steps, "--n", n, "--batched", "--profile-levers"])]
+    baselines = {}
+    if a.torch_pipeline:
+        torch_rows = [("quanto", "(2) torch + optimum-quanto int8 weights, forward-only ZO (paper)"),
+                      ("grad", "(3) torch fp32 gradient TI"), ("zo", "(4) torch fp32 forward-only ZO")]
+        if not (importlib.util.find_spec("optimum") and importlib.util.find_spec("optimum.quanto")):
+            print("optimum-quanto not installed (pip install '.[bench]'): no row (2)", file=sys.stderr)
+            torch_rows = torch_rows[1:]
+        for mode, label in torch_rows:
+            configs.append((label, mode, [sys.executable, TORCH, a.torch_pipeline, "--mode", mode, "--steps", steps, "--n", n]))
+    results = []
+    for label, mode, cmd in configs:
+        res = measure(cmd)
+        results.append((label, mode, res))
+        print(label, json.dumps(res), file=sys.stderr, flush=True)
+        if label[:3] in ("(2)", "(3)", "(4)"):
+            baselines[label[:3]] = res
+    q, g, z = baselines.get("(2)"), baselines.get("(3)"), baselines.get("(4)")
+    rows = ["| configuration | n | setup s | s/step | s/pass | peak RSS MB | s/step vs (2) | s/step vs (4) | "
+            "peak vs (2) | peak vs (3) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for label, mode, res in results:
+        if isinstance(res, str):
+            rows.append(f"| {label} | {a.n} | {res} |||||||")
+            continue
+        passes = 1 if mode == "grad" else res["n"] + 1
+        rows.append(f"| {label} | {'-' if mode == 'grad' else res['n']} | {res['setup_s']:.1f} | {res['s_per_step']:.2f} | "
+                    f"{res['s_per_step'] / passes:.2f} | {res['peak_rss_mb']:.0f} | {ratio(res['s_per_step'], q, 's_per_step')} | "
+                    f"{ratio(res['s_per_step'], z, 's_per_step')} | {ratio(res['peak_rss_mb'], q, 'peak_rss_mb')} | "
+                    f"{ratio(res['peak_rss_mb'], g, 'peak_rss_mb')} |")
+    return rows
+
+
+def scaling(a: argparse.Namespace) -> list[str]:
+    rows = ["| resolution | n | s/step | s/pass | peak RSS MB |", "|---|---|---|---|---|"]
+    for bundle in a.bundles:
+        res_px = json.loads((Path(bundle) / "manifest.json").read_text())["resolution"]
+        for n in (1, 2, 4):
+            r = measure([sys.executable, OURS, bundle, "--steps", str(a.steps), "--n", str(n), "--sequential", "--profile-levers"])
+            rows.append(f"| {res_px} | {n} | {r} |||" if isinstance(r, str) else
+                        f"| {res_px} | {n} | {r['s_per_step']:.2f} | {r['s_per_step'] / (n + 1):.2f} | {r['peak_rss_mb']:.0f} |")
+            print(rows[-1], file=sys.stderr, flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("bundles", nargs="+")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--n", type=int, default=2)
+    ap.add_argument("--torch-pipeline", help="diffusers folder of the same model: adds the torch rows (2)-(4)")
+    ap.add_argument("--scaling", action="store_true", help="n = 1, 2, 4 on each bundle, `cpu` profile, one by one")
+    ap.add_argument("--out", type=Path)
+    a = ap.parse_args()
+    rows = scaling(a) if a.scaling else compare(a)
+    threads = "Threads: ORT and torch at their defaults (one per core)."
+    table = "\n".join([header(sys.argv), threads, "", *rows])
+    print(table)
+    if a.out:
+        a.out.write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,6 +1,9 @@
 """One process: a few personalize steps on a bundle; print s/step and peak RSS as JSON.
 
-    python benchmarks/personalize_steps.py BUNDLE --steps 3 --batched|--sequential
+    python benchmarks/personalize_steps.py BUNDLE --steps 3 --batched|--sequential [--profile-levers]
+
+ORT's arena and memory pattern are on unless --no-arena / --no-mem-pattern say otherwise;
+--profile-levers takes them from the ``cpu`` profile instead (what ``personalize`` does).
 """
 
 from __future__ import annotations
@@ -31,11 +34,13 @@ g.add_argument("--batched", dest="batched", action="store_true", default=True)
 g.add_argument("--sequential", dest="batched", action="store_false")
 ap.add_argument("--no-arena", action="store_true", help="ORT's CPU memory arena off")
 ap.add_argument("--no-mem-pattern", action="store_true", help="ORT's memory-pattern planner off")
+ap.add_argument("--profile-levers", action="store_true", help="arena and memory pattern as the cpu profile sets them")
 a = ap.parse_args()
 photos = draw_photos(Path(tempfile.mkdtemp()) / "photos")
 profile = resolve_profile("cpu")
 # Both levers explicit (the cpu profile's own settings do not leak into the comparison).
-profile = dataclasses.replace(profile, enable_cpu_mem_arena=not a.no_arena, enable_mem_pattern=not a.no_mem_pattern)
+if not a.profile_levers:
+    profile = dataclasses.replace(profile, enable_cpu_mem_arena=not a.no_arena, enable_mem_pattern=not a.no_mem_pattern)
 t0 = time.perf_counter()
 p = Personalizer(a.bundle, photos, "<bench>", "dog", settings=Settings(n=a.n, batch_perturbations=a.batched), profile=profile)
 setup_s = time.perf_counter() - t0
@@ -45,4 +50,5 @@ for _ in range(a.steps):
     p.step()
     times.append(time.perf_counter() - t)
 print(json.dumps({"batched": a.batched, "n": p.config.n, "setup_s": setup_s, "s_per_step": float(np.median(times)),
-                  "first_step_s": times[0], "peak_rss_mb": peak_rss_mb()}))
+                  "first_step_s": times[0], "peak_rss_mb": peak_rss_mb(),
+                  "arena": profile.enable_cpu_mem_arena, "mem_pattern": profile.enable_mem_pattern}))

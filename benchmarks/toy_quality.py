@@ -56,9 +56,9 @@ class Evaluator:
 
 
 def run_zo(method: str, photos, token: str, seed: int, steps: int, every: int, evaluate: Evaluator, lr: float, mu: float,
-           tau: int | None = None) -> list[dict]:
+           tau: int | None = None, bundle: Path | None = None) -> list[dict]:
     sg, puts = ZO_METHODS[method]
-    p = Personalizer(shipped_path("bundle"), photos, token, GENERIC, profile="cpu",
+    p = Personalizer(bundle or shipped_path("bundle"), photos, token, GENERIC, profile="cpu",
                      settings=Settings(seed=seed, lr=lr, mu=mu, tau=tau, subspace=sg, puts=puts, batch_perturbations=True))
     curve, train_s = [{"step": 0, "seconds": 0.0, **evaluate(p.theta0)}], 0.0
     while p.step_index < steps:
@@ -189,6 +189,8 @@ def main() -> None:
     ap.add_argument("--mu", type=float, default=DEMO_MU)
     ap.add_argument("--tau", type=int, default=None, help="SG buffer length (default: the bundle's, 128)")
     ap.add_argument("--ti-lr", type=float, default=5e-3)
+    ap.add_argument("--bundle", type=Path, help="bundle the ZO methods train on (default: the shipped one; "
+                    "scoring always uses the shipped bundle)")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--report", type=Path, nargs="+", help="print the tables of saved --out files (together) and exit")
     a = ap.parse_args()
@@ -215,7 +217,7 @@ def main() -> None:
                     if method == "gradient-ti":
                         curve = run_gradient_ti(photos, token, seed, a.steps, a.every, evaluate, a.ti_lr)
                     else:
-                        curve = run_zo(method, photos, token, seed, a.steps, a.every, evaluate, a.lr, a.mu, a.tau)
+                        curve = run_zo(method, photos, token, seed, a.steps, a.every, evaluate, a.lr, a.mu, a.tau, a.bundle)
                     runs.append({"concept": concept, "seed": seed, "method": method, "curve": curve,
                                  "l_init": evaluate.l_init, "l_words": evaluate.l_words})
                     f = curve[-1]
@@ -228,7 +230,7 @@ def main() -> None:
 
     print(header(sys.argv))
     print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, onnxruntime {onnxruntime.__version__}; "
-          f"ZO: lr {a.lr}, mu {a.mu}, n 2, tau {a.tau or 'bundle default'} (int8-cpu bundle); gradient TI: Adam lr {a.ti_lr}; "
+          f"ZO: lr {a.lr}, mu {a.mu}, n 2, tau {a.tau or 'bundle default'} (trained on {a.bundle or 'the shipped int8-cpu bundle'}); gradient TI: Adam lr {a.ti_lr}; "
           f"{len(a.concepts)} concepts x {len(a.seeds)} seeds, {a.steps} steps, scored every {a.every}\n")
     report(runs, a.methods, a.concepts)
 
