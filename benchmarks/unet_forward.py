@@ -1,11 +1,16 @@
 """One process: load a bundle's U-Net on CPU EP, time forwards at a batch size, print JSON.
 
-    python benchmarks/unet_forward.py BUNDLE --batch 1 --repeat 2
+    python benchmarks/unet_forward.py BUNDLE --batch 1 --repeat 2 [--arena on|off] [--mem-pattern on|off]
+                                      [--config KEY=VALUE ...]
+
+Session options are the ``cpu`` profile's (what ``personalize`` uses) unless overridden; the
+bundle's own session config entries apply, plus any ``--config`` entries.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -24,23 +29,35 @@ ap = argparse.ArgumentParser()
 ap.add_argument("bundle")
 ap.add_argument("--batch", type=int, default=1)
 ap.add_argument("--repeat", type=int, default=2)
+ap.add_argument("--arena", choices=["on", "off"], help="ORT's CPU memory arena (default: the cpu profile's)")
+ap.add_argument("--mem-pattern", choices=["on", "off"], help="ORT's memory-pattern planner (default: the cpu profile's)")
+ap.add_argument("--config", nargs="*", default=[], metavar="KEY=VALUE", help="extra session config entries")
 a = ap.parse_args()
 b = load_bundle(a.bundle, verify=False)
 m = b.manifest
+profile = resolve_profile("cpu")
+if a.arena:
+    profile = dataclasses.replace(profile, enable_cpu_mem_arena=a.arena == "on")
+if a.mem_pattern:
+    profile = dataclasses.replace(profile, enable_mem_pattern=a.mem_pattern == "on")
+config = {**m["session"]["config_entries"], **dict(kv.split("=", 1) for kv in a.config)}
 t0 = time.perf_counter()
-sess = create_session(b.path("unet"), resolve_profile("cpu"), m["session"]["config_entries"])
+sess = create_session(b.path("unet"), profile, config)
 load_s = time.perf_counter() - t0
 rss_after_load = peak_rss_mb()
-h, d = m["latent_size"], m["components"]["unet"]["inputs"][2]["shape"][2]
+h, d, length = m["latent_size"], m["components"]["unet"]["inputs"][2]["shape"][2], m["text"]["max_length"]
 rng = np.random.default_rng(0)
 feed = {"sample": rng.standard_normal((a.batch, 4, h, h), dtype=np.float32),
         "timestep": np.full((a.batch,), 700, np.float32),
-        "encoder_hidden_states": rng.standard_normal((a.batch, 77, d), dtype=np.float32)}
+        "encoder_hidden_states": rng.standard_normal((a.batch, length, d), dtype=np.float32)}
+t = time.perf_counter()
 sess.run(None, feed)  # warm-up (first run allocates and prepacks)
+first_s = time.perf_counter() - t
 times = []
 for _ in range(a.repeat):
     t = time.perf_counter()
     sess.run(None, feed)
     times.append(time.perf_counter() - t)
-print(json.dumps({"batch": a.batch, "load_s": load_s, "s_per_forward": float(np.median(times)),
-                  "rss_after_load_mb": rss_after_load, "peak_rss_mb": peak_rss_mb()}))
+print(json.dumps({"batch": a.batch, "load_s": load_s, "first_s": first_s, "s_per_forward": float(np.median(times)),
+                  "rss_after_load_mb": rss_after_load, "peak_rss_mb": peak_rss_mb(),
+                  "arena": profile.enable_cpu_mem_arena, "mem_pattern": profile.enable_mem_pattern}))

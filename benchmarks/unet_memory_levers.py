@@ -8,60 +8,34 @@ Each lever runs in its own child process so peaks do not mix; prints a markdown 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import header, run_measured  # noqa: E402
 
+# Each lever spelled as unet_forward.py flags; "default" is ORT's defaults, not the cpu profile's.
+ON = ["--arena", "on", "--mem-pattern", "on"]
 LEVERS = {
-    "default": {},
-    "no-arena": {"arena": False},
-    "no-mem-pattern": {"mem_pattern": False},
-    "no-arena+no-mem-pattern": {"arena": False, "mem_pattern": False},
-    "no-prepacking": {"config": {"session.disable_prepacking": "1"}},
-    "no-arena+no-prepacking": {"arena": False, "config": {"session.disable_prepacking": "1"}},
+    "default": ON,
+    "no-arena": ["--arena", "off", "--mem-pattern", "on"],
+    "no-mem-pattern": ["--arena", "on", "--mem-pattern", "off"],
+    "no-arena+no-mem-pattern": ["--arena", "off", "--mem-pattern", "off"],
+    "no-prepacking": [*ON, "--config", "session.disable_prepacking=1"],
+    "no-arena+no-prepacking": ["--arena", "off", "--mem-pattern", "on", "--config", "session.disable_prepacking=1"],
 }
-
-CHILD = r"""
-import json, resource, sys, time
-import numpy as np, onnxruntime as ort
-from zoodip_edge.bundle import load_bundle
-bundle, lever, repeat = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
-b = load_bundle(bundle, verify=False)
-m = b.manifest
-so = ort.SessionOptions()
-so.enable_cpu_mem_arena = lever.get("arena", True)
-so.enable_mem_pattern = lever.get("mem_pattern", True)
-for k, v in {**m["session"]["config_entries"], **lever.get("config", {})}.items():
-    so.add_session_config_entry(k, v)
-t = time.perf_counter()
-s = ort.InferenceSession(str(b.path("unet")), so, providers=["CPUExecutionProvider"])
-load_s = time.perf_counter() - t
-after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-h, d = m["latent_size"], m["components"]["unet"]["inputs"][2]["shape"][2]
-L = m["text"]["max_length"]
-rng = np.random.default_rng(0)
-feed = {"sample": rng.standard_normal((1, 4, h, h), dtype=np.float32), "timestep": np.full((1,), 700, np.float32),
-        "encoder_hidden_states": rng.standard_normal((1, L, d), dtype=np.float32)}
-times = []
-for _ in range(repeat):
-    t = time.perf_counter(); s.run(None, feed); times.append(time.perf_counter() - t)
-print(json.dumps({"load_s": load_s, "rss_after_load_mb": after_load, "first_s": times[0],
-                  "s_per_forward": float(np.median(times[1:] or times))}))
-"""
+CHILD = str(Path(__file__).parent / "unet_forward.py")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("bundle")
     ap.add_argument("--levers", nargs="+", default=list(LEVERS))
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=2, help="timed forwards after the first")
     a = ap.parse_args()
     rows = []
     for name in a.levers:
-        r = run_measured([sys.executable, "-c", CHILD, a.bundle, json.dumps(LEVERS[name]), str(a.repeat)])
+        r = run_measured([sys.executable, CHILD, a.bundle, "--repeat", str(a.repeat), *LEVERS[name]])
         if r["rc"] != 0:
             rows.append(f"| {name} | failed: {r['stderr'].strip().splitlines()[-1] if r['stderr'].strip() else r['rc']} | | | |")
             continue
