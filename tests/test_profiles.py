@@ -322,6 +322,36 @@ def test_cpu_session_runs(tiny_model):
     assert warnings == []
 
 
+def test_sessions_load_with_small_allocations_mapped_then_threshold_raised(tiny_model, monkeypatch):
+    """glibc: the mmap threshold is 128 KiB while ORT parses a graph, 32 MiB after; trim returns memory."""
+    import zoodip_edge.runtime.sessions as sessions
+
+    calls: list[tuple] = []
+
+    class FakeLibc:
+        def mallopt(self, what, value):
+            calls.append(("mallopt", what, value))
+
+        def malloc_trim(self, pad):
+            calls.append(("trim", pad))
+
+    real = sessions.ort.InferenceSession
+
+    def spy(*a, **k):
+        calls.append(("load",))
+        return real(*a, **k)
+
+    monkeypatch.setattr(sessions, "_LIBC", FakeLibc())
+    monkeypatch.setattr(sessions.ort, "InferenceSession", spy)
+    sess = sessions.create_session(tiny_model, builtin_profiles()["cpu"], {})
+    sessions.return_free_memory()
+    np.testing.assert_allclose(run(sess), EXPECTED_Y)
+    assert calls == [("mallopt", -3, 128 * 1024), ("load",), ("mallopt", -3, 32 * 1024 * 1024), ("trim", 0)]
+    monkeypatch.setattr(sessions, "_LIBC", None)  # not glibc: both are no-ops
+    sessions.return_free_memory()
+    np.testing.assert_allclose(run(sessions.create_session(tiny_model, builtin_profiles()["cpu"], {})), EXPECTED_Y)
+
+
 needs_cpu_only = pytest.mark.skipif(
     "CUDAExecutionProvider" in ort.get_available_providers(), reason="this onnxruntime build has CUDA EP")
 

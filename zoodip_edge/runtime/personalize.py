@@ -27,7 +27,7 @@ from ..bundle import Bundle, load_bundle
 from ..errors import UserError
 from .checkpoint import load_checkpoint, save_checkpoint
 from .diffusion import alphas_cumprod, noisy_and_target
-from .sessions import BundleSessions
+from .sessions import BundleSessions, return_free_memory
 from .text import TEMPLATES, PromptEncoder, mmap_safetensors
 from .zo import StepRecord, ZOConfig, ZOOptimizer
 
@@ -205,6 +205,7 @@ class Personalizer:
         plan = self.optimizer.propose()
         record = self.optimizer.update(plan, self.losses(plan.thetas, plan.t, plan.noise_seed))
         self.last_loss = float(record.losses[0])
+        return_free_memory()  # the step's freed activations, before the next one allocates again
         return record
 
     def run(self, steps: int) -> Iterator[StepRecord]:
