@@ -64,7 +64,8 @@ def _small_allocations_mapped():
     glibc raises its mmap threshold (up to 32 MiB) after large frees, such as an earlier
     session's; the parse buffers of a 0.9 GB U-Net then land on the heap and stay mapped.
     Measured (SD1.5 architecture, after the VAE and text encoder): U-Net load peak 1,454 ->
-    1,054 MB. Afterwards the threshold is left at 32 MiB, the value it rises to anyway.
+    1,054 MB. Afterwards the threshold is left at 32 MiB, the value it rises to anyway (this is
+    process-wide: an app that tunes glibc's malloc itself should know).
     """
     if _LIBC is None:
         yield
@@ -74,6 +75,7 @@ def _small_allocations_mapped():
         yield
     finally:
         _LIBC.mallopt(_M_MMAP_THRESHOLD, 32 * 1024 * 1024)
+
 
 CPU = "CPUExecutionProvider"
 
