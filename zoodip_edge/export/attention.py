@@ -14,10 +14,9 @@ cancels the back-to-back transposes at load.
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 from onnx import helper, numpy_helper
-
-import numpy as np
 
 
 def _shape(model: onnx.ModelProto) -> dict[str, list]:
@@ -27,8 +26,9 @@ def _shape(model: onnx.ModelProto) -> dict[str, list]:
     return out
 
 
-def _fusable(node: onnx.NodeProto, shapes: dict[str, list]) -> tuple[int, int] | None:
-    """(heads, head dim) when ``node`` is a plain Attention that MultiHeadAttention computes alike."""
+def _fusable(node: onnx.NodeProto, shapes: dict[str, list]) -> tuple[int, int, dict] | None:
+    """(heads, head dim, extra MultiHeadAttention attributes) when ``node`` is a plain Attention
+    that MultiHeadAttention computes alike."""
     if node.op_type != "Attention" or node.domain not in ("", "ai.onnx"):
         return None
     if len([i for i in node.input if i]) != 3 or len([o for o in node.output if o]) != 1:
@@ -42,7 +42,7 @@ def _fusable(node: onnx.NodeProto, shapes: dict[str, list]) -> tuple[int, int] |
     heads, dim = q[1], q[3]
     if not isinstance(heads, int) or not isinstance(dim, int) or k[1] != heads or v[1] != heads or k[3] != dim or v[3] != dim:
         return None  # grouped-query or different value width: not what MultiHeadAttention takes
-    return heads, dim
+    return heads, dim, ({"scale": attrs["scale"]} if attrs.get("scale") else {})
 
 
 def fuse_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
@@ -61,7 +61,7 @@ def fuse_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         if hd is None:
             nodes.append(node)
             continue
-        heads, dim = hd
+        heads, dim, extra = hd
         base = node.name or f"attention_{count}"
         flat = []
         for i, x in enumerate(node.input):
@@ -69,8 +69,6 @@ def fuse_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
             nodes.append(helper.make_node("Transpose", [x], [t], name=f"{base}_in{i}_transpose", perm=[0, 2, 1, 3]))
             nodes.append(helper.make_node("Reshape", [t, const([0, 0, heads * dim])], [r], name=f"{base}_in{i}_reshape"))
             flat.append(r)
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        extra = {"scale": attrs["scale"]} if attrs.get("scale") else {}
         o3, o4 = f"{base}_out_bsh", f"{base}_out_bshd"
         nodes.append(helper.make_node("MultiHeadAttention", flat, [o3], name=f"{base}_mha", domain="com.microsoft",
                                       num_heads=heads, **extra))
