@@ -47,7 +47,7 @@ def cli_errors(fn: Callable) -> Callable:
 def export(
     model: str = typer.Argument(..., help="diffusers pipeline folder, hub id, or single-file .safetensors/.ckpt"),
     out: Path = typer.Option(..., "--out", "-o", help="bundle folder to write"),
-    recipe: str = typer.Option("int8-cpu", help="int8-cpu | int8-gpu | fp16 | fp32 | w8a8-dynamic (experiment)"),
+    recipe: str = typer.Option("int8-cpu", help="int8-cpu | int8-gpu | fp16 | fp32 | w8a8-dynamic, w8a8-static (experiments)"),
     resolution: Optional[int] = typer.Option(None, help="image size in pixels (default: the model's)"),
     force: bool = typer.Option(False, "--force", help="replace an existing output folder"),
     allow_unfaithful: bool = typer.Option(False, "--allow-unfaithful", help="export even if the ZO fidelity gate fails"),

@@ -112,7 +112,7 @@ def export_bundle(
     from ..families import defaults_for
     from . import verify
     from .attention import fuse_attention
-    from .graphs import export_graph, graph_specs, vae_scale_factor
+    from .graphs import calibration_feeds, export_graph, graph_specs, vae_scale_factor
     from .load import load_pipeline
     from .quantize import quantize
 
@@ -150,8 +150,9 @@ def export_bundle(
             gc.collect()  # the exporter's intermediate copies of the weights
             say(f"quantizing {spec.name} ({recipe})")
             graph, fused = fuse_attention(graph)
+            feeds = calibration_feeds(spec, p, latent) if spec.name in rec.calibrated else None
             with _quiet():
-                graph, quant_info[spec.name] = quantize(graph, recipe)
+                graph, quant_info[spec.name] = quantize(graph, recipe, feeds)
             if fused:
                 quant_info[spec.name]["multi_head_attention"] = fused
             io = _io_entries(graph)

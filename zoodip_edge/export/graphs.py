@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 
 from .load import LoadedPipeline
@@ -122,6 +123,31 @@ def dummy_inputs(spec: GraphSpec, batch: int, seed: int = 0) -> dict[str, torch.
         else:
             out[name] = torch.randn(shape, generator=g)
     return out
+
+
+CALIBRATION_PROMPTS = ("a photo of a dog", "a painting of a red car on the beach", "a close-up photo of a cat on a sofa",
+                       "a rendering of a house in the snow", "a watercolor of a mountain lake at dawn")
+
+
+def calibration_feeds(spec: GraphSpec, p: LoadedPipeline, latent: int) -> list[dict]:
+    """U-Net inputs like those it sees in training and generation: noised unit-variance latents
+    at t from 50 to 950, conditioned on real prompts through the torch text encoder."""
+    from ..runtime.diffusion import alphas_cumprod, noisy_and_target
+
+    if spec.name != "unet":
+        raise ValueError(f"no calibration inputs for {spec.name}")
+    rng = np.random.default_rng(0)
+    ac = alphas_cumprod(p.scheduler_config)
+    feeds = []
+    for i, prompt in enumerate(CALIBRATION_PROMPTS):
+        ids = p.tokenizer(prompt, padding="max_length", max_length=p.tokenizer.model_max_length, truncation=True).input_ids
+        with torch.no_grad():
+            cond = p.text_encoder(torch.tensor([ids])).last_hidden_state.numpy()
+        t = int(50 + 900 * i / (len(CALIBRATION_PROMPTS) - 1))
+        z = rng.standard_normal((1, int(p.unet.config.in_channels), latent, latent)).astype(np.float32)
+        zt, _ = noisy_and_target(z, rng.standard_normal(z.shape).astype(np.float32), t, ac, "epsilon")
+        feeds.append({"sample": zt.astype(np.float32), "timestep": np.array([t], np.float32), "encoder_hidden_states": cond})
+    return feeds
 
 
 def export_graph(spec: GraphSpec, p: LoadedPipeline, path: str) -> None:
