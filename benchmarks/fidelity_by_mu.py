@@ -1,0 +1,67 @@
+"""ZO fidelity of bundles' text encoder + U-Net at several μ (SD1.5 architecture, one probe).
+
+    python benchmarks/fidelity_by_mu.py PIPELINE BUNDLE [BUNDLE ...] --mu 1e-3,1e-2,3e-2
+
+The export gate measures fidelity at the family's μ only; this sweeps μ to find where a
+recipe's finite differences start to follow the true derivatives. Same probe and 8 directions
+as ``verification.zo_fidelity`` (torch fp32 autograd once, then central differences per bundle
+and μ), sessions with the ``cpu`` profile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import header  # noqa: E402
+
+from zoodip_edge.bundle import load_bundle  # noqa: E402
+from zoodip_edge.export import verify  # noqa: E402
+from zoodip_edge.export.load import load_pipeline  # noqa: E402
+from zoodip_edge.profiles import resolve_profile  # noqa: E402
+from zoodip_edge.runtime.sessions import create_session  # noqa: E402
+
+ap = argparse.ArgumentParser()
+ap.add_argument("pipeline", help="the diffusers folder the bundles were exported from (true derivatives)")
+ap.add_argument("bundles", nargs="+")
+ap.add_argument("--mu", default="1e-3,1e-2,3e-2")
+ap.add_argument("--directions", type=int, default=8)
+ap.add_argument("--out", type=Path)
+a = ap.parse_args()
+
+first = load_bundle(a.bundles[0], verify=False).manifest
+p = load_pipeline(a.pipeline)
+probe = verify.make_probe(p, first["latent_size"], seed=0)
+dirs = np.random.default_rng(1).standard_normal((a.directions, first["text"]["hidden_size"]))
+dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+exact = verify.torch_directional_derivatives(p, probe, dirs)
+table = p.text_encoder.get_input_embeddings().weight.detach().numpy().astype(np.float32)
+del p
+
+rows = ["| bundle | recipe | μ | pearson | rel. error | s |", "|---|---|---|---|---|---|"]
+profile = resolve_profile("cpu")
+for path in a.bundles:
+    b = load_bundle(path, verify=False)
+    config = b.manifest["session"]["config_entries"]
+    te, unet = create_session(b.path("text_encoder"), profile, config), create_session(b.path("unet"), profile, config)
+    base = table[probe.ids[0]][None]
+    for mu in (float(x) for x in a.mu.split(",")):
+        t = time.perf_counter()
+        batch = np.repeat(base, 2 * len(dirs), 0)
+        batch[: len(dirs), probe.row] += (mu * dirs).astype(np.float32)
+        batch[len(dirs):, probe.row] -= (mu * dirs).astype(np.float32)
+        losses = verify.bundle_losses(te, unet, batch, probe)
+        fd = (losses[: len(dirs)] - losses[len(dirs):]) / (2 * mu)
+        rows.append(f"| {Path(path).name} | {b.manifest['recipe']['name']} | {mu:g} | {np.corrcoef(fd, exact)[0, 1]:.3f} | "
+                    f"{verify.rel_err(fd, exact):.3g} | {time.perf_counter() - t:.0f} |")
+        print(rows[-1], flush=True)
+    del te, unet
+out = header(sys.argv) + "\n" + "\n".join(rows)
+print(out)
+if a.out:
+    a.out.write_text(out + "\n")
