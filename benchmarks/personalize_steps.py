@@ -2,8 +2,10 @@
 
     python benchmarks/personalize_steps.py BUNDLE --steps 3 --batched|--sequential [--profile-levers]
 
-ORT's arena and memory pattern are on unless --no-arena / --no-mem-pattern say otherwise;
---profile-levers takes them from the ``cpu`` profile instead (what ``personalize`` does).
+ORT's arena, memory pattern and buffer reuse are on unless --no-arena / --no-mem-pattern /
+--no-mem-reuse say otherwise; --profile-levers takes them from the ``cpu`` profile instead
+(what ``personalize`` does).
+``--profile cpu-lowmem`` measures that profile (its glibc mmap threshold always applies).
 """
 
 from __future__ import annotations
@@ -34,13 +36,16 @@ g.add_argument("--batched", dest="batched", action="store_true", default=True)
 g.add_argument("--sequential", dest="batched", action="store_false")
 ap.add_argument("--no-arena", action="store_true", help="ORT's CPU memory arena off")
 ap.add_argument("--no-mem-pattern", action="store_true", help="ORT's memory-pattern planner off")
-ap.add_argument("--profile-levers", action="store_true", help="arena and memory pattern as the cpu profile sets them")
+ap.add_argument("--no-mem-reuse", action="store_true", help="ORT's planner does not hand freed buffers to later tensors")
+ap.add_argument("--profile-levers", action="store_true", help="arena, memory pattern and reuse as the profile sets them")
+ap.add_argument("--profile", default="cpu", help="device profile (default cpu; e.g. cpu-lowmem)")
 a = ap.parse_args()
 photos = draw_photos(Path(tempfile.mkdtemp()) / "photos")
-profile = resolve_profile("cpu")
-# Both levers explicit (the cpu profile's own settings do not leak into the comparison).
+profile = resolve_profile(a.profile)
+# Every lever explicit (the cpu profile's own settings do not leak into the comparison).
 if not a.profile_levers:
-    profile = dataclasses.replace(profile, enable_cpu_mem_arena=not a.no_arena, enable_mem_pattern=not a.no_mem_pattern)
+    profile = dataclasses.replace(profile, enable_cpu_mem_arena=not a.no_arena, enable_mem_pattern=not a.no_mem_pattern,
+                                  enable_mem_reuse=not a.no_mem_reuse)
 t0 = time.perf_counter()
 p = Personalizer(a.bundle, photos, "<bench>", "dog", settings=Settings(n=a.n, batch_perturbations=a.batched), profile=profile)
 setup_s = time.perf_counter() - t0
@@ -51,4 +56,5 @@ for _ in range(a.steps):
     times.append(time.perf_counter() - t)
 print(json.dumps({"batched": a.batched, "n": p.config.n, "setup_s": setup_s, "s_per_step": float(np.median(times)),
                   "first_step_s": times[0], "peak_rss_mb": peak_rss_mb(),
-                  "arena": profile.enable_cpu_mem_arena, "mem_pattern": profile.enable_mem_pattern}))
+                  "arena": profile.enable_cpu_mem_arena, "mem_pattern": profile.enable_mem_pattern,
+                  "mem_reuse": profile.enable_mem_reuse, "profile": profile.name}))

@@ -29,7 +29,7 @@ from zoodip_edge.profiles import (
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVICES = ROOT / "devices"
-EXPECTED = {"cpu", "cuda", "cuda-lowvram", "jetson-orin-nano", "tensorrt"}
+EXPECTED = {"cpu", "cpu-lowmem", "cuda", "cuda-lowvram", "jetson-orin-nano", "tensorrt"}
 GiB = 1024 ** 3
 
 ort = pytest.importorskip("onnxruntime")
@@ -201,6 +201,10 @@ def test_runtime_modules_do_not_import_torch():
     (lambda s: s + '\n[session_config]\nsession.foo = "1"\n', "session_config.session"),     # unquoted dotted key
     (lambda s: s.replace("memory_budget_mb = 1024", 'memory_budget_mb = 1024\nenable_cpu_mem_arena = "no"'),
      "enable_cpu_mem_arena"),
+    (lambda s: s.replace("memory_budget_mb = 1024", 'memory_budget_mb = 1024\nenable_mem_reuse = 0'),
+     "enable_mem_reuse"),
+    (lambda s: s.replace("memory_budget_mb = 1024", 'memory_budget_mb = 1024\nmalloc_mmap_threshold_kb = 16'),
+     "malloc_mmap_threshold_kb"),
 ])
 def test_invalid_profile_is_refused_naming_file_and_field(tmp_path, edit, field):
     p = write(tmp_path, edit(VALID))
@@ -347,6 +351,9 @@ def test_sessions_load_with_small_allocations_mapped_then_threshold_raised(tiny_
     sessions.return_free_memory()
     np.testing.assert_allclose(run(sess), EXPECTED_Y)
     assert calls == [("mallopt", -3, 128 * 1024), ("load",), ("mallopt", -3, 32 * 1024 * 1024), ("trim", 0)]
+    calls.clear()  # cpu-lowmem keeps blocks over 1 MiB mapped after loading
+    sessions.create_session(tiny_model, builtin_profiles()["cpu-lowmem"], {})
+    assert calls == [("mallopt", -3, 128 * 1024), ("load",), ("mallopt", -3, 1024 * 1024)]
     monkeypatch.setattr(sessions, "_LIBC", None)  # not glibc: both are no-ops
     sessions.return_free_memory()
     np.testing.assert_allclose(run(sessions.create_session(tiny_model, builtin_profiles()["cpu"], {})), EXPECTED_Y)
@@ -398,9 +405,9 @@ def test_session_options_apply_entries():
     assert so.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     assert so.intra_op_num_threads == 0
     # the cpu profile trades allocation speed for memory (docs/performance.md); others keep ORT's defaults
-    assert not so.enable_cpu_mem_arena and not so.enable_mem_pattern
+    assert not so.enable_cpu_mem_arena and not so.enable_mem_pattern and not so.enable_mem_reuse
     so = session_options(builtin_profiles()["cuda"], {})
-    assert so.enable_cpu_mem_arena and so.enable_mem_pattern
+    assert so.enable_cpu_mem_arena and so.enable_mem_pattern and so.enable_mem_reuse
 
 
 def test_config_entries_reach_ort(tiny_model):

@@ -143,7 +143,7 @@ def personalize(
     seed: int = typer.Option(0, help="random seed: same seed, same result"),
     captions: Optional[Path] = typer.Option(None, help="JSON mapping image file name -> caption with {} for the token"),
     templates: str = typer.Option("object", help="textual-inversion templates when no captions: object | style"),
-    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda-lowvram | tensorrt | jetson-orin-nano | path/to/profile.toml"),
+    device: str = typer.Option("auto", help="auto | cpu | cpu-lowmem | cuda | cuda-lowvram | tensorrt | jetson-orin-nano | path/to/profile.toml"),
     strict: bool = typer.Option(False, "--strict", help="refuse to fall back to CPU when a requested provider is missing"),
     batched: Optional[bool] = typer.Option(None, "--batched/--sequential", help="run the n+1 perturbations as one batch or one by one (default: profile)"),
     n: Optional[int] = typer.Option(None, "--n", help="perturbations per step"),

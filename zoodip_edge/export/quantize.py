@@ -15,7 +15,7 @@ int8 activations turn the loss into a step function of the token (docs/recipes.m
   fidelity gate refuses it unless ``--allow-unfaithful``.
 - ``w8a8-static``: EXPERIMENT. U-Net MatMuls and Convs compute in int8 on fixed, calibrated
   uint8 activation grids (MatMulIntegerToFloat, QLinearConv); text encoder, VAE and the
-  cross-attention K/V projections as ``int8-cpu``. 2.5x faster U-Net on CPU than ``int8-cpu``,
+  cross-attention K/V projections as ``int8-cpu``. 2.6x faster U-Net on CPU than ``int8-cpu``,
   and refused by the ZO fidelity gate like every activation-quantized graph so far.
 """
 
@@ -127,7 +127,7 @@ def weight_only_qdq(model: onnx.ModelProto, op_types: tuple[str, ...]) -> tuple[
     """Replace float weights of ``op_types`` with int8 + per-channel DequantizeLinear."""
     inits = {i.name: i for i in model.graph.initializer}
     done: dict[str, str] = {}
-    new_nodes, counts = [], Counter()
+    dq_nodes, new_nodes, counts = [], [], Counter()
     for node in model.graph.node:
         name = node.input[1] if node.op_type in op_types and len(node.input) > 1 else None
         init = inits.get(name) if name else None
@@ -142,12 +142,16 @@ def weight_only_qdq(model: onnx.ModelProto, op_types: tuple[str, ...]) -> tuple[
                     numpy_helper.from_array(np.zeros_like(scale, dtype=np.int8), zname),
                 ])
                 done[name] = f"{name}_dq"
-                new_nodes.append(helper.make_node("DequantizeLinear", [qname, sname, zname], [done[name]],
-                                                  name=f"{name}_DequantizeLinear", axis=axis))
+                dq_nodes.append(helper.make_node("DequantizeLinear", [qname, sname, zname], [done[name]],
+                                                 name=f"{name}_DequantizeLinear", axis=axis))
             node.input[1] = done[name]
             counts[node.op_type] += 1
         new_nodes.append(node)
-    return _replace_nodes(model, new_nodes), counts
+    # DequantizeLinear nodes first in the file: ORT orders nodes by a reverse DFS from the outputs
+    # that visits a node's inputs highest index first, so a DQ listed *after* the activation's
+    # producer can run long before its consumer (fp32 weights held for seconds: +0.15 GB peak on
+    # a SD1.5 U-Net, docs/performance.md). Listed first, each runs right before its consumer.
+    return _replace_nodes(model, dq_nodes + new_nodes), counts
 
 
 def matmul_nbits8(model: onnx.ModelProto, block_size: int = 32) -> tuple[onnx.ModelProto, Counter]:

@@ -58,14 +58,15 @@ def return_free_memory() -> None:
 
 
 @contextlib.contextmanager
-def _small_allocations_mapped():
+def _small_allocations_mapped(after_kb: int | None = None):
     """While ORT parses a graph, give every allocation over 128 KiB its own mapping.
 
     glibc raises its mmap threshold (up to 32 MiB) after large frees, such as an earlier
     session's; the parse buffers of a 0.9 GB U-Net then land on the heap and stay mapped.
     Measured (SD1.5 architecture, after the VAE and text encoder): U-Net load peak 1,454 ->
-    1,054 MB. Afterwards the threshold is left at 32 MiB, the value it rises to anyway (this is
-    process-wide: an app that tunes glibc's malloc itself should know).
+    1,054 MB. Afterwards the threshold is ``after_kb`` (a profile's ``malloc_mmap_threshold_kb``)
+    or 32 MiB, the value it rises to anyway. This is process-wide: an app that tunes glibc's
+    malloc itself should know.
     """
     if _LIBC is None:
         yield
@@ -74,7 +75,7 @@ def _small_allocations_mapped():
     try:
         yield
     finally:
-        _LIBC.mallopt(_M_MMAP_THRESHOLD, 32 * 1024 * 1024)
+        _LIBC.mallopt(_M_MMAP_THRESHOLD, (after_kb or 32 * 1024) * 1024)
 
 
 CPU = "CPUExecutionProvider"
@@ -109,6 +110,7 @@ def session_options(profile: DeviceProfile, config_entries: dict | None = None) 
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.enable_cpu_mem_arena = profile.enable_cpu_mem_arena
     so.enable_mem_pattern = profile.enable_mem_pattern
+    so.enable_mem_reuse = profile.enable_mem_reuse
     for key, value in {**bundle_cfg, **profile.session_config}.items():
         try:
             so.add_session_config_entry(key, value)
@@ -191,7 +193,7 @@ def create_session(
     so = session_options(profile, config_entries)
     names, opts = session_providers(profile, strict=strict, warn=warn)
     try:
-        with _small_allocations_mapped():
+        with _small_allocations_mapped(profile.malloc_mmap_threshold_kb):
             sess = ort.InferenceSession(str(path), sess_options=so, providers=names, provider_options=opts)
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -1,0 +1,64 @@
+"""Weight-only QDQ: where ORT runs each DequantizeLinear (how long the fp32 weights live)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from zoodip_edge.export.quantize import weight_only_qdq
+
+
+def unet_like(c: int = 8):
+    """Down path, concatenated skips, an up path and a 1x1 shortcut: the branching that makes
+    ORT's default order hoist DequantizeLinear nodes listed next to their Conv."""
+    rng = np.random.default_rng(0)
+
+    def w(name, cin, k=3):
+        return numpy_helper.from_array((0.2 * rng.standard_normal((c, cin, k, k))).astype(np.float32), name)
+
+    pads = {"pads": [1, 1, 1, 1]}
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["a"], name="conv0", **pads),
+             helper.make_node("Sigmoid", ["a"], ["sa"]),
+             helper.make_node("Conv", ["sa", "w1"], ["b"], name="conv1", **pads),
+             helper.make_node("Sigmoid", ["b"], ["sb"]),
+             helper.make_node("Conv", ["sb", "w2"], ["cc"], name="conv2", **pads),
+             helper.make_node("Concat", ["cc", "b"], ["k1"], axis=1),
+             helper.make_node("Conv", ["k1", "w3"], ["u1"], name="conv3", **pads),
+             helper.make_node("Concat", ["u1", "a"], ["k0"], axis=1),
+             helper.make_node("Conv", ["k0", "w4"], ["u0"], name="conv4", **pads),
+             helper.make_node("Conv", ["k0", "w5"], ["sc"], name="conv5"),
+             helper.make_node("Add", ["u0", "sc"], ["y"])]
+    inits = [w("w0", c), w("w1", c), w("w2", c), w("w3", 2 * c), w("w4", 2 * c), w("w5", 2 * c, 1)]
+    g = helper.make_graph(nodes, "unet_like", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def executed_order(model, tmp_path) -> list[str]:
+    so = ort.SessionOptions()
+    so.enable_profiling = True
+    so.profile_file_prefix = str(tmp_path / "prof")
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess.run(None, {"x": np.ones((1, 8, 8, 8), np.float32)})
+    path = sess.end_profiling()
+    events = json.load(open(path))
+    os.remove(path)
+    return [e["name"].removesuffix("_kernel_time") for e in events
+            if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+
+
+def test_each_weight_is_dequantized_right_before_its_conv(tmp_path):
+    """Otherwise ORT runs DequantizeLinear nodes early and their fp32 weights live until their Conv
+    (listed next to their Conv, four of these six ran before the first Conv)."""
+    q, counts = weight_only_qdq(unet_like(), ("Conv",))
+    assert counts == {"Conv": 6}
+    order = executed_order(q, tmp_path)
+    dq = [i for i, name in enumerate(order) if name.endswith("_DequantizeLinear")]
+    assert len(dq) == 6, order
+    for i in dq:
+        weight = order[i].removesuffix("_DequantizeLinear")
+        assert order[i + 1] == f"conv{weight[1:]}", f"{order[i]} does not run right before its Conv: {order}"
