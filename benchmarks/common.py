@@ -47,3 +47,14 @@ def header(argv: list[str]) -> str:
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def unet_feed(manifest: dict, batch: int = 1, t: int = 700) -> dict:
+    """Seeded random U-Net inputs of a bundle's shapes (weights and values change neither memory nor speed)."""
+    import numpy as np
+
+    h, length, d = manifest["latent_size"], manifest["text"]["max_length"], manifest["text"]["hidden_size"]
+    rng = np.random.default_rng(0)
+    return {"sample": rng.standard_normal((batch, manifest["latent_channels"], h, h), dtype=np.float32),
+            "timestep": np.full((batch,), t, np.float32),
+            "encoder_hidden_states": rng.standard_normal((batch, length, d), dtype=np.float32)}

@@ -37,8 +37,7 @@ a = ap.parse_args()
 first = load_bundle(a.bundles[0], verify=False).manifest
 p = load_pipeline(a.pipeline)
 probe = verify.make_probe(p, first["latent_size"], seed=0)
-dirs = np.random.default_rng(1).standard_normal((a.directions, first["text"]["hidden_size"]))
-dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+dirs = verify.unit_directions(a.directions, first["text"]["hidden_size"])
 exact = verify.torch_directional_derivatives(p, probe, dirs)
 table = p.text_encoder.get_input_embeddings().weight.detach().numpy().astype(np.float32)
 del p
@@ -49,14 +48,9 @@ for path in a.bundles:
     b = load_bundle(path, verify=False)
     config = b.manifest["session"]["config_entries"]
     te, unet = create_session(b.path("text_encoder"), profile, config), create_session(b.path("unet"), profile, config)
-    base = table[probe.ids[0]][None]
     for mu in (float(x) for x in a.mu.split(",")):
         t = time.perf_counter()
-        batch = np.repeat(base, 2 * len(dirs), 0)
-        batch[: len(dirs), probe.row] += (mu * dirs).astype(np.float32)
-        batch[len(dirs):, probe.row] -= (mu * dirs).astype(np.float32)
-        losses = verify.bundle_losses(te, unet, batch, probe)
-        fd = (losses[: len(dirs)] - losses[len(dirs):]) / (2 * mu)
+        fd = verify.central_differences(te, unet, table, probe, dirs, mu)
         rows.append(f"| {Path(path).name} | {b.manifest['recipe']['name']} | {mu:g} | {np.corrcoef(fd, exact)[0, 1]:.3f} | "
                     f"{verify.rel_err(fd, exact):.3g} | {time.perf_counter() - t:.0f} |")
         print(rows[-1], flush=True)

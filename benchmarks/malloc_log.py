@@ -19,7 +19,9 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 CHILD = """
-import ctypes, dataclasses, sys, numpy as np
+import ctypes, dataclasses, sys
+sys.path.insert(0, sys.argv[5])
+from common import unet_feed
 from zoodip_edge.bundle import load_bundle
 from zoodip_edge.profiles import resolve_profile
 from zoodip_edge.runtime.sessions import create_session
@@ -29,10 +31,7 @@ profile = resolve_profile("cpu")
 if reuse != "profile":
     profile = dataclasses.replace(profile, enable_mem_reuse=reuse == "on")
 sess = create_session(b.path("unet"), profile, m["session"]["config_entries"])
-h, d = m["latent_size"], m["text"]["hidden_size"]
-rng = np.random.default_rng(0)
-feed = {"sample": rng.standard_normal((1, 4, h, h), dtype=np.float32), "timestep": np.full((1,), 700, np.float32),
-        "encoder_hidden_states": rng.standard_normal((1, m["text"]["max_length"], d), dtype=np.float32)}
+feed = unet_feed(m)
 sess.run(None, feed)
 log = ctypes.CDLL(lib)
 log.mlog_start(out.encode()); sess.run(None, feed); log.mlog_stop()
@@ -46,7 +45,7 @@ a = ap.parse_args()
 with tempfile.TemporaryDirectory() as d:
     lib, out = Path(d) / "malloc_log.so", Path(d) / "log.txt"
     subprocess.run(["gcc", "-O2", "-shared", "-fPIC", "-o", str(lib), str(HERE / "malloc_log.c"), "-ldl"], check=True)
-    subprocess.run([sys.executable, "-c", CHILD, a.bundle, a.mem_reuse, str(lib), str(out)], check=True,
+    subprocess.run([sys.executable, "-c", CHILD, a.bundle, a.mem_reuse, str(lib), str(out), str(HERE)], check=True,
                    env={**os.environ, "LD_PRELOAD": str(lib)})
     events = [line.split() for line in out.read_text().splitlines()]
 t0 = float(events[0][1])

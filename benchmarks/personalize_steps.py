@@ -39,6 +39,7 @@ ap.add_argument("--no-mem-pattern", action="store_true", help="ORT's memory-patt
 ap.add_argument("--no-mem-reuse", action="store_true", help="ORT's planner does not hand freed buffers to later tensors")
 ap.add_argument("--profile-levers", action="store_true", help="arena, memory pattern and reuse as the profile sets them")
 ap.add_argument("--profile", default="cpu", help="device profile (default cpu; e.g. cpu-lowmem)")
+ap.add_argument("--mmap-threshold-kb", type=int, help="glibc mmap threshold after loading (default: the profile's)")
 a = ap.parse_args()
 photos = draw_photos(Path(tempfile.mkdtemp()) / "photos")
 profile = resolve_profile(a.profile)
@@ -46,6 +47,8 @@ profile = resolve_profile(a.profile)
 if not a.profile_levers:
     profile = dataclasses.replace(profile, enable_cpu_mem_arena=not a.no_arena, enable_mem_pattern=not a.no_mem_pattern,
                                   enable_mem_reuse=not a.no_mem_reuse)
+if a.mmap_threshold_kb:
+    profile = dataclasses.replace(profile, malloc_mmap_threshold_kb=a.mmap_threshold_kb)
 t0 = time.perf_counter()
 p = Personalizer(a.bundle, photos, "<bench>", "dog", settings=Settings(n=a.n, batch_perturbations=a.batched), profile=profile)
 setup_s = time.perf_counter() - t0
@@ -57,4 +60,5 @@ for _ in range(a.steps):
 print(json.dumps({"batched": a.batched, "n": p.config.n, "setup_s": setup_s, "s_per_step": float(np.median(times)),
                   "first_step_s": times[0], "peak_rss_mb": peak_rss_mb(),
                   "arena": profile.enable_cpu_mem_arena, "mem_pattern": profile.enable_mem_pattern,
-                  "mem_reuse": profile.enable_mem_reuse, "profile": profile.name}))
+                  "mem_reuse": profile.enable_mem_reuse, "profile": profile.name,
+                  "mmap_threshold_kb": profile.malloc_mmap_threshold_kb}))

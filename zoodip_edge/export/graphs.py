@@ -140,9 +140,8 @@ def calibration_feeds(spec: GraphSpec, p: LoadedPipeline, latent: int) -> list[d
     ac = alphas_cumprod(p.scheduler_config)
     feeds = []
     for i, prompt in enumerate(CALIBRATION_PROMPTS):
-        ids = p.tokenizer(prompt, padding="max_length", max_length=p.tokenizer.model_max_length, truncation=True).input_ids
         with torch.no_grad():
-            cond = p.text_encoder(torch.tensor([ids])).last_hidden_state.numpy()
+            cond = p.text_encoder(torch.from_numpy(p.token_ids(prompt))).last_hidden_state.numpy()
         t = int(50 + 900 * i / (len(CALIBRATION_PROMPTS) - 1))
         z = rng.standard_normal((1, int(p.unet.config.in_channels), latent, latent)).astype(np.float32)
         zt, _ = noisy_and_target(z, rng.standard_normal(z.shape).astype(np.float32), t, ac, "epsilon")

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..bundle import sha256_file
 from ..errors import UserError
 
@@ -19,6 +21,11 @@ class LoadedPipeline:
     scheduler_config: dict
     family: str
     source: dict = field(default_factory=dict)
+
+    def token_ids(self, prompt: str) -> np.ndarray:
+        """``[1, max_length]`` int64 ids of ``prompt``, padded as the text encoder expects."""
+        ids = self.tokenizer(prompt, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True).input_ids
+        return np.asarray([ids], dtype=np.int64)
 
 
 def quiet_hf() -> None:

@@ -60,14 +60,9 @@ class Probe:
     target: np.ndarray
 
 
-def tokenize(p: LoadedPipeline, prompt: str) -> np.ndarray:
-    ids = p.tokenizer(prompt, padding="max_length", max_length=p.tokenizer.model_max_length, truncation=True).input_ids
-    return np.asarray([ids], dtype=np.int64)
-
-
 def make_probe(p: LoadedPipeline, latent: int, seed: int = 0) -> Probe:
     rng = np.random.default_rng(seed)
-    ids = tokenize(p, PROMPTS[0])
+    ids = p.token_ids(PROMPTS[0])
     row = int(np.argmax(ids[0] == p.tokenizer.eos_token_id)) - 1  # last word ("dog")
     z = rng.standard_normal((1, 4, latent, latent)).astype(np.float32)
     eps = rng.standard_normal(z.shape).astype(np.float32)
@@ -99,21 +94,31 @@ def bundle_losses(te: ort.InferenceSession, unet: ort.InferenceSession, embeds: 
     return np.concatenate(out)
 
 
+def unit_directions(k: int, d: int, seed: int = 0) -> np.ndarray:
+    """The k random unit directions of the token that the fidelity gate probes."""
+    dirs = np.random.default_rng(seed + 1).standard_normal((k, d))
+    return dirs / np.linalg.norm(dirs, axis=1, keepdims=True)
+
+
+def central_differences(te: ort.InferenceSession, unet: ort.InferenceSession, table: np.ndarray, probe: Probe,
+                        dirs: np.ndarray, mu: float) -> np.ndarray:
+    """(L(θ + μu) − L(θ − μu)) / 2μ of the bundle graphs along each direction u (θ: the probed row)."""
+    k = len(dirs)
+    batch = np.repeat(table[probe.ids[0]].astype(np.float32)[None], 2 * k, 0)
+    batch[:k, probe.row] += (mu * dirs).astype(np.float32)
+    batch[k:, probe.row] -= (mu * dirs).astype(np.float32)
+    losses = bundle_losses(te, unet, batch, probe)
+    return (losses[:k] - losses[k:]) / (2 * mu)
+
+
 def zo_fidelity(p: LoadedPipeline, table: np.ndarray, te: ort.InferenceSession, unet: ort.InferenceSession,
                 family: str, latent: int, k: int = 8, seed: int = 0) -> dict:
     """Central differences of the bundle's loss at the family's μ vs torch fp32 autograd."""
     mu = defaults_for(family).mu
     probe = make_probe(p, latent, seed)
-    d = table.shape[1]
-    dirs = np.random.default_rng(seed + 1).standard_normal((k, d))
-    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+    dirs = unit_directions(k, table.shape[1], seed)
     exact = torch_directional_derivatives(p, probe, dirs)
-    base = table[probe.ids[0]].astype(np.float32)[None]
-    batch = np.repeat(base, 2 * k, 0)
-    batch[:k, probe.row] += (mu * dirs).astype(np.float32)
-    batch[k:, probe.row] -= (mu * dirs).astype(np.float32)
-    losses = bundle_losses(te, unet, batch, probe)
-    fd = (losses[:k] - losses[k:]) / (2 * mu)
+    fd = central_differences(te, unet, table, probe, dirs, mu)
     pearson = float(np.corrcoef(fd, exact)[0, 1])
     return {"mu": mu, "directions": k, "pearson": pearson, "rel_err": rel_err(fd, exact),
             "min_pearson": FIDELITY_MIN_PEARSON, "passed": bool(pearson >= FIDELITY_MIN_PEARSON)}
@@ -122,7 +127,7 @@ def zo_fidelity(p: LoadedPipeline, table: np.ndarray, te: ort.InferenceSession, 
 def conditioning_sensitivity(p: LoadedPipeline, table: np.ndarray, te: ort.InferenceSession, unet: ort.InferenceSession, latent: int) -> dict:
     """‖ε(c1) − ε(c2)‖ of the bundle over the same for torch fp32 (does INT8 keep the text signal?)."""
     probe = make_probe(p, latent, seed=2)
-    ids = np.concatenate([tokenize(p, s) for s in PROMPTS])
+    ids = np.concatenate([p.token_ids(s) for s in PROMPTS])
     with torch.no_grad():
         cond = p.text_encoder(torch.from_numpy(ids)).last_hidden_state
         ref = UNetWrapper(p.unet)(torch.from_numpy(np.repeat(probe.zt, 2, 0)), torch.full((2,), float(probe.t)), cond).numpy()
@@ -135,7 +140,7 @@ def conditioning_sensitivity(p: LoadedPipeline, table: np.ndarray, te: ort.Infer
 
 def text_encoder_parity(p: LoadedPipeline, table: np.ndarray, te: ort.InferenceSession) -> dict:
     """The graph fed with looked-up embeddings vs CLIPTextModel(input_ids).last_hidden_state."""
-    ids = np.concatenate([tokenize(p, s) for s in PROMPTS])
+    ids = np.concatenate([p.token_ids(s) for s in PROMPTS])
     with torch.no_grad():
         ref = p.text_encoder(torch.from_numpy(ids)).last_hidden_state.numpy()
     got = te.run(["last_hidden_state"], {"inputs_embeds": table[ids].astype(np.float32)})[0]
