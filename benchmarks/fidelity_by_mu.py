@@ -2,9 +2,10 @@
 
     python benchmarks/fidelity_by_mu.py PIPELINE BUNDLE [BUNDLE ...] --mu 1e-3,1e-2,3e-2
 
-The export gate measures fidelity at the family's μ only; this sweeps μ to find where a
-recipe's finite differences start to follow the true derivatives. Same probe and 8 directions
-as ``verification.zo_fidelity`` (torch fp32 autograd once, then central differences per bundle
+The export gate measures fidelity at the bundle's training μ only; this sweeps μ to find where
+a recipe's finite differences start to follow the true derivatives. μ as in training (a step
+of norm μ·√d, like RGE's μ·e with e ~ N(0, I_d)). Same probe and 8 directions as
+``verification.zo_fidelity`` (torch fp32 autograd once, then central differences per bundle
 and μ), sessions with the ``cpu`` profile.
 """
 
@@ -42,7 +43,7 @@ exact = verify.torch_directional_derivatives(p, probe, dirs)
 table = p.text_encoder.get_input_embeddings().weight.detach().numpy().astype(np.float32)
 del p
 
-rows = ["| bundle | recipe | μ | pearson | rel. error | s |", "|---|---|---|---|---|---|"]
+rows = ["| bundle | recipe | μ | step norm | pearson | rel. error | s |", "|---|---|---|---|---|---|---|"]
 profile = resolve_profile("cpu")
 for path in a.bundles:
     b = load_bundle(path, verify=False)
@@ -51,7 +52,8 @@ for path in a.bundles:
     for mu in (float(x) for x in a.mu.split(",")):
         t = time.perf_counter()
         fd = verify.central_differences(te, unet, table, probe, dirs, mu)
-        rows.append(f"| {Path(path).name} | {b.manifest['recipe']['name']} | {mu:g} | {np.corrcoef(fd, exact)[0, 1]:.3f} | "
+        rows.append(f"| {Path(path).name} | {b.manifest['recipe']['name']} | {mu:g} | {mu * np.sqrt(len(table[0])):.3g} | "
+                    f"{np.corrcoef(fd, exact)[0, 1]:.3f} | "
                     f"{verify.rel_err(fd, exact):.3g} | {time.perf_counter() - t:.0f} |")
         print(rows[-1], flush=True)
     del te, unet

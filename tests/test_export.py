@@ -212,3 +212,42 @@ def test_resolution_option_sets_graph_shapes(sd1_pipeline, tmp_path):
     assert m["components"]["vae_encoder"]["inputs"][0]["shape"] == ["batch", 3, 32, 32]
     with pytest.raises(UserError, match="multiple of 32"):
         export_bundle(str(sd1_pipeline), tmp_path / "b50", resolution=50)
+
+
+class _Recorder:
+    """Duck-typed ORT sessions: the text encoder returns its input, the U-Net a zero prediction."""
+
+    def __init__(self):
+        self.embeds: list[np.ndarray] = []
+
+    def run(self, outputs, feeds):
+        if "inputs_embeds" in feeds:
+            self.embeds.append(feeds["inputs_embeds"])
+            return [feeds["inputs_embeds"]]
+        return [np.zeros_like(feeds["sample"])]
+
+
+def test_fidelity_probe_steps_as_far_as_training_does():
+    """The gate's mu is RGE's mu: theta + mu*e with e ~ N(0, I_d) moves by ~mu*sqrt(d), and so must the probe."""
+    from zoodip_edge.export import verify
+    from zoodip_edge.runtime.zo import perturbation_directions, perturbed_thetas
+
+    d, mu, rng = 768, 1e-3, np.random.default_rng(0)
+    table = rng.standard_normal((10, d)).astype(np.float32)
+    probe = verify.Probe(ids=np.array([[1, 2, 3]]), row=1, zt=np.zeros((1, 4, 2, 2), np.float32), t=700,
+                         target=np.zeros((1, 4, 2, 2)))
+    rec = _Recorder()
+    verify.central_differences(rec, rec, table, probe, verify.unit_directions(4, d), mu)
+    base = table[probe.ids[0]]
+    probed = np.concatenate(rec.embeds)[:, probe.row] - base[probe.row]
+    theta = np.zeros(d)
+    trained = perturbed_thetas(theta, perturbation_directions(rng, 256, d), mu)[1:] - theta
+    assert np.allclose(np.linalg.norm(probed, axis=1), mu * np.sqrt(d), rtol=1e-3)
+    assert np.linalg.norm(trained, axis=1).mean() == pytest.approx(mu * np.sqrt(d), rel=0.02)
+    assert np.array_equal(np.concatenate(rec.embeds)[:, [0, 2]], np.broadcast_to(base[[0, 2]], (8, 2, d)))  # other rows untouched
+
+
+def test_manifest_records_the_mu_its_fidelity_gate_verified(sd1_bundle):
+    m = json.loads((sd1_bundle / "manifest.json").read_text())
+    f = m["verification"]["zo_fidelity"]
+    assert f["mu"] == m["defaults"]["mu"] and f["step_norm"] == pytest.approx(f["mu"] * np.sqrt(m["text"]["hidden_size"]))

@@ -284,3 +284,12 @@ def test_devices_command_lists_profiles_and_marks_auto():
         assert f" {name} " in r.output
     rows = r.output.strip().splitlines()[1:-1]
     assert sum(row.startswith("* ") for row in rows) == 1
+
+
+def test_mu_below_the_verified_one_is_warned(sd1_bundle, photos):
+    said: list[str] = []
+    Personalizer(sd1_bundle, photos, TOKEN, "dog", settings=Settings(mu=1e-4), profile="cpu", warn=said.append)
+    assert any("below the 0.001 this bundle's ZO fidelity gate verified" in s for s in said)
+    said.clear()
+    Personalizer(sd1_bundle, photos, TOKEN, "dog", settings=Settings(mu=1e-2), profile="cpu", warn=said.append)
+    assert not any("fidelity" in s for s in said)

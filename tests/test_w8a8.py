@@ -7,10 +7,11 @@ import collections
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from zoodip_edge.export import export_bundle
-from zoodip_edge.export.quantize import activation_ranges, static_w8a8
+from zoodip_edge.export.quantize import activation_ranges, quantize, static_w8a8
 
 C, H = 8, 6
 
@@ -96,7 +97,15 @@ def test_exported_w8a8_static_unet_computes_in_int8_and_fails_the_fidelity_gate(
     assert kv and all(n.op_type == "MatMul" for n in kv)
     text = onnx.load(out / "text_encoder" / "model.onnx")
     assert not any(n.op_type in ("QuantizeLinear", "MatMulIntegerToFloat") for n in text.graph.node)
+    assert {g: i["recipe"] for g, i in m["recipe"]["graphs"].items()} == {
+        "text_encoder": "int8-cpu", "unet": "w8a8-static", "vae_encoder": "int8-cpu", "vae_decoder": "int8-cpu"}
     v = m["verification"]
     assert v["parity"]["unet"]["out_sample"]["rel"] < 0.3
     assert not v["zo_fidelity"]["passed"]  # measured: int8 activation grids break finite differences at mu = 1e-3
     assert m["recipe"]["experimental"]
+
+
+def test_static_w8a8_refuses_to_quantize_without_calibration():
+    """Not silently something else: each graph's recipe is named in Recipe.graphs, not guessed here."""
+    with pytest.raises(ValueError, match="needs calibration"):
+        quantize(small_graph(), "w8a8-static")

@@ -148,11 +148,13 @@ def export_bundle(
                 graph = onnx.load(str(raw))
             shutil.rmtree(raw.parent)
             gc.collect()  # the exporter's intermediate copies of the weights
-            say(f"quantizing {spec.name} ({recipe})")
+            graph_rec = rec.for_graph(spec.name)
+            say(f"quantizing {spec.name} ({graph_rec.name})")
             graph, fused = fuse_attention(graph)
-            feeds = calibration_feeds(spec, p, latent) if spec.name in rec.calibrated else None
+            feeds = calibration_feeds(spec, p, latent) if graph_rec.calibrated else None
             with _quiet():
-                graph, quant_info[spec.name] = quantize(graph, recipe, feeds)
+                graph, quant_info[spec.name] = quantize(graph, graph_rec.name, feeds)
+            quant_info[spec.name]["recipe"] = graph_rec.name
             if fused:
                 quant_info[spec.name]["multi_head_attention"] = fused
             io = _io_entries(graph)
@@ -174,10 +176,11 @@ def export_bundle(
         fast.enable_padding(length=max_len, pad_id=p.tokenizer.pad_token_id, pad_token=p.tokenizer.pad_token)
         fast.save(str(tmp / "tokenizer.json"))
 
-        say("verifying against torch fp32")
+        defaults = defaults_for(p.family).to_dict()
+        say(f"verifying against torch fp32 (ZO fidelity at mu {defaults['mu']:g})")
         with _quiet():
             v = verify.run_gates(p, specs, {s.name: tmp / components[s.name]["path"] for s in specs},
-                                 rec.session_config, table.astype(np.float32), latent)
+                                 rec.session_config, table.astype(np.float32), latent, defaults["mu"])
         v["parity_tolerance"] = rec.parity_tolerance
         verify.check_gates(v, recipe, allow_unfaithful)
 
@@ -202,7 +205,7 @@ def export_bundle(
             "token_embeddings": {**file_entry(tmp, "token_embeddings.safetensors"), "tensor": "token_embedding",
                                  "shape": list(table.shape), "dtype": str(table.dtype)},
             "tokenizer": file_entry(tmp, "tokenizer.json"),
-            "defaults": defaults_for(p.family).to_dict(),
+            "defaults": defaults,
             "verification": v,
             "created": {"tool": f"zoodip-edge {__version__}", "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                         "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},

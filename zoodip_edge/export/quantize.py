@@ -43,7 +43,12 @@ class Recipe:
     embeddings_dtype: str = "float16"
     experimental: bool = False
     targets: tuple[str, ...] = ("cpu", "cuda", "tensorrt")
-    calibrated: tuple[str, ...] = ()  # graphs whose quantization needs calibration inputs
+    graphs: dict[str, str] = field(default_factory=dict)  # graph -> recipe, where it differs from this one
+    calibrated: bool = False  # quantizing a graph this way needs calibration inputs
+
+    def for_graph(self, name: str) -> "Recipe":
+        """The recipe that quantizes graph ``name`` in a bundle of this recipe."""
+        return RECIPES[self.graphs.get(name, self.name)]
 
 
 RECIPES: dict[str, Recipe] = {
@@ -58,7 +63,8 @@ RECIPES: dict[str, Recipe] = {
         Recipe("w8a8-dynamic", "EXPERIMENT: ORT dynamic quantization, uint8 activations (fails the ZO fidelity gate)",
                parity_tolerance=0.3, experimental=True, targets=("cpu",)),
         Recipe("w8a8-static", "EXPERIMENT: int8 compute in the U-Net on calibrated uint8 activation grids (fails the ZO fidelity gate)",
-               FLOAT_COMPUTE, parity_tolerance=0.3, experimental=True, targets=("cpu",), calibrated=("unet",)),
+               FLOAT_COMPUTE, parity_tolerance=0.3, experimental=True, targets=("cpu",), calibrated=True,
+               graphs={"text_encoder": "int8-cpu", "vae_encoder": "int8-cpu", "vae_decoder": "int8-cpu"}),
     )
 }
 DEFAULT_RECIPE = "int8-cpu"
@@ -67,10 +73,12 @@ DEFAULT_RECIPE = "int8-cpu"
 def quantize(model: onnx.ModelProto, recipe: str, calibration: list[dict[str, np.ndarray]] | None = None) -> tuple[onnx.ModelProto, dict]:
     """Apply a recipe to one graph; returns the new model and a summary of what changed.
 
-    ``calibration``: input feeds for the graphs a recipe lists in ``Recipe.calibrated``.
+    ``calibration``: input feeds, for a recipe with ``Recipe.calibrated``.
     """
-    if recipe == "w8a8-static" and calibration is None:
-        recipe = "int8-cpu"  # the graphs it does not calibrate are stored as int8-cpu
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}")
+    if RECIPES[recipe].calibrated and not calibration:
+        raise ValueError(f"recipe {recipe} needs calibration inputs")
     if recipe == "fp32":
         return model, {"weights": _weight_dtypes(model)}
     if recipe == "fp16":
@@ -91,8 +99,6 @@ def quantize(model: onnx.ModelProto, recipe: str, calibration: list[dict[str, np
         model, counts = static_w8a8(model, calibration, keep_float=("encoder_hidden_states",))
         model, rest = weight_only_qdq(model, ("MatMul", "Gemm", "Conv"))
         counts.update({f"{k} (weight-only)": v for k, v in rest.items()})
-    else:
-        raise ValueError(f"unknown recipe {recipe!r}")
     return model, {"quantized_ops": dict(counts), "weights": _weight_dtypes(model)}
 
 

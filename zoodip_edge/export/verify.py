@@ -14,7 +14,6 @@ import onnxruntime as ort
 import torch
 
 from ..errors import UserError
-from ..families import defaults_for
 from ..runtime.diffusion import alphas_cumprod, noisy_and_target
 from .graphs import GraphSpec, TextEncoderFromEmbeddings, UNetWrapper, dummy_inputs
 from .load import LoadedPipeline
@@ -102,26 +101,29 @@ def unit_directions(k: int, d: int, seed: int = 0) -> np.ndarray:
 
 def central_differences(te: ort.InferenceSession, unet: ort.InferenceSession, table: np.ndarray, probe: Probe,
                         dirs: np.ndarray, mu: float) -> np.ndarray:
-    """(L(θ + μu) − L(θ − μu)) / 2μ of the bundle graphs along each direction u (θ: the probed row)."""
-    k = len(dirs)
+    """(L(θ + hu) − L(θ − hu)) / 2h of the bundle graphs along each unit direction u (θ: the probed row).
+
+    ``mu`` means what it means in training: RGE steps by μ·e with e ~ N(0, I_d), a step of norm
+    ≈ μ·√d, so the probe steps by h = μ·√d (the authors' code: z ~ N(0, I_768), step 1e-3·z).
+    """
+    k, h = len(dirs), mu * np.sqrt(dirs.shape[1])
     batch = np.repeat(table[probe.ids[0]].astype(np.float32)[None], 2 * k, 0)
-    batch[:k, probe.row] += (mu * dirs).astype(np.float32)
-    batch[k:, probe.row] -= (mu * dirs).astype(np.float32)
+    batch[:k, probe.row] += (h * dirs).astype(np.float32)
+    batch[k:, probe.row] -= (h * dirs).astype(np.float32)
     losses = bundle_losses(te, unet, batch, probe)
-    return (losses[:k] - losses[k:]) / (2 * mu)
+    return (losses[:k] - losses[k:]) / (2 * h)
 
 
 def zo_fidelity(p: LoadedPipeline, table: np.ndarray, te: ort.InferenceSession, unet: ort.InferenceSession,
-                family: str, latent: int, k: int = 8, seed: int = 0) -> dict:
-    """Central differences of the bundle's loss at the family's μ vs torch fp32 autograd."""
-    mu = defaults_for(family).mu
+                mu: float, latent: int, k: int = 8, seed: int = 0) -> dict:
+    """Central differences of the bundle's loss at the training μ vs torch fp32 autograd."""
     probe = make_probe(p, latent, seed)
     dirs = unit_directions(k, table.shape[1], seed)
     exact = torch_directional_derivatives(p, probe, dirs)
     fd = central_differences(te, unet, table, probe, dirs, mu)
     pearson = float(np.corrcoef(fd, exact)[0, 1])
-    return {"mu": mu, "directions": k, "pearson": pearson, "rel_err": rel_err(fd, exact),
-            "min_pearson": FIDELITY_MIN_PEARSON, "passed": bool(pearson >= FIDELITY_MIN_PEARSON)}
+    return {"mu": mu, "step_norm": float(mu * np.sqrt(table.shape[1])), "directions": k, "pearson": pearson,
+            "rel_err": rel_err(fd, exact), "min_pearson": FIDELITY_MIN_PEARSON, "passed": bool(pearson >= FIDELITY_MIN_PEARSON)}
 
 
 def conditioning_sensitivity(p: LoadedPipeline, table: np.ndarray, te: ort.InferenceSession, unet: ort.InferenceSession, latent: int) -> dict:
@@ -148,7 +150,7 @@ def text_encoder_parity(p: LoadedPipeline, table: np.ndarray, te: ort.InferenceS
 
 
 def run_gates(p: LoadedPipeline, specs: list[GraphSpec], paths: dict[str, Path], config: dict,
-              table: np.ndarray, latent: int) -> dict:
+              table: np.ndarray, latent: int, mu: float) -> dict:
     """All gates, holding as few ORT sessions at once as it can (export memory peaks here)."""
     v: dict = {"parity": {}}
     for spec in specs:
@@ -163,7 +165,7 @@ def run_gates(p: LoadedPipeline, specs: list[GraphSpec], paths: dict[str, Path],
     v["parity"]["unet"] = graph_parity(by_name["unet"], p, unet)
     v["text_encoder_parity"] = text_encoder_parity(p, table, te)
     v["conditioning_sensitivity"] = conditioning_sensitivity(p, table, te, unet, latent)
-    v["zo_fidelity"] = zo_fidelity(p, table, te, unet, p.family, latent)
+    v["zo_fidelity"] = zo_fidelity(p, table, te, unet, mu, latent)
     v["parity"] = {s.name: v["parity"][s.name] for s in specs}  # manifest order
     return v
 
@@ -182,6 +184,6 @@ def check_gates(v: dict, recipe: str, allow_unfaithful: bool) -> None:
                         f"signal (need >= {c['min_ratio']}); quantization erased the text conditioning, personalization would learn nothing")
     f = v["zo_fidelity"]
     if not f["passed"] and not allow_unfaithful:
-        raise UserError(f"ZO fidelity gate failed: finite differences of the {recipe} bundle at mu={f['mu']:g} correlate with the "
+        raise UserError(f"ZO fidelity gate failed: finite differences of the {recipe} bundle at mu={f['mu']:g} (a step of norm {f['step_norm']:.2g}) correlate with the "
                         f"true derivatives at pearson {f['pearson']:.3f} (< {f['min_pearson']}); zeroth-order training would "
                         "follow noise. Use a weight-only recipe, or --allow-unfaithful to export anyway")

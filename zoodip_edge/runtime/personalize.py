@@ -114,6 +114,10 @@ class Personalizer:
         self.abar = alphas_cumprod(m["scheduler"])
         self.prediction_type = m["scheduler"].get("prediction_type", "epsilon")
         self.config = settings.zo_config(m["defaults"], len(self.abar))  # bad hyperparameters fail before any work
+        verified = m.get("verification", {}).get("zo_fidelity", {}).get("mu")
+        if warn and verified and self.config.mu < verified:
+            warn(f"mu {self.config.mu:g} is below the {verified:g} this bundle's ZO fidelity gate verified "
+                 f"({m['recipe']['name']}); its finite differences may follow rounding noise there")
 
         loaded = load_images(images, m["resolution"])
         names = [n for n, _ in loaded]
