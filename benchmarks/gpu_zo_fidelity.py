@@ -3,8 +3,10 @@
     python benchmarks/gpu_zo_fidelity.py PIPELINE [--device cuda] [--k 16]
 
 The export gate's measurement (zoodip_edge/export/verify.py), done in torch instead of ORT:
-central differences of the diffusion loss along k unit directions of the learned token, at
-mu = 1e-3 (the paper's) and 1e-2, against fp32 autograd's directional derivatives. Rows: fp32,
+central differences of the diffusion loss along k unit directions of the learned token, stepping
+mu * sqrt(d) as training does (RGE's mu * e, e ~ N(0, I_d)), at mu = 1e-3 (the paper's) and 1e-2,
+against fp32 autograd's directional derivatives. (Before the fifth session it stepped mu: the
+results/gpu_zo_fidelity_h200_*.txt figures are on that scale.) Rows: fp32,
 fp16 activations (the paper's setting), optimum-quanto int8 weights with fp16 and with fp32
 activations. Prints one JSON line per row, then a markdown table.
 """
@@ -80,12 +82,13 @@ for label, dtype, quanto in (("fp32", torch.float32, False), ("fp16 activations 
     te, unet = modules(dtype, quanto)
     for mu in (1e-3, 1e-2):
         batch = base.repeat(2 * a.k, 1, 1)
-        step = torch.from_numpy(mu * dirs).float()
+        h = mu * np.sqrt(dirs.shape[1])  # training's step length
+        step = torch.from_numpy(h * dirs).float()
         batch[: a.k, probe.row] += step
         batch[a.k :, probe.row] -= step
         ls = losses(te, unet, batch, dtype)
-        fd = (ls[: a.k] - ls[a.k :]) / (2 * mu)
-        r = {"config": label, "mu": mu, "k": a.k, "pearson": float(np.corrcoef(fd, exact)[0, 1]), "rel_err": rel_err(fd, exact),
+        fd = (ls[: a.k] - ls[a.k :]) / (2 * h)
+        r = {"config": label, "mu": mu, "step_norm": h, "k": a.k, "pearson": float(np.corrcoef(fd, exact)[0, 1]), "rel_err": rel_err(fd, exact),
              "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
              "cudnn_tf32": torch.backends.cudnn.allow_tf32, "matmul_tf32": torch.backends.cuda.matmul.allow_tf32}
         rows.append(r)

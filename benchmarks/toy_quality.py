@@ -42,8 +42,8 @@ TARGET = 0.8  # (c): fraction of gradient TI's final concept score
 class Evaluator:
     """One ORT personalizer per concept, used only to score any θ the same way."""
 
-    def __init__(self, photos: list[Path], token: str, color: str, shape: str):
-        self.p = Personalizer(shipped_path("bundle"), photos, token, GENERIC, settings=Settings(batch_perturbations=True), profile="cpu")
+    def __init__(self, photos: list[Path], token: str, color: str, shape: str, bundle: Path | None = None):
+        self.p = Personalizer(bundle or shipped_path("bundle"), photos, token, GENERIC, settings=Settings(batch_perturbations=True), profile="cpu")
         self.color, self.shape = color, shape
         self.l_init = self.p.held_out_loss(self.p.theta0, PROBES)
         self.l_words = self.p.held_out_loss(None, PROBES, words=f"{color} {shape}")
@@ -190,7 +190,9 @@ def main() -> None:
     ap.add_argument("--tau", type=int, default=None, help="SG buffer length (default: the bundle's, 128)")
     ap.add_argument("--ti-lr", type=float, default=5e-3)
     ap.add_argument("--bundle", type=Path, help="bundle the ZO methods train on (default: the shipped one; "
-                    "scoring always uses the shipped bundle)")
+                    "scoring uses the shipped bundle unless --score-on-bundle)")
+    ap.add_argument("--score-on-bundle", action="store_true", help="score with --bundle too (the graph a user would "
+                    "generate with), not the shipped one")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--report", type=Path, nargs="+", help="print the tables of saved --out files (together) and exit")
     a = ap.parse_args()
@@ -210,7 +212,7 @@ def main() -> None:
             color, shape = parse_concept(concept)
             token = f"<{concept}>"
             photos = concept_photos(Path(tmp) / concept, color, shape, count=5, seed=0)
-            evaluate = Evaluator(photos, token, color, shape)
+            evaluate = Evaluator(photos, token, color, shape, a.bundle if a.score_on_bundle else None)
             for seed in a.seeds:
                 for method in a.methods:
                     t = time.perf_counter()
@@ -230,7 +232,7 @@ def main() -> None:
 
     print(header(sys.argv))
     print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, onnxruntime {onnxruntime.__version__}; "
-          f"ZO: lr {a.lr}, mu {a.mu}, n 2, tau {a.tau or 'bundle default'} (trained on {a.bundle or 'the shipped int8-cpu bundle'}); gradient TI: Adam lr {a.ti_lr}; "
+          f"ZO: lr {a.lr}, mu {a.mu}, n 2, tau {a.tau or 'bundle default'} (trained on {a.bundle or 'the shipped int8-cpu bundle'}, scored on {a.bundle if a.score_on_bundle else 'the shipped bundle'}); gradient TI: Adam lr {a.ti_lr}; "
           f"{len(a.concepts)} concepts x {len(a.seeds)} seeds, {a.steps} steps, scored every {a.every}\n")
     report(runs, a.methods, a.concepts)
 

@@ -92,8 +92,10 @@ def inspect(
         ins = ", ".join(f"{i['name']}{i['shape']}" for i in c["inputs"])
         typer.echo(f"{name:<12}{_mb(size):>10}  {ins}")
     v = m["verification"]
-    typer.echo(f"verified    ZO fidelity pearson {v['zo_fidelity']['pearson']:.4f} at mu {v['zo_fidelity']['mu']:g}"
-               f"{'' if v['zo_fidelity']['passed'] else ' (FAILED: exported with --allow-unfaithful)'}; "
+    f = v["zo_fidelity"]
+    step = f" (step {f['step_norm']:.2g})" if "step_norm" in f else " (unit step: exported before zoodip-edge measured training's step)"
+    typer.echo(f"verified    ZO fidelity pearson {f['pearson']:.4f} at mu {f['mu']:g}{step}"
+               f"{'' if f['passed'] else ' (FAILED: exported with --allow-unfaithful)'}; "
                f"conditioning kept {v['conditioning_sensitivity']['ratio']:.3f}; "
                f"text encoder max abs err {v['text_encoder_parity']['max_abs']:.2g}")
     d = m["defaults"]
