@@ -1,12 +1,12 @@
-"""ZO fidelity of bundles' text encoder + U-Net at several μ (SD1.5 architecture, one probe).
+"""ZO fidelity of bundles' text encoder + U-Net at several μ (the export gate's measurement, swept).
 
     python benchmarks/fidelity_by_mu.py PIPELINE BUNDLE [BUNDLE ...] --mu 1e-3,1e-2,3e-2
 
 The export gate measures fidelity at the bundle's training μ only; this sweeps μ to find where
 a recipe's finite differences start to follow the true derivatives. μ as in training (a step
-of norm μ·√d, like RGE's μ·e with e ~ N(0, I_d)). Same probe and 8 directions as
-``verification.zo_fidelity`` (torch fp32 autograd once, then central differences per bundle
-and μ), sessions with the ``cpu`` profile.
+of norm μ·√d, like RGE's μ·e with e ~ N(0, I_d)). Same probes (three timesteps across
+the first bundle's PUTS range) and 8 directions as ``verification.zo_fidelity`` (torch fp32
+autograd once, then central differences per bundle and μ), sessions with the ``cpu`` profile.
 """
 
 from __future__ import annotations
@@ -37,13 +37,14 @@ a = ap.parse_args()
 
 first = load_bundle(a.bundles[0], verify=False).manifest
 p = load_pipeline(a.pipeline)
-probe = verify.make_probe(p, first["latent_size"], seed=0)
-dirs = verify.unit_directions(a.directions, first["text"]["hidden_size"])
-exact = verify.torch_directional_derivatives(p, probe, dirs)
+d = first["defaults"]
+probes = verify.fidelity_probes(p, first["latent_size"], d["t_low"], d["t_high"])
+truth = verify.true_derivatives(p, probes, first["text"]["hidden_size"], a.directions)
 table = p.text_encoder.get_input_embeddings().weight.detach().numpy().astype(np.float32)
 del p
 
-rows = ["| bundle | recipe | μ | step norm | pearson | rel. error | s |", "|---|---|---|---|---|---|---|"]
+ts = " | ".join(f"t = {pr.t}" for pr in probes)
+rows = [f"| bundle | recipe | μ | step norm | pearson (worst probe) | {ts} | rel. error (worst) | s |", "|---" * (7 + len(probes)) + "|"]
 profile = resolve_profile("cpu")
 for path in a.bundles:
     b = load_bundle(path, verify=False)
@@ -51,10 +52,10 @@ for path in a.bundles:
     te, unet = create_session(b.path("text_encoder"), profile, config), create_session(b.path("unet"), profile, config)
     for mu in (float(x) for x in a.mu.split(",")):
         t = time.perf_counter()
-        fd = verify.central_differences(te, unet, table, probe, dirs, mu)
-        rows.append(f"| {Path(path).name} | {b.manifest['recipe']['name']} | {mu:g} | {mu * np.sqrt(len(table[0])):.3g} | "
-                    f"{np.corrcoef(fd, exact)[0, 1]:.3f} | "
-                    f"{verify.rel_err(fd, exact):.3g} | {time.perf_counter() - t:.0f} |")
+        f = verify.fidelity_report(te, unet, table, probes, truth, mu)
+        per = " | ".join(f"{r['pearson']:.3f}" for r in f["probes"])
+        rows.append(f"| {Path(path).name} | {b.manifest['recipe']['name']} | {mu:g} | {f['step_norm']:.3g} | "
+                    f"{f['pearson']:.3f} | {per} | {f['rel_err']:.3g} | {time.perf_counter() - t:.0f} |")
         print(rows[-1], flush=True)
     del te, unet
 out = header(sys.argv) + "\n" + "\n".join(rows)

@@ -180,7 +180,7 @@ def export_bundle(
         say(f"verifying against torch fp32 (ZO fidelity at mu {defaults['mu']:g})")
         with _quiet():
             v = verify.run_gates(p, specs, {s.name: tmp / components[s.name]["path"] for s in specs},
-                                 rec.session_config, table.astype(np.float32), latent, defaults["mu"])
+                                 rec.session_config, table.astype(np.float32), latent, defaults)
         v["parity_tolerance"] = rec.parity_tolerance
         verify.check_gates(v, recipe, allow_unfaithful)
 
