@@ -117,7 +117,8 @@ def fidelity_probes(p: LoadedPipeline, latent: int, t_low: int, t_high: int) -> 
     """One probe at each end and the middle of the PUTS range, each with its own (z, ε).
 
     One probe is not enough: on the toy world a w8a8-static graph read pearson 0.97 at t = 700 and
-    0.20-0.91 at other (t, ε) draws, and learned a quarter of what int8-cpu learns.
+    0.20-0.96 at 20 other (t, ε) draws (benchmarks/fidelity_by_t.py), and learned a quarter of
+    what int8-cpu learns at that μ.
     """
     ts = (t_low, (t_low + t_high - 1) // 2, t_high - 1)
     return [make_probe(p, latent, seed=i, t=t) for i, t in enumerate(ts)]
@@ -214,5 +215,5 @@ def check_gates(v: dict, recipe: str, allow_unfaithful: bool) -> None:
     f = v["zo_fidelity"]
     if not f["passed"] and not allow_unfaithful:
         raise UserError(f"ZO fidelity gate failed: finite differences of the {recipe} bundle at mu={f['mu']:g} (a step of norm {f['step_norm']:.2g}) correlate with the "
-                        f"true derivatives at pearson {f['pearson']:.3f} (< {f['min_pearson']}); zeroth-order training would "
+                        f"true derivatives at pearson {f['pearson']:.3f} at worst over t = {', '.join(str(r['t']) for r in f['probes'])} (< {f['min_pearson']}); zeroth-order training would "
                         "follow noise. Use a weight-only recipe, or --allow-unfaithful to export anyway")
