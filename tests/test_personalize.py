@@ -293,3 +293,12 @@ def test_mu_below_the_verified_one_is_warned(sd1_bundle, photos):
     said.clear()
     Personalizer(sd1_bundle, photos, TOKEN, "dog", settings=Settings(mu=1e-2), profile="cpu", warn=said.append)
     assert not any("fidelity" in s for s in said)
+
+
+def test_a_bundle_that_failed_its_fidelity_gate_is_warned(bundle_copy, photos):
+    m = json.loads((bundle_copy / "manifest.json").read_text())
+    m["verification"]["zo_fidelity"].update(passed=False, pearson=0.2)
+    (bundle_copy / "manifest.json").write_text(json.dumps(m))
+    said: list[str] = []
+    Personalizer(bundle_copy, photos, TOKEN, "dog", settings=Settings(), profile="cpu", warn=said.append)
+    assert any("failed its ZO fidelity gate (pearson 0.20" in s for s in said)

@@ -114,9 +114,12 @@ class Personalizer:
         self.abar = alphas_cumprod(m["scheduler"])
         self.prediction_type = m["scheduler"].get("prediction_type", "epsilon")
         self.config = settings.zo_config(m["defaults"], len(self.abar))  # bad hyperparameters fail before any work
-        verified = m.get("verification", {}).get("zo_fidelity", {}).get("mu")
-        if warn and verified and self.config.mu < verified:
-            warn(f"mu {self.config.mu:g} is below the {verified:g} this bundle's ZO fidelity gate verified "
+        fidelity = m.get("verification", {}).get("zo_fidelity", {})
+        if warn and fidelity and not fidelity.get("passed", True):
+            warn(f"this {m['recipe']['name']} bundle failed its ZO fidelity gate (pearson {fidelity['pearson']:.2f} at mu "
+                 f"{fidelity['mu']:g}; exported with --allow-unfaithful): training may follow rounding noise")
+        elif warn and fidelity.get("mu") and self.config.mu < fidelity["mu"]:
+            warn(f"mu {self.config.mu:g} is below the {fidelity['mu']:g} this bundle's ZO fidelity gate verified "
                  f"({m['recipe']['name']}); its finite differences may follow rounding noise there")
 
         loaded = load_images(images, m["resolution"])
