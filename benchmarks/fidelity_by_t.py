@@ -2,9 +2,9 @@
 
     python benchmarks/fidelity_by_t.py PIPELINE BUNDLE [BUNDLE ...] --mu 1e-2 [--t 500,600,700,800,899] [--draws 4]
 
-For each timestep and draw (its own z and ε, seeds 100 + draw), central differences at training's
-step along 16 unit directions vs torch fp32 autograd, as ``verification.zo_fidelity`` does for
-its three probes. Prints one markdown row per timestep: pearson per bundle and draw.
+For each timestep and draw (``verify.make_probe`` with seed 100 + draw: its own z and ε),
+central differences at training's step along 16 unit directions vs torch fp32 autograd, as
+``verification.zo_fidelity`` does for its three probes. Prints one markdown row per timestep: pearson per bundle and draw.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from zoodip_edge.bundle import load_bundle  # noqa: E402
 from zoodip_edge.export import verify  # noqa: E402
 from zoodip_edge.export.load import load_pipeline  # noqa: E402
 from zoodip_edge.profiles import resolve_profile  # noqa: E402
-from zoodip_edge.runtime.diffusion import alphas_cumprod, noisy_and_target  # noqa: E402
 from zoodip_edge.runtime.sessions import create_session  # noqa: E402
 
 ap = argparse.ArgumentParser()
@@ -40,20 +39,13 @@ bundles = [load_bundle(b, verify=False) for b in a.bundles]
 profile = resolve_profile("cpu")
 sessions = [tuple(create_session(b.path(g), profile, b.manifest["session"]["config_entries"]) for g in ("text_encoder", "unet"))
             for b in bundles]
-abar = alphas_cumprod(p.scheduler_config)
-prediction = p.scheduler_config.get("prediction_type", "epsilon")
 names = " / ".join(f"{Path(b).name}" for b in a.bundles)
 rows = [f"pearson ({names}) at μ = {a.mu:g}, {a.directions} directions; columns: draws",
         "| t | " + " | ".join(f"draw {i}" for i in range(a.draws)) + " |", "|---" * (a.draws + 1) + "|"]
 for t in (int(x) for x in a.t.split(",")):
     cells = []
     for draw in range(a.draws):
-        base = verify.make_probe(p, bundles[0].manifest["latent_size"], draw)
-        rng = np.random.default_rng(100 + draw)
-        z = rng.standard_normal(base.zt.shape).astype(np.float32)
-        eps = rng.standard_normal(z.shape).astype(np.float32)
-        zt, target = noisy_and_target(z, eps, t, abar, prediction)
-        probe = verify.Probe(base.ids, base.row, zt, t, target)
+        probe = verify.make_probe(p, bundles[0].manifest["latent_size"], seed=100 + draw, t=t)
         (dirs, exact), = verify.true_derivatives(p, [probe], table.shape[1], a.directions)
         r = [np.corrcoef(verify.central_differences(te, unet, table, probe, dirs, a.mu), exact)[0, 1] for te, unet in sessions]
         cells.append(" / ".join(f"{x:.3f}" for x in r))

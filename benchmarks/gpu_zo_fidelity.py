@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from zoodip_edge.export.graphs import TextEncoderFromEmbeddings, UNetWrapper  # noqa: E402
 from zoodip_edge.export.load import load_pipeline  # noqa: E402
-from zoodip_edge.export.verify import make_probe, rel_err  # noqa: E402
+from zoodip_edge.export.verify import make_probe, rel_err, training_step  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("pipeline")
@@ -82,7 +82,7 @@ for label, dtype, quanto in (("fp32", torch.float32, False), ("fp16 activations 
     te, unet = modules(dtype, quanto)
     for mu in (1e-3, 1e-2):
         batch = base.repeat(2 * a.k, 1, 1)
-        h = mu * np.sqrt(dirs.shape[1])  # training's step length
+        h = training_step(mu, dirs.shape[1])
         step = torch.from_numpy(h * dirs).float()
         batch[: a.k, probe.row] += step
         batch[a.k :, probe.row] -= step

@@ -98,6 +98,11 @@ def unit_directions(k: int, d: int, seed: int = 0) -> np.ndarray:
     return dirs / np.linalg.norm(dirs, axis=1, keepdims=True)
 
 
+def training_step(mu: float, d: int) -> float:
+    """Norm of the step RGE takes at ``mu``: ‖μ·e‖ ≈ μ·√d for e ~ N(0, I_d)."""
+    return float(mu * np.sqrt(d))
+
+
 def central_differences(te: ort.InferenceSession, unet: ort.InferenceSession, table: np.ndarray, probe: Probe,
                         dirs: np.ndarray, mu: float) -> np.ndarray:
     """(L(θ + hu) − L(θ − hu)) / 2h of the bundle graphs along each unit direction u (θ: the probed row).
@@ -105,7 +110,7 @@ def central_differences(te: ort.InferenceSession, unet: ort.InferenceSession, ta
     ``mu`` means what it means in training: RGE steps by μ·e with e ~ N(0, I_d), a step of norm
     ≈ μ·√d, so the probe steps by h = μ·√d (the authors' code: z ~ N(0, I_768), step 1e-3·z).
     """
-    k, h = len(dirs), mu * np.sqrt(dirs.shape[1])
+    k, h = len(dirs), training_step(mu, dirs.shape[1])
     batch = np.repeat(table[probe.ids[0]].astype(np.float32)[None], 2 * k, 0)
     batch[:k, probe.row] += (h * dirs).astype(np.float32)
     batch[k:, probe.row] -= (h * dirs).astype(np.float32)
@@ -144,7 +149,7 @@ def fidelity_report(te: ort.InferenceSession, unet: ort.InferenceSession, table:
         fd = central_differences(te, unet, table, probe, dirs, mu)
         per.append({"t": probe.t, "pearson": float(np.corrcoef(fd, exact)[0, 1]), "rel_err": rel_err(fd, exact)})
     pearson = min(r["pearson"] for r in per)
-    return {"mu": mu, "step_norm": float(mu * np.sqrt(table.shape[1])), "directions": len(truth[0][0]), "probes": per,
+    return {"mu": mu, "step_norm": training_step(mu, table.shape[1]), "directions": len(truth[0][0]), "probes": per,
             "pearson": pearson, "rel_err": max(r["rel_err"] for r in per), "min_pearson": FIDELITY_MIN_PEARSON,
             "passed": bool(pearson >= FIDELITY_MIN_PEARSON)}
 
