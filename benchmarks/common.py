@@ -1,4 +1,4 @@
-"""Shared by the benchmark scripts: run a command in its own process and read its peak RSS."""
+"""Shared by the benchmark scripts: run a command in its own process and read its peak RSS (and GPU memory)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import resource
 import shlex
 import subprocess
 import sys
+import threading
 import time
 
 
@@ -58,3 +59,65 @@ def unet_feed(manifest: dict, batch: int = 1, t: int = 700) -> dict:
     return {"sample": rng.standard_normal((batch, manifest["latent_channels"], h, h), dtype=np.float32),
             "timestep": np.full((batch,), t, np.float32),
             "encoder_hidden_states": rng.standard_normal((batch, length, d), dtype=np.float32)}
+
+
+def nvml_used_mb(index: int = 0, uuid: str = "") -> tuple[float | None, str]:
+    """This process's GPU memory from NVML (what nvidia-smi shows: context + allocator reserve).
+
+    The GPU is the one whose UUID contains ``uuid``, else number ``index``. Falls back to the whole
+    device's used memory when NVML does not list our pid (containers with their own pid
+    namespace); None when pynvml (nvidia-ml-py) is missing or NVML fails.
+    """
+    try:
+        import pynvml
+    except ImportError:
+        return None, "pynvml not importable"
+    try:
+        pynvml.nvmlInit()
+    except Exception as e:  # noqa: BLE001 - any NVML failure only loses this number
+        return None, f"nvmlInit failed: {e}"
+    try:
+        handle = None
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            u = pynvml.nvmlDeviceGetUUID(h)
+            if uuid and uuid in (u.decode() if isinstance(u, bytes) else str(u)):
+                handle = h
+                break
+        handle = handle or pynvml.nvmlDeviceGetHandleByIndex(index)
+        for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+            if proc.pid == os.getpid() and proc.usedGpuMemory is not None:
+                return proc.usedGpuMemory / 2**20, "process"
+        return pynvml.nvmlDeviceGetMemoryInfo(handle).used / 2**20, "device_used (pid not listed)"
+    except Exception as e:  # noqa: BLE001
+        return None, f"nvml error: {e}"
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+class GpuMemoryPeak:
+    """Samples ``nvml_used_mb`` every ``every_s`` seconds in a thread until ``stop()``: ORT's CUDA
+    arena reports no peak of its own, and NVML shows only the present."""
+
+    def __init__(self, every_s: float = 0.05):
+        self.peak_mb: float | None = None
+        self.source = "not sampled"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, args=(every_s,), daemon=True)
+        self._thread.start()
+
+    def _poll(self, every_s: float) -> None:
+        while True:
+            used, self.source = nvml_used_mb()
+            if used is not None:
+                self.peak_mb = max(self.peak_mb or 0.0, used)
+            if self._stop.wait(every_s):
+                return
+
+    def stop(self) -> tuple[float | None, str]:
+        self._stop.set()
+        self._thread.join()
+        return self.peak_mb, self.source

@@ -6,7 +6,8 @@ The export gate measures fidelity at the bundle's training μ only; this sweeps 
 a recipe's finite differences start to follow the true derivatives. μ as in training (a step
 of norm μ·√d, like RGE's μ·e with e ~ N(0, I_d)). Same probes (three timesteps across
 the first bundle's PUTS range) and 8 directions as ``verification.zo_fidelity`` (torch fp32
-autograd once, then central differences per bundle and μ), sessions with the ``cpu`` profile.
+autograd once, then central differences per bundle and μ), sessions with the ``cpu`` profile
+unless ``--profile`` names another (``cuda``: the same measurement on ORT's CUDA EP).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ ap.add_argument("pipeline", help="the diffusers folder the bundles were exported
 ap.add_argument("bundles", nargs="+")
 ap.add_argument("--mu", default="1e-3,1e-2,3e-2")
 ap.add_argument("--directions", type=int, default=8)
+ap.add_argument("--profile", default="cpu", help="device profile of the bundles' sessions (default cpu)")
 ap.add_argument("--out", type=Path)
 a = ap.parse_args()
 
@@ -44,8 +46,8 @@ table = p.text_encoder.get_input_embeddings().weight.detach().numpy().astype(np.
 del p
 
 ts = " | ".join(f"t = {pr.t}" for pr in probes)
-rows = [f"| bundle | recipe | μ | step norm | pearson (worst probe) | {ts} | rel. error (worst) | s |", "|---" * (7 + len(probes)) + "|"]
-profile = resolve_profile("cpu")
+rows = [f"| bundle | recipe | providers | μ | step norm | pearson (worst probe) | {ts} | rel. error (worst) | s |", "|---" * (8 + len(probes)) + "|"]
+profile = resolve_profile(a.profile)
 for path in a.bundles:
     b = load_bundle(path, verify=False)
     config = b.manifest["session"]["config_entries"]
@@ -54,7 +56,7 @@ for path in a.bundles:
         t = time.perf_counter()
         f = verify.fidelity_report(te, unet, table, probes, truth, mu)
         per = " | ".join(f"{r['pearson']:.3f}" for r in f["probes"])
-        rows.append(f"| {Path(path).name} | {b.manifest['recipe']['name']} | {mu:g} | {f['step_norm']:.3g} | "
+        rows.append(f"| {Path(path).name} | {b.manifest['recipe']['name']} | {unet.get_providers()[0]} | {mu:g} | {f['step_norm']:.3g} | "
                     f"{f['pearson']:.3f} | {per} | {f['rel_err']:.3g} | {time.perf_counter() - t:.0f} |")
         print(rows[-1], flush=True)
     del te, unet

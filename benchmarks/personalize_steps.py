@@ -6,6 +6,9 @@ ORT's arena, memory pattern and buffer reuse are on unless --no-arena / --no-mem
 --no-mem-reuse say otherwise; --profile-levers takes them from the ``cpu`` profile instead
 (what ``personalize`` does).
 ``--profile cpu-lowmem`` measures that profile (its glibc mmap threshold always applies).
+GPU profiles (``--profile cuda``, ``cuda-lowvram``; onnxruntime-gpu) also report this process's GPU
+memory from NVML: sampled every 50 ms during setup and steps (``nvml_peak_mb``) and at the end.
+``s_per_step`` is the median of ``--steps`` steps after ``--warmup`` steps (``first_step_s``: the very first).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import peak_rss_mb  # noqa: E402
+from common import GpuMemoryPeak, nvml_used_mb, peak_rss_mb  # noqa: E402
 
 from zoodip_edge.demo import draw_photos  # noqa: E402
 from zoodip_edge.profiles import resolve_profile  # noqa: E402
@@ -39,6 +42,7 @@ ap.add_argument("--no-mem-pattern", action="store_true", help="ORT's memory-patt
 ap.add_argument("--no-mem-reuse", action="store_true", help="ORT's planner does not hand freed buffers to later tensors")
 ap.add_argument("--profile-levers", action="store_true", help="arena, memory pattern and reuse as the profile sets them")
 ap.add_argument("--profile", default="cpu", help="device profile (default cpu; e.g. cpu-lowmem)")
+ap.add_argument("--warmup", type=int, default=0, help="steps run before the timed ones (GPU: cuDNN's first calls)")
 ap.add_argument("--mmap-threshold-kb", type=int, help="glibc mmap threshold after loading (default: the profile's)")
 a = ap.parse_args()
 photos = draw_photos(Path(tempfile.mkdtemp()) / "photos")
@@ -49,16 +53,25 @@ if not a.profile_levers:
                                   enable_mem_reuse=not a.no_mem_reuse)
 if a.mmap_threshold_kb:
     profile = dataclasses.replace(profile, malloc_mmap_threshold_kb=a.mmap_threshold_kb)
+gpu = profile.provider_names[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+sampler = GpuMemoryPeak() if gpu else None
 t0 = time.perf_counter()
 p = Personalizer(a.bundle, photos, "<bench>", "dog", settings=Settings(n=a.n, batch_perturbations=a.batched), profile=profile)
 setup_s = time.perf_counter() - t0
 times = []
-for _ in range(a.steps):
+for _ in range(a.warmup + a.steps):
     t = time.perf_counter()
     p.step()
     times.append(time.perf_counter() - t)
-print(json.dumps({"batched": a.batched, "n": p.config.n, "setup_s": setup_s, "s_per_step": float(np.median(times)),
-                  "first_step_s": times[0], "peak_rss_mb": peak_rss_mb(),
+extra = {}
+if gpu:
+    peak, source = sampler.stop()
+    used, _ = nvml_used_mb()
+    extra = {"nvml_peak_mb": peak, "nvml_used_mb": used, "nvml_source": source}
+print(json.dumps({"batched": a.batched, "n": p.config.n, "setup_s": setup_s, "s_per_step": float(np.median(times[a.warmup:])),
+                  "first_step_s": times[0], "warmup": a.warmup, "step_times_s": [round(x, 4) for x in times],
+                  "providers": sorted({q for x in p.sessions.open.values() for q in x.get_providers()}), "losses_finite": bool(np.isfinite(p.last_loss)),
+                  "peak_rss_mb": peak_rss_mb(), **extra,
                   "arena": profile.enable_cpu_mem_arena, "mem_pattern": profile.enable_mem_pattern,
                   "mem_reuse": profile.enable_mem_reuse, "profile": profile.name,
                   "mmap_threshold_kb": profile.malloc_mmap_threshold_kb}))

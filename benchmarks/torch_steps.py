@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import peak_rss_mb  # noqa: E402
+from common import nvml_used_mb, peak_rss_mb  # noqa: E402
 
 from zoodip_edge.export.graphs import TextEncoderFromEmbeddings  # noqa: E402
 from zoodip_edge.export.load import load_pipeline  # noqa: E402
@@ -66,45 +65,6 @@ MB = 2**20
 def sync() -> None:
     if cuda:
         torch.cuda.synchronize()
-
-
-def nvml_used_mb() -> tuple[float | None, str]:
-    """This process's GPU memory from NVML (what nvidia-smi shows: context + allocator reserve).
-
-    Falls back to the whole device's used memory when NVML does not list our pid (containers
-    with their own pid namespace); None when pynvml (nvidia-ml-py) is missing or NVML fails.
-    """
-    try:
-        import pynvml
-    except ImportError:
-        return None, "pynvml not importable"
-    try:
-        pynvml.nvmlInit()
-    except Exception as e:  # noqa: BLE001 - any NVML failure only loses this number
-        return None, f"nvmlInit failed: {e}"
-    try:
-        handle = None
-        uuid = str(getattr(torch.cuda.get_device_properties(dev), "uuid", "") or "")
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            h = pynvml.nvmlDeviceGetHandleByIndex(i)
-            u = pynvml.nvmlDeviceGetUUID(h)
-            u = u.decode() if isinstance(u, bytes) else str(u)
-            if uuid and uuid in u:
-                handle = h
-                break
-        if handle is None:
-            handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
-        for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
-            if proc.pid == os.getpid() and proc.usedGpuMemory is not None:
-                return proc.usedGpuMemory / MB, "process"
-        return pynvml.nvmlDeviceGetMemoryInfo(handle).used / MB, "device_used (pid not listed)"
-    except Exception as e:  # noqa: BLE001
-        return None, f"nvml error: {e}"
-    finally:
-        try:
-            pynvml.nvmlShutdown()
-        except Exception:  # noqa: BLE001
-            pass
 
 
 torch.manual_seed(0)
@@ -170,7 +130,7 @@ result = {"mode": a.mode, "n": a.n, "device": a.device, "dtype": a.dtype, "torch
           "setup_s": setup_s, "first_step_s": times[0], "s_per_step": float(np.median(times[warmup:])),
           "step_times_s": [round(x, 5) for x in times], "losses_finite": finite, "peak_rss_mb": peak_rss_mb()}
 if cuda:
-    used, source = nvml_used_mb()
+    used, source = nvml_used_mb(torch.cuda.current_device(), str(getattr(torch.cuda.get_device_properties(dev), "uuid", "") or ""))
     result.update(device_name=torch.cuda.get_device_name(dev), cuda=torch.version.cuda,
                   peak_cuda_allocated_mb=torch.cuda.max_memory_allocated(dev) / MB,
                   peak_cuda_reserved_mb=torch.cuda.max_memory_reserved(dev) / MB,

@@ -386,6 +386,35 @@ def test_jetson_profile_warns_once_for_both_gpu_providers(tiny_model):
     np.testing.assert_allclose(run(sess), EXPECTED_Y)
 
 
+def test_gpu_libraries_preloaded_once_and_named_when_the_provider_drops(tiny_model, monkeypatch):
+    """onnxruntime-gpu finds pip's CUDA libraries only through preload_dlls (the runtime never
+    imports torch): called once per process, only for GPU profiles, and what it could not load
+    becomes the fallback warning's cause."""
+    import zoodip_edge.runtime.sessions as sessions
+
+    calls: list[int] = []
+
+    def fake_preload():
+        calls.append(1)
+        print("Failed to load libcudart.so.13: cannot open shared object file")
+
+    monkeypatch.setattr(sessions.ort, "preload_dlls", fake_preload, raising=False)
+    monkeypatch.setattr(sessions, "_preload_notes", None)
+    # A build that offers CUDA EP but cannot start it: ORT drops it and runs on the CPU.
+    monkeypatch.setattr(sessions, "available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    real = sessions.ort.InferenceSession
+    monkeypatch.setattr(sessions.ort, "InferenceSession", lambda path, sess_options, providers, provider_options:
+                        real(path, sess_options=sess_options, providers=["CPUExecutionProvider"]))
+    sessions.create_session(tiny_model, builtin_profiles()["cpu"], {})
+    assert calls == []  # CPU profiles never touch the CUDA libraries
+    warnings: list[str] = []
+    for _ in range(2):
+        sess = sessions.create_session(tiny_model, builtin_profiles()["cuda"], {}, warn=warnings.append)
+    assert calls == [1]
+    assert warnings and all("(Failed to load libcudart.so.13: cannot open shared object file)" in w for w in warnings)
+    np.testing.assert_allclose(run(sess), EXPECTED_Y)
+
+
 @needs_cpu_only
 def test_strict_refuses_missing_provider(tiny_model):
     from zoodip_edge.runtime.sessions import create_session

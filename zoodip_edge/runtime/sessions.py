@@ -3,6 +3,7 @@
 - providers come from the profile, in order, filtered to what this ORT build offers;
   CPUExecutionProvider always closes the list;
 - a missing GPU provider is an error with ``strict``, else one warning and a fallback;
+- before the first GPU session, pip's CUDA/cuDNN libraries are preloaded (``preload_gpu_libraries``);
 - the bundle's config entries (e.g. ``session.qdq_matmulnbits_accuracy_level=0``) and the
   profile's ``session_config`` are applied; ``session.disable_quant_qdq`` is refused (it
   would fold the int8 weights to fp32 in memory).
@@ -14,6 +15,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import gc
+import io
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -29,8 +31,8 @@ from ..profiles import (
     check_session_config,
 )
 
-__all__ = ["available_providers", "session_options", "session_providers", "create_session", "devices_report", "BundleSessions",
-           "return_free_memory"]
+__all__ = ["available_providers", "session_options", "session_providers", "preload_gpu_libraries", "create_session",
+           "devices_report", "BundleSessions", "return_free_memory"]
 
 
 def _glibc() -> Any:
@@ -79,6 +81,8 @@ def _small_allocations_mapped(after_kb: int | None = None):
 
 
 CPU = "CPUExecutionProvider"
+GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+_preload_notes: list[str] | None = None  # None: not tried yet in this process
 
 # Provider options that name a folder: "~" is expanded and the folder created.
 _PATH_OPTIONS = {
@@ -177,6 +181,30 @@ def session_providers(
     return names, options
 
 
+def preload_gpu_libraries() -> list[str]:
+    """Load the CUDA and cuDNN libraries of pip's ``nvidia-*`` packages, once per process.
+
+    onnxruntime-gpu's CUDA EP dlopens them by name and finds them only on the loader's path
+    (system CUDA, LD_LIBRARY_PATH) or when torch loaded them first; the device never imports
+    torch. ``onnxruntime.preload_dlls`` (onnxruntime-gpu >= 1.21) loads them from the nvidia
+    packages next to onnxruntime. It prints what it could not load; those lines are returned
+    (and kept) so a dropped provider's warning can name the cause instead of printing them.
+    """
+    global _preload_notes
+    if _preload_notes is None:
+        _preload_notes = []
+        preload = getattr(ort, "preload_dlls", None)
+        if preload is not None:
+            buf = io.StringIO()
+            try:
+                with contextlib.redirect_stdout(buf):
+                    preload()
+            except Exception as e:  # noqa: BLE001 - a failed preload only means the EP may not start
+                buf.write(f"preload_dlls failed: {e}\n")
+            _preload_notes = [x.strip() for x in buf.getvalue().splitlines() if x.strip()]
+    return _preload_notes
+
+
 def create_session(
     path: str | os.PathLike,
     profile: DeviceProfile,
@@ -192,6 +220,7 @@ def create_session(
     """
     so = session_options(profile, config_entries)
     names, opts = session_providers(profile, strict=strict, warn=warn)
+    notes = preload_gpu_libraries() if any(n in GPU_PROVIDERS for n in names) else []
     try:
         with _small_allocations_mapped(profile.malloc_mmap_threshold_kb):
             sess = ort.InferenceSession(str(path), sess_options=so, providers=names, provider_options=opts)
@@ -202,8 +231,9 @@ def create_session(
     got = set(sess.get_providers())
     dropped = [n for n in names if n != CPU and n not in got]
     if dropped:
+        cause = f"({notes[0]})" if notes else "(missing CUDA/cuDNN/TensorRT libraries?)"
         line = (f"{', '.join(dropped)} from device profile {profile.name!r} could not be started by onnxruntime "
-                f"(missing CUDA/cuDNN/TensorRT libraries?); running on {', '.join(sess.get_providers())}")
+                f"{cause}; running on {', '.join(sess.get_providers())}")
         if strict:
             raise UserError(line)
         if warn is not None:
