@@ -3,6 +3,13 @@
 #   .whl/py/*.whl        pure-Python wheels the machine lacks (diffusers, optimum-quanto)
 #   .whl/ort.NN + .whl/ort.sha256   onnxruntime-gpu as a split tar.xz of its installed files (its
 #                        wheel is 255 MB, over the 64 MiB a call carries, so it travels over several calls)
+# Preparing them here (2026-11-27: onnxruntime-gpu 1.31.1 is a CUDA 13 build, as the image is):
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
+#       -d .whl/py diffusers==0.42.1 optimum-quanto==0.2.7
+#   pip download --no-deps ... -d /tmp/ortgpu onnxruntime-gpu==1.31.1 && cd /tmp/ortgpu && unzip -q *.whl -d x \
+#       && tar -C x -cf - . | xz -T2 -7 > ort.tar.xz      # 255 MB wheel -> 204 MB
+#   split ort.tar.xz into .whl/ort.00 (44 MiB) and .whl/ort.01-03 (50 MiB each), `sha256sum ort.tar.xz > .whl/ort.sha256`
+#   (a call carries 64 MiB with the ~12 MiB checkout: the first call also carries .whl/py and the sha).
 # Defines: OUT, SD, T0, PYTHONPATH, and the functions below.
 OUT=${OUT:-/tmp/out}
 SD=${SD:-/tmp/sd15}

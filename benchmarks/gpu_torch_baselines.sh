@@ -2,10 +2,10 @@
 # Torch baselines of one personalize step on a GPU, on an SD1.5-architecture pipeline with random
 # weights (weights change neither memory nor speed). Meant for a machine without network:
 #
-#     bash benchmarks/gpu_torch_baselines.sh        # from the repo root, with .whl/ next to it
+#     bash benchmarks/gpu_torch_baselines.sh        # from the repo root, with .whl/py/ next to it
 #
-# .whl/*.whl: diffusers and optimum-quanto (the machine has torch, transformers, safetensors, ...);
-# .whl/fallback/*.whl: installed only if the machine lacks them (Pillow, requests & co., regex).
+# .whl/py/*.whl: diffusers and optimum-quanto (the machine has torch, transformers, safetensors, ...);
+# set-up shared with gpu_cuda_ep.sh in gpu_setup.sh.
 # Each baseline runs in its own process (benchmarks/torch_steps.py --device cuda):
 #   zo fp32, zo fp16 (the paper's setting), quanto int8 weights + fp16 activations, grad fp32,
 #   and, if time is left, quanto int8 weights + fp32 activations.
@@ -14,92 +14,23 @@
 # BUDGET_S (300: every run starts and ends within this many seconds of the start; one with
 # under 30 s left is skipped, none runs over 180 s), SD (/tmp/sd15, reused if built).
 set -u -o pipefail
-OUT=${OUT:-/tmp/out}
 STEPS=${STEPS:-10}
 WARMUP=${WARMUP:-2}
 BUDGET_S=${BUDGET_S:-300}
-SD=${SD:-/tmp/sd15}
-mkdir -p "$OUT"
+source benchmarks/gpu_setup.sh
 JSONL=$OUT/gpu_torch.jsonl
 LOG=$OUT/gpu_torch.log
 : > "$JSONL"
 : > "$LOG"
-T0=$(date +%s)
-export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false
 
 echo "== install carried wheels"
-if python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD; then
-  :
-else
-  echo "pip install failed: unpacking the wheels with zipfile instead (they are pure Python)"
-  python3 -c 'import glob, zipfile; [zipfile.ZipFile(w).extractall("/tmp/site") for w in glob.glob(".whl/*.whl")]' || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
-fi
-fallback() {  # fallback MODULE WHEEL-GLOB...: install the wheels only if MODULE does not import
-  local mod=$1; shift
-  python3 -c "import $mod" 2>/dev/null && return 0
-  echo "$mod missing: installing ${*} from .whl/fallback"
-  local files=()
-  for g in "$@"; do files+=(.whl/fallback/$g-*.whl); done
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "${files[@]}" \
-    || python3 -c 'import sys, zipfile; [zipfile.ZipFile(w).extractall("/tmp/site") for w in sys.argv[1:]]' "${files[@]}"
-}
-fallback PIL pillow
-fallback requests requests urllib3 idna charset_normalizer certifi
-fallback regex regex
-echo "install: $(( $(date +%s) - T0 )) s"
-
+install_py_wheels || { echo "wheel install failed: nothing can run"; exit 1; }
+echo "install: $(elapsed) s"
 echo "== machine"
-nvidia-smi -L || true
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-python3 - <<'EOF' || { echo "imports failed: nothing can run"; exit 1; }
-import importlib, platform, os
-import torch
-print(f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}, "
-      f"cuDNN {torch.backends.cudnn.version()}), {os.cpu_count()} CPUs, GPU: "
-      f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}")
-for name in ("transformers", "diffusers", "optimum.quanto", "huggingface_hub", "tokenizers", "safetensors",
-             "accelerate", "numpy", "onnx", "PIL", "requests", "regex", "pynvml"):
-    try:
-        m = importlib.import_module(name)
-        print(f"  {name} {getattr(m, '__version__', '?')} ({os.path.dirname(m.__file__)})")
-    except Exception as e:  # report, the runs will say whether it mattered
-        print(f"  {name}: NOT importable ({type(e).__name__}: {e})")
-import diffusers  # noqa: F401  (every run needs it; quanto only the quanto runs)
-EOF
-
+machine_report
 echo "== build SD1.5-architecture pipeline (random weights) in $SD"
-if [ -f "$SD/model_index.json" ]; then
-  echo "exists, reused"
-else
-  python3 - "$SD" <<'EOF' || { echo '{"label": "build", "failed": true}' >> "$JSONL"; echo "build failed: nothing can run"; exit 1; }
-import json, os, sys, time, traceback
-from pathlib import Path
-import torch
-from zoodip_edge.export.tiny import build_sd15_architecture
-t = time.perf_counter()
-try:
-    build_sd15_architecture(Path(sys.argv[1]))
-except Exception:
-    # Only known way this could differ between transformers versions: CLIPTokenizer taking the
-    # vocab.json / merges.txt paths. Retry once with the files read into a dict and a merge list.
-    traceback.print_exc()
-    print("retrying with CLIPTokenizer(vocab=dict, merges=list)")
-    import transformers
-    orig = transformers.CLIPTokenizer
-    def tok(vocab, merges, **kw):
-        if isinstance(vocab, str) and os.path.isfile(vocab):
-            vocab = json.loads(Path(vocab).read_text(encoding="utf-8"))
-        if isinstance(merges, str) and os.path.isfile(merges):
-            merges = [tuple(x.split()) for x in Path(merges).read_text(encoding="utf-8").splitlines()[1:] if x.strip()]
-        return orig(vocab=vocab, merges=merges, **kw)
-    transformers.CLIPTokenizer = tok
-    build_sd15_architecture(Path(sys.argv[1]))
-print(f"built in {time.perf_counter() - t:.1f} s (torch threads {torch.get_num_threads()})")
-EOF
-  du -sh "$SD"
-fi
-echo "setup total: $(( $(date +%s) - T0 )) s"
+build_sd15 || { echo '{"label": "build", "failed": true}' >> "$JSONL"; echo "build failed: nothing can run"; exit 1; }
+echo "setup total: $(elapsed) s"
 
 run() {  # run LABEL ARGS...: one torch_steps.py process; appends one JSON line (result or failure)
   local label=$1; shift
