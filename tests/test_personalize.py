@@ -211,6 +211,34 @@ def test_bad_tokens(sd1_bundle, photos, tmp_path):
     assert not out.exists()
 
 
+def test_onnxruntime_failures_are_one_line(sd1_bundle, photos, tmp_path, monkeypatch):
+    """A failure inside ONNX Runtime mid-run (on a GPU: out of memory) is one line and exit 1, no output file."""
+    import onnxruntime as ort
+
+    from zoodip_edge.bundle import load_bundle
+
+    te = load_bundle(sd1_bundle, verify=False).path("text_encoder")
+
+    def wrong_shape(self):  # ORT's own exception class, raised from its bindings
+        ort.InferenceSession(str(te)).run(None, {"inputs_embeds": np.zeros((1, 2, 3), np.float32)})
+
+    # ORT's Python layer raises plain RuntimeErrors; this is the message CUDA EP gave on an H200.
+    oom = compile("raise RuntimeError('Error in execution: Non-zero status code returned while running Conv node. "
+                  "Status Message: bfc_arena.cc:360 Available memory of 2655300864 is smaller than requested bytes "
+                  "of 6938787840')", str(Path("site-packages") / "onnxruntime" / "capi" / "session.py"), "exec")
+    out = tmp_path / "o.safetensors"
+    argv = ["personalize", str(sd1_bundle), str(photos), "--token", TOKEN, "--init", "dog", "--out", str(out),
+            "--device", "cpu", "-q", "--steps", "2"]
+    for step, expect in ((wrong_shape, "onnxruntime failed: "), (lambda self: exec(oom), "ran out of memory")):
+        monkeypatch.setattr(Personalizer, "step", step)
+        r = runner.invoke(app, argv)
+        lines = r.output.strip().splitlines()
+        assert r.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error: onnxruntime failed: "), r.output
+        assert expect in lines[0] and not out.exists()
+    monkeypatch.setattr(Personalizer, "step", lambda self: exec("raise RuntimeError('a bug of ours')"))
+    assert isinstance(runner.invoke(app, argv).exception, RuntimeError)  # not ORT's: not hidden
+
+
 def test_bad_bundles(bundle_copy, photos, tmp_path):
     out = tmp_path / "o.safetensors"
     tok = bundle_copy / "tokenizer.json"

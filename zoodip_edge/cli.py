@@ -1,6 +1,7 @@
 """The ``zoodip-edge`` command: a thin layer over the Python API.
 
-Every command turns a UserError into one line on stderr and exit status 2.
+Every command turns a UserError into one line on stderr and exit status 2, and a failure inside
+ONNX Runtime (e.g. the GPU out of memory) into one line and exit status 1.
 """
 
 from __future__ import annotations
@@ -8,7 +9,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -22,6 +25,26 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 def _err(msg: str) -> None:
     typer.echo(f"error: {msg}", err=True)
+
+
+_OUT_OF_MEMORY = ("Available memory of", "out of memory", "Failed to allocate", "bad_alloc")
+
+
+def _raised_by_onnxruntime(e: BaseException) -> bool:
+    """ORT raises its own classes from its bindings, and plain RuntimeErrors from its Python layer."""
+    if type(e).__module__.startswith("onnxruntime"):
+        return True
+    inner = traceback.extract_tb(e.__traceback__)[-1:]
+    return any(f"{os.sep}onnxruntime{os.sep}" in frame.filename for frame in inner)
+
+
+def _onnxruntime_failure(e: BaseException) -> str:
+    msg = (str(e).strip().splitlines() or [type(e).__name__])[0].removeprefix("Error in execution: ")
+    line = f"onnxruntime failed: {msg[:400]}"
+    if any(k in msg for k in _OUT_OF_MEMORY):
+        line += ("; the device ran out of memory: a profile that uses less (--device cuda-lowvram, cpu-lowmem) "
+                 "or a bundle exported at a smaller --resolution may fit")
+    return line
 
 
 def cli_errors(fn: Callable) -> Callable:
@@ -38,6 +61,11 @@ def cli_errors(fn: Callable) -> Callable:
         except ImportError as e:
             _err(f"{e.name or e}: missing dependency; the export stage needs `pip install \"zoodip-edge[export]\"`")
             raise typer.Exit(2) from None
+        except Exception as e:  # noqa: BLE001 - only ONNX Runtime's own failures are turned into a line
+            if not _raised_by_onnxruntime(e):
+                raise
+            _err(_onnxruntime_failure(e))
+            raise typer.Exit(1) from None
 
     return wrapper
 
