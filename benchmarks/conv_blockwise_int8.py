@@ -42,6 +42,9 @@ ap.add_argument("--radii", default="1e-4,1e-3", help="‖δ‖/‖x‖ of the fi
 ap.add_argument("--directions", type=int, default=8)
 ap.add_argument("--threads", type=int, default=2)
 ap.add_argument("--layouts", default="nhwc,nchw", help="im2col layouts to try for (c) and (d)")
+ap.add_argument("--breakdown", action="store_true",
+                help="instead: time the im2col part alone and the GEMM alone (MatMul fp32, MatMulNBits acc0/acc4) "
+                     "on a ready [N, H·W, K] matrix, and check that acc4 gives bit-identical outputs run to run")
 a = ap.parse_args()
 
 OPSETS = [h.make_opsetid("", 21), h.make_opsetid("com.microsoft", 1)]
@@ -68,7 +71,8 @@ def im2col_nodes(x: str, c: int, hw: int, k: int, layout: str, prefix: str = "")
     """Nodes from NCHW ``x`` to a [N, H·W, K] matrix whose K order is (kh, kw, c_in); returns (nodes, inits, name)."""
     p = prefix
     nodes, inits = [], []
-    inits.append(nh.from_array(np.array([0, -1, c * k * k], np.int64), p + "shape_a"))
+    if k == 1 or layout == "nhwc":
+        inits.append(nh.from_array(np.array([0, -1, c * k * k], np.int64), p + "shape_a"))
     if k == 1:
         nodes.append(h.make_node("Transpose", [x], [p + "xt"], perm=[0, 2, 3, 1]))
         nodes.append(h.make_node("Reshape", [p + "xt", p + "shape_a"], [p + "A"]))
@@ -168,6 +172,62 @@ def fd(sess: ort.InferenceSession, x: np.ndarray, w_out: np.ndarray, deltas: lis
         return float(np.dot(w_out.ravel(), sess.run(None, {"x": v})[0].astype(np.float64).ravel()))
     return np.array([(loss(x + d) - loss(x - d)) / 2 for d in deltas])
 
+
+def timed(sess: ort.InferenceSession, feed: dict) -> float:
+    for _ in range(a.warmup):
+        sess.run(None, feed)
+    ts = []
+    for _ in range(a.repeat):
+        t = time.perf_counter()
+        sess.run(None, feed)
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts)) * 1e3
+
+
+def breakdown() -> None:
+    rows = ["| conv | batch | part | ms | GMAC/s | deterministic |", "|---|---|---|---|---|---|"]
+    for shape in a.shapes.split(","):
+        k = 1 if shape.endswith("k1") else 3
+        c, hw = (int(v) for v in shape.removesuffix("k1").split("x"))
+        kk = c * k * k
+        for n in (int(v) for v in a.batches.split(",")):
+            rng = np.random.default_rng(0)
+            gmac = n * c * kk * hw * hw / 1e9
+            wmat = (rng.standard_normal((kk, c)) / np.sqrt(kk)).astype(np.float32)
+            bq, bs = nbits8(wmat)
+            x = rng.standard_normal((n, c, hw, hw)).astype(np.float32)
+            amat = rng.standard_normal((n, hw * hw, kk)).astype(np.float32)
+            parts = {}
+            for lay in a.layouts.split(",") if k == 3 else ["nhwc"]:
+                nodes, inits, out = im2col_nodes("x", c, hw, k, lay)
+                nodes.append(h.make_node("Identity", [out], ["y"]))
+                g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, [n, c, hw, hw])],
+                                 [h.make_tensor_value_info("y", T.FLOAT, None)], inits)
+                parts[f"im2col[{lay}] only"] = (h.make_model(g, opset_imports=OPSETS).SerializeToString(), {"x": x})
+
+            def gemm(node, inits):
+                g = h.make_graph([node], "g", [h.make_tensor_value_info("a", T.FLOAT, [n, hw * hw, kk])],
+                                 [h.make_tensor_value_info("y", T.FLOAT, None)], inits)
+                return h.make_model(g, opset_imports=OPSETS).SerializeToString(), {"a": amat}
+            parts["MatMul fp32 alone"] = gemm(h.make_node("MatMul", ["a", "w"], ["y"]), [nh.from_array(wmat, "w")])
+            for acc in (0, 4):
+                parts[f"MatMulNBits acc{acc} alone"] = gemm(
+                    h.make_node("MatMulNBits", ["a", "bq", "bs"], ["y"], domain="com.microsoft", K=kk, N=c, bits=8,
+                                block_size=32, accuracy_level=acc), [nh.from_array(bq, "bq"), nh.from_array(bs, "bs")])
+            for name, (blob, feed) in parts.items():
+                sess = session(blob)
+                y0 = sess.run(None, feed)[0]
+                ms = timed(sess, feed)
+                same = all(np.array_equal(y0, sess.run(None, feed)[0]) for _ in range(3))
+                g = f"{gmac / ms * 1e3:.0f}" if "MatMul" in name else "–"
+                rows.append(f"| {c}→{c} {k}×{k} at {hw}×{hw} | {n} | {name} | {ms:.1f} | {g} | {same} |")
+                print(rows[-1], flush=True)
+    print(header(sys.argv) + "\n" + "\n".join(rows))
+
+
+if a.breakdown:
+    breakdown()
+    sys.exit(0)
 
 radii = [float(r) for r in a.radii.split(",")]
 fd_cols = "".join(f" FD pearson r={r:g} | FD rel. err r={r:g} |" for r in radii)
