@@ -10,10 +10,13 @@
 #       does CUDA EP start without/with preload_dlls; personalize steps on CUDA EP (cuda profile,
 #       batched; cuda-lowvram, one by one); torch fp32 ZO and torch + quanto fp16 ZO (the paper)
 #       in the same call; the ZO fidelity gate on CUDA EP (fidelity_by_mu.py --profile cuda).
+#   bash benchmarks/gpu_cuda_ep.sh variants  # after measure, same machine: profile variants not yet
+#       measured (cuda one by one, cuda-lowvram with resident sessions) and, with EXPORT_FP16=1 at
+#       start (an fp16 bundle exported after the int8-gpu one), the fp16 recipe on the cuda profile.
 # Every phase gathers the parts it carries. Results: $OUT/*.jsonl, *.txt, *.log.
 set -u -o pipefail
 source benchmarks/gpu_setup.sh
-PHASE=${1:?phase: start, torchfid, parts or measure}
+PHASE=${1:?phase: start, torchfid, parts, measure or variants}
 BUNDLE=${BUNDLE:-/tmp/sd15-int8-gpu}
 keep_ort_parts
 
@@ -50,9 +53,11 @@ start)
   build_sd15 || exit 1
   rm -f /tmp/export.rc
   # setsid: runs on between calls (the device tool ends a call's other processes when it returns).
+  fp16=""
+  [ "${EXPORT_FP16:-0}" = 1 ] && fp16="; python3 -m zoodip_edge.cli export $SD --out /tmp/sd15-fp16 --recipe fp16 --force > /tmp/export-fp16.log 2>&1"
   setsid nohup bash -c "t=\$(date +%s); python3 -m zoodip_edge.cli export $SD --out $BUNDLE --recipe int8-gpu --force \
       > /tmp/export.log 2>&1; echo \$? > /tmp/export.rc.tmp; echo \$(( \$(date +%s) - t )) > /tmp/export.wall; \
-      mv /tmp/export.rc.tmp /tmp/export.rc" > /dev/null 2>&1 < /dev/null &
+      mv /tmp/export.rc.tmp /tmp/export.rc $fp16" > /dev/null 2>&1 < /dev/null &
   sleep 5; export_status
   ;;
 torchfid)
@@ -93,6 +98,21 @@ PY
   timeout 150 python3 benchmarks/fidelity_by_mu.py "$SD" "$BUNDLE" --profile cuda --mu 1e-3,1e-2 2> "$OUT/fidelity_cuda.log" | tee "$OUT/fidelity_cuda.txt"
   one "zoodip-edge int8-gpu, cuda-lowvram profile, one by one" 90 python3 benchmarks/personalize_steps.py "$BUNDLE" --profile cuda-lowvram --profile-levers --sequential --warmup 1 --steps 3
   echo "measure done ($(elapsed) s)"
+  ;;
+variants)
+  install_ort_gpu || exit 1
+  sed -e 's/^batch_perturbations = true/batch_perturbations = false/' -e 's/^name = "cuda"/name = "cuda-one-by-one"/' \
+    devices/cuda.toml > /tmp/cuda-seq.toml
+  sed -e 's/^resident_sessions = false/resident_sessions = true/' -e 's/^name = "cuda-lowvram"/name = "cuda-lowvram-resident"/' \
+    devices/cuda-lowvram.toml > /tmp/lowvram-resident.toml
+  one "zoodip-edge int8-gpu, cuda profile, one by one" 120 python3 benchmarks/personalize_steps.py "$BUNDLE" --profile /tmp/cuda-seq.toml --profile-levers --sequential --warmup 2 --steps 10
+  one "zoodip-edge int8-gpu, cuda-lowvram, resident sessions" 120 python3 benchmarks/personalize_steps.py "$BUNDLE" --profile /tmp/lowvram-resident.toml --profile-levers --sequential --warmup 2 --steps 10
+  if [ -f /tmp/sd15-fp16/manifest.json ]; then
+    one "zoodip-edge fp16, cuda profile, batched" 120 python3 benchmarks/personalize_steps.py /tmp/sd15-fp16 --profile cuda --profile-levers --batched --warmup 2 --steps 10
+    timeout 150 python3 benchmarks/fidelity_by_mu.py "$SD" /tmp/sd15-fp16 --profile cuda --mu 1e-3 2>/dev/null | tee "$OUT/fidelity_cuda_fp16.txt"
+  else
+    echo "no /tmp/sd15-fp16 (start with EXPORT_FP16=1): fp16 rows skipped"; tail -3 /tmp/export-fp16.log 2>/dev/null
+  fi
   ;;
 *) echo "unknown phase $PHASE"; exit 2 ;;
 esac
