@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import tempfile
 import time
@@ -29,6 +30,7 @@ from common import GpuMemoryPeak, nvml_used_mb, peak_rss_mb  # noqa: E402
 from zoodip_edge.demo import draw_photos  # noqa: E402
 from zoodip_edge.profiles import resolve_profile  # noqa: E402
 from zoodip_edge.runtime.personalize import Personalizer, Settings  # noqa: E402
+from zoodip_edge.runtime.sessions import hugetlb_restart_env  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("bundle")
@@ -43,6 +45,7 @@ ap.add_argument("--no-mem-reuse", action="store_true", help="ORT's planner does 
 ap.add_argument("--profile-levers", action="store_true", help="arena, memory pattern and reuse as the profile sets them")
 ap.add_argument("--profile", default="cpu", help="device profile (default cpu; e.g. cpu-lowmem)")
 ap.add_argument("--warmup", type=int, default=0, help="steps run before the timed ones (GPU: cuDNN's first calls)")
+ap.add_argument("--hugetlb", action="store_true", help="malloc_hugetlb on (default: the profile's)")
 ap.add_argument("--mmap-threshold-kb", type=int, help="glibc mmap threshold after loading (default: the profile's)")
 a = ap.parse_args()
 photos = draw_photos(Path(tempfile.mkdtemp()) / "photos")
@@ -53,6 +56,11 @@ if not a.profile_levers:
                                   enable_mem_reuse=not a.no_mem_reuse)
 if a.mmap_threshold_kb:
     profile = dataclasses.replace(profile, malloc_mmap_threshold_kb=a.mmap_threshold_kb)
+if a.hugetlb:
+    profile = dataclasses.replace(profile, malloc_hugetlb=True)
+env = hugetlb_restart_env(profile)
+if env is not None:  # as the CLI does: glibc reads the tunable only at process start
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
 gpu = profile.provider_names[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 sampler = GpuMemoryPeak() if gpu else None
 t0 = time.perf_counter()
@@ -74,4 +82,5 @@ print(json.dumps({"batched": a.batched, "n": p.config.n, "setup_s": setup_s, "s_
                   "peak_rss_mb": peak_rss_mb(), **extra,
                   "arena": profile.enable_cpu_mem_arena, "mem_pattern": profile.enable_mem_pattern,
                   "mem_reuse": profile.enable_mem_reuse, "profile": profile.name,
-                  "mmap_threshold_kb": profile.malloc_mmap_threshold_kb}))
+                  "mmap_threshold_kb": profile.malloc_mmap_threshold_kb, "hugetlb": profile.malloc_hugetlb,
+                  "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}))

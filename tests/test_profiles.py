@@ -7,6 +7,7 @@ for their fallback to the CPU.
 from __future__ import annotations
 
 import importlib.metadata
+import platform
 import subprocess
 import sys
 import textwrap
@@ -208,6 +209,7 @@ def test_runtime_modules_do_not_import_torch():
      "enable_mem_reuse"),
     (lambda s: s.replace("memory_budget_mb = 1024", 'memory_budget_mb = 1024\nmalloc_mmap_threshold_kb = 16'),
      "malloc_mmap_threshold_kb"),
+    (lambda s: s.replace("memory_budget_mb = 1024", 'memory_budget_mb = 1024\nmalloc_hugetlb = "yes"'), "malloc_hugetlb"),
 ])
 def test_invalid_profile_is_refused_naming_file_and_field(tmp_path, edit, field):
     p = write(tmp_path, edit(VALID))
@@ -507,3 +509,51 @@ def test_devices_report():
     assert [r["name"] for r in devices_report(["cuda"])] == ["cuda"]
     with pytest.raises(UserError):
         devices_report(["nope"])
+
+
+# -------------------------------------------------------------------- glibc huge pages (restart)
+
+needs_glibc_235 = pytest.mark.skipif(
+    sys.platform != "linux" or platform.libc_ver()[0] != "glibc"
+    or tuple(int(x) for x in platform.libc_ver()[1].split(".")[:2]) < (2, 35),
+    reason="glibc >= 2.35 only")
+
+
+@needs_glibc_235
+def test_hugetlb_restart_env(tmp_path):
+    from zoodip_edge.runtime.sessions import hugetlb_restart_env
+
+    plain = load_profile(write(tmp_path, VALID))
+    huge = load_profile(write(tmp_path, VALID.replace("io_binding = false", "io_binding = false\nmalloc_hugetlb = true"), "h.toml"))
+    assert not plain.malloc_hugetlb and huge.malloc_hugetlb
+    assert hugetlb_restart_env(plain, {}) is None
+    assert hugetlb_restart_env(huge, {"HOME": "/x"}) == {"HOME": "/x", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    # other tunables are kept; one already naming hugetlb (the restarted process) means no restart
+    assert hugetlb_restart_env(huge, {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})["GLIBC_TUNABLES"] == \
+        "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+    assert hugetlb_restart_env(huge, {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}) is None
+    assert hugetlb_restart_env(huge, {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) is None  # the user's choice stands
+
+
+@needs_glibc_235
+def test_cli_restarts_itself_once_for_hugetlb_only_as_a_real_process(tmp_path, monkeypatch):
+    import zoodip_edge.cli as cli
+
+    huge = load_profile(write(tmp_path, VALID.replace("io_binding = false", "io_binding = false\nmalloc_hugetlb = true")))
+    calls = []
+    monkeypatch.setattr(cli.os, "execve", lambda path, argv, env: calls.append((path, argv, env)))
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.setattr(sys, "argv", ["zoodip-edge", "personalize", "b", "imgs", "--device", "h.toml"])
+    cli._restart_for(huge)
+    assert calls == []  # in-process (test runner, Python API): never
+    monkeypatch.setattr(cli, "_MAIN", True)
+    cli._restart_for(load_profile(write(tmp_path, VALID, "plain.toml")))
+    assert calls == []  # the profile does not ask
+    cli._restart_for(huge)
+    (path, argv, env), = calls
+    assert path == sys.executable and argv == [sys.executable, "-m", "zoodip_edge.cli", "personalize", "b", "imgs",
+                                               "--device", "h.toml"]
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
+    cli._restart_for(huge)
+    assert len(calls) == 1  # the restarted process goes on

@@ -27,6 +27,23 @@ def _err(msg: str) -> None:
     typer.echo(f"error: {msg}", err=True)
 
 
+_MAIN = False  # set by main(): only a real process (not an in-process test runner) restarts itself
+
+
+def _restart_for(profile) -> None:
+    """Re-execute this command once with what ``profile`` needs set at process start (glibc's
+    huge-page tunable); a no-op when nothing is needed or it is already set."""
+    if not _MAIN:
+        return
+    from .runtime.sessions import hugetlb_restart_env
+
+    env = hugetlb_restart_env(profile)
+    if env is not None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(sys.executable, [sys.executable, "-m", "zoodip_edge.cli", *sys.argv[1:]], env)
+
+
 _OUT_OF_MEMORY = ("Available memory of", "out of memory", "Failed to allocate", "bad_alloc")
 
 
@@ -198,6 +215,7 @@ def personalize(
     """Learn a token for the concept in IMAGES with forward passes only (device)."""
     from tqdm import tqdm
 
+    from .profiles import resolve_profile
     from .runtime.personalize import Personalizer, Settings
 
     if out.exists() and not force and not resume:
@@ -209,6 +227,8 @@ def personalize(
     ckpt = checkpoint or out.with_name(out.name + ".ckpt")
     if resume and not ckpt.is_file():
         raise UserError(f"--resume: no checkpoint at {ckpt}")
+    profile = resolve_profile(device)
+    _restart_for(profile)
     settings = Settings(n=n, mu=mu, lr=lr, tau=tau, nu=nu, t_low=t_low, t_high=t_high, subspace=not no_subspace,
                         puts=not no_puts, seed=seed, templates=templates, batch_perturbations=batched)
     warn = lambda msg: typer.echo(f"warning: {msg}", err=True)  # noqa: E731
@@ -219,7 +239,7 @@ def personalize(
         _, start, _ = load_embedding(init_embedding)
         if isinstance(start, dict) or len(start) != 1:
             raise UserError(f"{init_embedding}: --init-embedding needs a single-vector SD1/SD2 embedding")
-    p = Personalizer(bundle, images, token, init, settings=settings, captions=captions, profile=device, strict=strict,
+    p = Personalizer(bundle, images, token, init, settings=settings, captions=captions, profile=profile, strict=strict,
                      warn=warn, init_embedding=start)
     total = steps if steps is not None else p.bundle.manifest["defaults"]["steps"]
     if total < 1:
@@ -277,10 +297,13 @@ def generate(
     """Generate images with the bundle, optionally using learned tokens (device)."""
     from tqdm import tqdm
 
+    from .profiles import resolve_profile
     from .runtime.generate import Generator, grid
 
+    profile = resolve_profile(device)
+    _restart_for(profile)
     warn = lambda msg: typer.echo(f"warning: {msg}", err=True)  # noqa: E731
-    g = Generator(bundle, profile=device, strict=strict, warn=warn, embeddings=embedding)
+    g = Generator(bundle, profile=profile, strict=strict, warn=warn, embeddings=embedding)
     out.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=steps, disable=quiet, unit="step")
     images = g.generate(prompt, negative_prompt=negative_prompt, n=n, steps=steps, guidance=guidance, seed=seed,
@@ -407,6 +430,8 @@ def demo(
 
 
 def main() -> None:
+    global _MAIN
+    _MAIN = True
     app()
 
 

@@ -15,6 +15,7 @@ A profile is a TOML file (``devices/*.toml`` in the source tree, the package
     enable_mem_pattern = true     # optional (default true): ORT's memory-pattern planner
     enable_mem_reuse = true       # optional (default true): ORT's planner reuses freed buffers
     malloc_mmap_threshold_kb = 1024   # optional (glibc): blocks above this get their own mapping
+    malloc_hugetlb = true         # optional (glibc >= 2.35): those mappings use transparent huge pages
 
     [[providers]]                 # in order of preference
     name = "CUDAExecutionProvider"
@@ -111,7 +112,7 @@ TEGRA_RELEASE = Path("/etc/nv_tegra_release")
 _REQUIRED = ("name", "providers", "intra_op_threads", "batch_perturbations", "resident_sessions",
              "memory_budget_mb", "io_binding")
 _OPTIONAL = ("description", "session_config", "recommended_recipe", "enable_cpu_mem_arena", "enable_mem_pattern",
-             "enable_mem_reuse", "malloc_mmap_threshold_kb")
+             "enable_mem_reuse", "malloc_mmap_threshold_kb", "malloc_hugetlb")
 _PROVIDER_KEYS = ("name", "options")
 
 
@@ -139,6 +140,10 @@ class DeviceProfile:
     # glibc's mmap threshold once sessions are loaded (None: 32 MiB). Smaller returns freed
     # activations to the OS at once (lower peak), at the price of page faults on every forward.
     malloc_mmap_threshold_kb: int | None = None
+    # glibc >= 2.35: back malloc's mappings with transparent huge pages (GLIBC_TUNABLES
+    # glibc.malloc.hugetlb=1), which cuts the page faults a small mmap threshold costs 512-fold.
+    # glibc reads it only at process start: the CLI restarts itself once with it set.
+    malloc_hugetlb: bool = False
     source: str = field(default="", compare=False)  # file it came from, for messages
 
     @property
@@ -238,6 +243,9 @@ def parse_profile(data: dict[str, Any], source: str) -> DeviceProfile:
     mmap_kb = data.get("malloc_mmap_threshold_kb")
     if mmap_kb is not None and (isinstance(mmap_kb, bool) or not isinstance(mmap_kb, int) or not 128 <= mmap_kb <= 32 * 1024):
         raise UserError(f"{src}: field 'malloc_mmap_threshold_kb' must be an integer from 128 to 32768 (KiB), not {mmap_kb!r}")
+    hugetlb = data.get("malloc_hugetlb", False)
+    if not isinstance(hugetlb, bool):
+        raise UserError(f"{src}: field 'malloc_hugetlb' must be true or false, not a {_type_name(hugetlb)} ({hugetlb!r})")
     recipe = data.get("recommended_recipe")
     if recipe is not None and (not isinstance(recipe, str) or not recipe):
         raise UserError(f"{src}: field 'recommended_recipe' must be a non-empty string")
@@ -281,7 +289,7 @@ def parse_profile(data: dict[str, Any], source: str) -> DeviceProfile:
         batch_perturbations=batch, resident_sessions=resident, memory_budget_mb=budget,
         io_binding=io_binding, session_config=cfg, recommended_recipe=recipe, source=src,
         enable_cpu_mem_arena=arena, enable_mem_pattern=pattern, enable_mem_reuse=reuse,
-        malloc_mmap_threshold_kb=mmap_kb,
+        malloc_mmap_threshold_kb=mmap_kb, malloc_hugetlb=hugetlb,
     )
 
 

@@ -17,6 +17,8 @@ import ctypes.util
 import gc
 import io
 import os
+import platform
+import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -32,7 +34,7 @@ from ..profiles import (
 )
 
 __all__ = ["available_providers", "session_options", "session_providers", "preload_gpu_libraries", "create_session",
-           "devices_report", "BundleSessions", "return_free_memory"]
+           "devices_report", "BundleSessions", "return_free_memory", "hugetlb_restart_env"]
 
 
 def _glibc() -> Any:
@@ -57,6 +59,33 @@ def return_free_memory() -> None:
     """
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
+
+
+HUGETLB_TUNABLE = "glibc.malloc.hugetlb=1"
+
+
+def hugetlb_restart_env(profile: DeviceProfile, environ: dict[str, str] | None = None) -> dict[str, str] | None:
+    """The environment to restart this process with for ``profile.malloc_hugetlb``, or None.
+
+    glibc reads GLIBC_TUNABLES only at process start, so a profile that wants malloc's mappings
+    backed by transparent huge pages needs a fresh process (the CLI re-executes itself once).
+    None when the profile does not ask, this is not Linux with glibc >= 2.35 (older glibc
+    ignores the tunable), or the environment already names the tunable (no restart loop).
+    """
+    environ = dict(os.environ if environ is None else environ)
+    if not profile.malloc_hugetlb or _LIBC is None or sys.platform != "linux":
+        return None
+    lib, version = platform.libc_ver()
+    try:
+        if lib != "glibc" or tuple(int(x) for x in version.split(".")[:2]) < (2, 35):
+            return None
+    except ValueError:
+        return None
+    current = environ.get("GLIBC_TUNABLES", "")
+    if "glibc.malloc.hugetlb=" in current:
+        return None
+    environ["GLIBC_TUNABLES"] = f"{current}:{HUGETLB_TUNABLE}" if current else HUGETLB_TUNABLE
+    return environ
 
 
 @contextlib.contextmanager
