@@ -52,7 +52,7 @@ def compare(a: argparse.Namespace) -> list[str]:
         name = f"(1) zoodip-edge {m['recipe']['name']} {m['resolution']} px"
         configs += [(f"{name}, one by one, `cpu` profile (arena, memory pattern, buffer reuse off)", "zo",
                      [sys.executable, OURS, bundle, "--steps", steps, "--n", n, "--sequential", "--profile-levers"]),
-                    (f"{name}, one by one, `cpu-lowmem` profile (also glibc mmap threshold 1 MiB)", "zo",
+                    (f"{name}, one by one, `cpu-lowmem` profile (also glibc mmap threshold 1 MiB, huge pages)", "zo",
                      [sys.executable, OURS, bundle, "--steps", steps, "--n", n, "--sequential", "--profile-levers",
                       "--profile", "cpu-lowmem"]),
                     (f"{name}, one by one, arena on, memory pattern off, buffer reuse on", "zo",

@@ -5,7 +5,9 @@
 ORT's arena, memory pattern and buffer reuse are on unless --no-arena / --no-mem-pattern /
 --no-mem-reuse say otherwise; --profile-levers takes them from the ``cpu`` profile instead
 (what ``personalize`` does).
-``--profile cpu-lowmem`` measures that profile (its glibc mmap threshold always applies).
+``--profile cpu-lowmem`` measures that profile (its glibc mmap threshold always applies, and its
+``malloc_hugetlb`` restarts this script once with GLIBC_TUNABLES set, as the CLI does; ``--hugetlb``
+asks for that with any profile).
 GPU profiles (``--profile cuda``, ``cuda-lowvram``; onnxruntime-gpu) also report this process's GPU
 memory from NVML: sampled every 50 ms during setup and steps (``nvml_peak_mb``) and at the end.
 ``s_per_step`` is the median of ``--steps`` steps after ``--warmup`` steps (``first_step_s``: the very first).
