@@ -50,7 +50,7 @@ def compare(a: argparse.Namespace) -> list[str]:
     for bundle in a.bundles:
         m = json.loads((Path(bundle) / "manifest.json").read_text())
         name = f"(1) zoodip-edge {m['recipe']['name']} {m['resolution']} px"
-        configs += [(f"{name}, one by one, `cpu` profile (arena, memory pattern, buffer reuse off)", "zo",
+        configs += [(f"{name}, one by one, `cpu` profile (arena, memory pattern, buffer reuse off; huge pages, 4 MiB mmap threshold)", "zo",
                      [sys.executable, OURS, bundle, "--steps", steps, "--n", n, "--sequential", "--profile-levers"]),
                     (f"{name}, one by one, `cpu-lowmem` profile (also glibc mmap threshold 1 MiB, huge pages)", "zo",
                      [sys.executable, OURS, bundle, "--steps", steps, "--n", n, "--sequential", "--profile-levers",

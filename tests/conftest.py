@@ -34,7 +34,10 @@ def run_cli_without_torch(argv: list[str]) -> subprocess.CompletedProcess:
         "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'transformers')]\n"
         "assert not bad, bad\n"
     )
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    # A profile with malloc_hugetlb would make the CLI re-execute itself without the import block
+    # and the check below; a tunable already naming hugetlb means no restart.
+    env = {**os.environ, "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
 
 
 @pytest.fixture(scope="session")

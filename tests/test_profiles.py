@@ -210,6 +210,10 @@ def test_runtime_modules_do_not_import_torch():
     (lambda s: s.replace("memory_budget_mb = 1024", 'memory_budget_mb = 1024\nmalloc_mmap_threshold_kb = 16'),
      "malloc_mmap_threshold_kb"),
     (lambda s: s.replace("memory_budget_mb = 1024", 'memory_budget_mb = 1024\nmalloc_hugetlb = "yes"'), "malloc_hugetlb"),
+    (lambda s: s.replace("memory_budget_mb = 1024", 'memory_budget_mb = 1024\nhugetlb_mmap_threshold_kb = 4096'),
+     "hugetlb_mmap_threshold_kb"),                                                          # without malloc_hugetlb
+    (lambda s: s.replace("memory_budget_mb = 1024", 'memory_budget_mb = 1024\nmalloc_hugetlb = true\n'
+                                                    'hugetlb_mmap_threshold_kb = 64'), "hugetlb_mmap_threshold_kb"),
 ])
 def test_invalid_profile_is_refused_naming_file_and_field(tmp_path, edit, field):
     p = write(tmp_path, edit(VALID))
@@ -352,6 +356,7 @@ def test_sessions_load_with_small_allocations_mapped_then_threshold_raised(tiny_
 
     monkeypatch.setattr(sessions, "_LIBC", FakeLibc())
     monkeypatch.setattr(sessions.ort, "InferenceSession", spy)
+    monkeypatch.setattr(sessions, "hugepages_in_effect", lambda: False)
     sess = sessions.create_session(tiny_model, builtin_profiles()["cpu"], {})
     sessions.return_free_memory()
     np.testing.assert_allclose(run(sess), EXPECTED_Y)
@@ -359,6 +364,12 @@ def test_sessions_load_with_small_allocations_mapped_then_threshold_raised(tiny_
     calls.clear()  # cpu-lowmem keeps blocks over 1 MiB mapped after loading
     sessions.create_session(tiny_model, builtin_profiles()["cpu-lowmem"], {})
     assert calls == [("mallopt", -3, 128 * 1024), ("load",), ("mallopt", -3, 1024 * 1024)]
+    calls.clear()  # with huge pages in effect the cpu profile maps blocks over 4 MiB, cpu-lowmem keeps 1 MiB
+    monkeypatch.setattr(sessions, "hugepages_in_effect", lambda: True)
+    sessions.create_session(tiny_model, builtin_profiles()["cpu"], {})
+    sessions.create_session(tiny_model, builtin_profiles()["cpu-lowmem"], {})
+    assert [c for c in calls if c[0] == "mallopt" and c[2] != 128 * 1024] == [("mallopt", -3, 4096 * 1024),
+                                                                               ("mallopt", -3, 1024 * 1024)]
     monkeypatch.setattr(sessions, "_LIBC", None)  # not glibc: both are no-ops
     sessions.return_free_memory()
     np.testing.assert_allclose(run(sessions.create_session(tiny_model, builtin_profiles()["cpu"], {})), EXPECTED_Y)
@@ -557,3 +568,19 @@ def test_cli_restarts_itself_once_for_hugetlb_only_as_a_real_process(tmp_path, m
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
     cli._restart_for(huge)
     assert len(calls) == 1  # the restarted process goes on
+
+
+def test_hugepages_in_effect_needs_the_tunable_and_thp(tmp_path, monkeypatch):
+    import zoodip_edge.runtime.sessions as sessions
+
+    if sessions._LIBC is None:
+        pytest.skip("glibc only")
+    thp = tmp_path / "enabled"
+    on = {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"}
+    for mode, want in (("always [madvise] never", True), ("[always] madvise never", True), ("always madvise [never]", False)):
+        thp.write_text(mode + "\n")
+        assert sessions.hugepages_in_effect(on, thp) is want
+    thp.write_text("always [madvise] never\n")
+    assert not sessions.hugepages_in_effect({}, thp)
+    assert not sessions.hugepages_in_effect({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, thp)
+    assert not sessions.hugepages_in_effect(on, tmp_path / "missing")

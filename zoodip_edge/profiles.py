@@ -16,6 +16,7 @@ A profile is a TOML file (``devices/*.toml`` in the source tree, the package
     enable_mem_reuse = true       # optional (default true): ORT's planner reuses freed buffers
     malloc_mmap_threshold_kb = 1024   # optional (glibc): blocks above this get their own mapping
     malloc_hugetlb = true         # optional (glibc >= 2.35): those mappings use transparent huge pages
+    hugetlb_mmap_threshold_kb = 4096  # optional: the threshold instead, when huge pages are in effect
 
     [[providers]]                 # in order of preference
     name = "CUDAExecutionProvider"
@@ -112,7 +113,8 @@ TEGRA_RELEASE = Path("/etc/nv_tegra_release")
 _REQUIRED = ("name", "providers", "intra_op_threads", "batch_perturbations", "resident_sessions",
              "memory_budget_mb", "io_binding")
 _OPTIONAL = ("description", "session_config", "recommended_recipe", "enable_cpu_mem_arena", "enable_mem_pattern",
-             "enable_mem_reuse", "malloc_mmap_threshold_kb", "malloc_hugetlb")
+             "enable_mem_reuse", "malloc_mmap_threshold_kb", "malloc_hugetlb",
+             "hugetlb_mmap_threshold_kb")
 _PROVIDER_KEYS = ("name", "options")
 
 
@@ -144,6 +146,9 @@ class DeviceProfile:
     # glibc.malloc.hugetlb=1), which cuts the page faults a small mmap threshold costs 512-fold.
     # glibc reads it only at process start: the CLI restarts itself once with it set.
     malloc_hugetlb: bool = False
+    # The mmap threshold to use instead when huge pages are in effect (the tunable set and the
+    # kernel's THP not "never"): mappings then cost little, so a smaller threshold is cheap.
+    hugetlb_mmap_threshold_kb: int | None = None
     source: str = field(default="", compare=False)  # file it came from, for messages
 
     @property
@@ -240,12 +245,15 @@ def parse_profile(data: dict[str, Any], source: str) -> DeviceProfile:
     for key, v in (("enable_cpu_mem_arena", arena), ("enable_mem_pattern", pattern), ("enable_mem_reuse", reuse)):
         if not isinstance(v, bool):
             raise UserError(f"{src}: field {key!r} must be true or false, not a {_type_name(v)} ({v!r})")
-    mmap_kb = data.get("malloc_mmap_threshold_kb")
-    if mmap_kb is not None and (isinstance(mmap_kb, bool) or not isinstance(mmap_kb, int) or not 128 <= mmap_kb <= 32 * 1024):
-        raise UserError(f"{src}: field 'malloc_mmap_threshold_kb' must be an integer from 128 to 32768 (KiB), not {mmap_kb!r}")
+    mmap_kb, huge_kb = data.get("malloc_mmap_threshold_kb"), data.get("hugetlb_mmap_threshold_kb")
+    for key, v in (("malloc_mmap_threshold_kb", mmap_kb), ("hugetlb_mmap_threshold_kb", huge_kb)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 128 <= v <= 32 * 1024):
+            raise UserError(f"{src}: field {key!r} must be an integer from 128 to 32768 (KiB), not {v!r}")
     hugetlb = data.get("malloc_hugetlb", False)
     if not isinstance(hugetlb, bool):
         raise UserError(f"{src}: field 'malloc_hugetlb' must be true or false, not a {_type_name(hugetlb)} ({hugetlb!r})")
+    if huge_kb is not None and not hugetlb:
+        raise UserError(f"{src}: field 'hugetlb_mmap_threshold_kb' needs malloc_hugetlb = true")
     recipe = data.get("recommended_recipe")
     if recipe is not None and (not isinstance(recipe, str) or not recipe):
         raise UserError(f"{src}: field 'recommended_recipe' must be a non-empty string")
@@ -289,7 +297,7 @@ def parse_profile(data: dict[str, Any], source: str) -> DeviceProfile:
         batch_perturbations=batch, resident_sessions=resident, memory_budget_mb=budget,
         io_binding=io_binding, session_config=cfg, recommended_recipe=recipe, source=src,
         enable_cpu_mem_arena=arena, enable_mem_pattern=pattern, enable_mem_reuse=reuse,
-        malloc_mmap_threshold_kb=mmap_kb, malloc_hugetlb=hugetlb,
+        malloc_mmap_threshold_kb=mmap_kb, malloc_hugetlb=hugetlb, hugetlb_mmap_threshold_kb=huge_kb,
     )
 
 

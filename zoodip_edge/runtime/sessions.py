@@ -34,7 +34,8 @@ from ..profiles import (
 )
 
 __all__ = ["available_providers", "session_options", "session_providers", "preload_gpu_libraries", "create_session",
-           "devices_report", "BundleSessions", "return_free_memory", "hugetlb_restart_env"]
+           "devices_report", "BundleSessions", "return_free_memory", "hugetlb_restart_env", "hugepages_in_effect",
+           "mmap_threshold_kb"]
 
 
 def _glibc() -> Any:
@@ -86,6 +87,28 @@ def hugetlb_restart_env(profile: DeviceProfile, environ: dict[str, str] | None =
         return None
     environ["GLIBC_TUNABLES"] = f"{current}:{HUGETLB_TUNABLE}" if current else HUGETLB_TUNABLE
     return environ
+
+
+THP_ENABLED = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def hugepages_in_effect(environ: dict[str, str] | None = None, thp: Path = THP_ENABLED) -> bool:
+    """glibc backs its mappings with huge pages: the tunable was set at start and the kernel's THP
+    mode is "always" or "madvise" (glibc madvises its mappings)."""
+    tunables = (os.environ if environ is None else environ).get("GLIBC_TUNABLES", "")
+    if _LIBC is None or HUGETLB_TUNABLE not in tunables.split(":"):
+        return False
+    try:
+        return "[never]" not in thp.read_text()
+    except OSError:
+        return False
+
+
+def mmap_threshold_kb(profile: DeviceProfile) -> int | None:
+    """The glibc mmap threshold to set once sessions are loaded (None: glibc's 32 MiB)."""
+    if profile.hugetlb_mmap_threshold_kb is not None and hugepages_in_effect():
+        return profile.hugetlb_mmap_threshold_kb
+    return profile.malloc_mmap_threshold_kb
 
 
 @contextlib.contextmanager
@@ -251,7 +274,7 @@ def create_session(
     names, opts = session_providers(profile, strict=strict, warn=warn)
     notes = preload_gpu_libraries() if any(n in GPU_PROVIDERS for n in names) else []
     try:
-        with _small_allocations_mapped(profile.malloc_mmap_threshold_kb):
+        with _small_allocations_mapped(mmap_threshold_kb(profile)):
             sess = ort.InferenceSession(str(path), sess_options=so, providers=names, provider_options=opts)
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
