@@ -5,8 +5,8 @@
 
 Rows, each in its own process so peaks do not mix:
 1. zoodip-edge on each bundle: perturbations one by one with the ``cpu`` profile as shipped
-   (ORT arena, memory pattern and buffer reuse off), with the ``cpu-lowmem`` profile, one by one
-   with the arena and buffer reuse on, and batched.
+   (ORT arena shrunk after every run; memory pattern and buffer reuse off; glibc huge pages), with
+   the ``cpu-lowmem`` profile, one by one with the arena and buffer reuse on (no shrinkage), and batched.
 2. the paper's way: torch, weights int8 by optimum-quanto, forward-only ZO (``.[bench]`` extra);
 3. gradient textual inversion in torch fp32 (one trainable row, autograd, Adam);
 4. forward-only ZO in torch fp32.
@@ -50,9 +50,9 @@ def compare(a: argparse.Namespace) -> list[str]:
     for bundle in a.bundles:
         m = json.loads((Path(bundle) / "manifest.json").read_text())
         name = f"(1) zoodip-edge {m['recipe']['name']} {m['resolution']} px"
-        configs += [(f"{name}, one by one, `cpu` profile (arena, memory pattern, buffer reuse off; huge pages, 4 MiB mmap threshold)", "zo",
+        configs += [(f"{name}, one by one, `cpu` profile (arena shrunk after every run; memory pattern, buffer reuse off; huge pages, 4 MiB mmap threshold)", "zo",
                      [sys.executable, OURS, bundle, "--steps", steps, "--n", n, "--sequential", "--profile-levers"]),
-                    (f"{name}, one by one, `cpu-lowmem` profile (also glibc mmap threshold 1 MiB, huge pages)", "zo",
+                    (f"{name}, one by one, `cpu-lowmem` profile (arena, memory pattern, buffer reuse off; mmap threshold 1 MiB, huge pages)", "zo",
                      [sys.executable, OURS, bundle, "--steps", steps, "--n", n, "--sequential", "--profile-levers",
                       "--profile", "cpu-lowmem"]),
                     (f"{name}, one by one, arena on, memory pattern off, buffer reuse on", "zo",

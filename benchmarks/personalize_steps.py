@@ -3,8 +3,8 @@
     python benchmarks/personalize_steps.py BUNDLE --steps 3 --batched|--sequential [--profile-levers]
 
 ORT's arena, memory pattern and buffer reuse are on unless --no-arena / --no-mem-pattern /
---no-mem-reuse say otherwise; --profile-levers takes them from the ``cpu`` profile instead
-(what ``personalize`` does).
+--no-mem-reuse say otherwise (arena shrinkage and huge pages off unless --arena-shrink / --hugetlb);
+--profile-levers takes them all from the profile instead (what ``personalize`` does).
 ``--profile cpu-lowmem`` measures that profile (its glibc mmap threshold always applies, and its
 ``malloc_hugetlb`` restarts this script once with GLIBC_TUNABLES set, as the CLI does; ``--hugetlb``
 asks for that with any profile).
@@ -47,6 +47,8 @@ ap.add_argument("--no-mem-reuse", action="store_true", help="ORT's planner does 
 ap.add_argument("--profile-levers", action="store_true", help="arena, memory pattern and reuse as the profile sets them")
 ap.add_argument("--profile", default="cpu", help="device profile (default cpu; e.g. cpu-lowmem)")
 ap.add_argument("--warmup", type=int, default=0, help="steps run before the timed ones (GPU: cuDNN's first calls)")
+ap.add_argument("--arena-shrink", action="store_true",
+                help="ORT's CPU arena on, shrunk after every run (arena_shrinkage; default: the profile's)")
 ap.add_argument("--hugetlb", action="store_true", help="malloc_hugetlb on (default: the profile's)")
 ap.add_argument("--mmap-threshold-kb", type=int, help="glibc mmap threshold after loading (default: the profile's)")
 a = ap.parse_args()
@@ -55,11 +57,14 @@ profile = resolve_profile(a.profile)
 # Every lever explicit (the cpu profile's own settings do not leak into the comparison).
 if not a.profile_levers:
     profile = dataclasses.replace(profile, enable_cpu_mem_arena=not a.no_arena, enable_mem_pattern=not a.no_mem_pattern,
-                                  enable_mem_reuse=not a.no_mem_reuse)
+                                  enable_mem_reuse=not a.no_mem_reuse, arena_shrinkage=False, malloc_hugetlb=False,
+                                  hugetlb_mmap_threshold_kb=None)
 if a.mmap_threshold_kb:
     profile = dataclasses.replace(profile, malloc_mmap_threshold_kb=a.mmap_threshold_kb)
 if a.hugetlb:
     profile = dataclasses.replace(profile, malloc_hugetlb=True)
+if a.arena_shrink:
+    profile = dataclasses.replace(profile, enable_cpu_mem_arena=True, arena_shrinkage=True)
 env = hugetlb_restart_env(profile)
 if env is not None:  # as the CLI does: glibc reads the tunable only at process start
     os.execve(sys.executable, [sys.executable, *sys.argv], env)
@@ -84,5 +89,5 @@ print(json.dumps({"batched": a.batched, "n": p.config.n, "setup_s": setup_s, "s_
                   "peak_rss_mb": peak_rss_mb(), **extra,
                   "arena": profile.enable_cpu_mem_arena, "mem_pattern": profile.enable_mem_pattern,
                   "mem_reuse": profile.enable_mem_reuse, "profile": profile.name,
-                  "mmap_threshold_kb": profile.malloc_mmap_threshold_kb, "hugetlb": profile.malloc_hugetlb,
+                  "mmap_threshold_kb": profile.malloc_mmap_threshold_kb, "hugetlb": profile.malloc_hugetlb, "arena_shrinkage": profile.arena_shrinkage,
                   "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}))

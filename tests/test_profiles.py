@@ -210,6 +210,8 @@ def test_runtime_modules_do_not_import_torch():
     (lambda s: s.replace("memory_budget_mb = 1024", 'memory_budget_mb = 1024\nmalloc_mmap_threshold_kb = 16'),
      "malloc_mmap_threshold_kb"),
     (lambda s: s.replace("memory_budget_mb = 1024", 'memory_budget_mb = 1024\nmalloc_hugetlb = "yes"'), "malloc_hugetlb"),
+    (lambda s: s.replace("memory_budget_mb = 1024", 'memory_budget_mb = 1024\nenable_cpu_mem_arena = false\n'
+                                                    'arena_shrinkage = true'), "arena_shrinkage"),  # needs the arena
     (lambda s: s.replace("memory_budget_mb = 1024", 'memory_budget_mb = 1024\nhugetlb_mmap_threshold_kb = 4096'),
      "hugetlb_mmap_threshold_kb"),                                                          # without malloc_hugetlb
     (lambda s: s.replace("memory_budget_mb = 1024", 'memory_budget_mb = 1024\nmalloc_hugetlb = true\n'
@@ -449,8 +451,9 @@ def test_session_options_apply_entries():
     assert so.get_session_config_entry("session.x_flag") == "1"
     assert so.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     assert so.intra_op_num_threads == 0
-    # the cpu profile trades allocation speed for memory (docs/performance.md); others keep ORT's defaults
-    assert not so.enable_cpu_mem_arena and not so.enable_mem_pattern and not so.enable_mem_reuse
+    # the cpu profile: arena on but shrunk after every run, no memory pattern, no reuse (docs/performance.md)
+    assert so.enable_cpu_mem_arena and not so.enable_mem_pattern and not so.enable_mem_reuse
+    assert builtin_profiles()["cpu"].arena_shrinkage and not builtin_profiles()["cpu-lowmem"].enable_cpu_mem_arena
     so = session_options(builtin_profiles()["cuda"], {})
     assert so.enable_cpu_mem_arena and so.enable_mem_pattern and so.enable_mem_reuse
 
@@ -584,3 +587,35 @@ def test_hugepages_in_effect_needs_the_tunable_and_thp(tmp_path, monkeypatch):
     assert not sessions.hugepages_in_effect({}, thp)
     assert not sessions.hugepages_in_effect({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, thp)
     assert not sessions.hugepages_in_effect(on, tmp_path / "missing")
+
+
+def test_arena_shrinkage_goes_with_every_run(tiny_model, tmp_path, monkeypatch):
+    """ORT takes arena shrinkage per run: a profile with it gets sessions whose run and
+    run_with_iobinding pass the run option unless the caller brings its own."""
+    import zoodip_edge.runtime.sessions as sessions
+
+    seen: list = []
+    real_run, real_iob = ort.InferenceSession.run, ort.InferenceSession.run_with_iobinding
+
+    def run(self, output_names, input_feed, run_options=None):
+        seen.append(run_options.get_run_config_entry("memory.enable_memory_arena_shrinkage") if run_options else None)
+        return real_run(self, output_names, input_feed, run_options)
+
+    def run_with_iobinding(self, iobinding, run_options=None):
+        seen.append(run_options.get_run_config_entry("memory.enable_memory_arena_shrinkage") if run_options else None)
+        return real_iob(self, iobinding, run_options)
+
+    monkeypatch.setattr(ort.InferenceSession, "run", run)
+    monkeypatch.setattr(ort.InferenceSession, "run_with_iobinding", run_with_iobinding)
+    shrinking = sessions.create_session(tiny_model, builtin_profiles()["cpu"], {})
+    np.testing.assert_allclose(shrinking.run(None, {"x": np.ones((2, 4), np.float32)})[0], EXPECTED_Y)
+    binding = shrinking.io_binding()  # everything else is the session's
+    binding.bind_cpu_input("x", np.ones((2, 4), np.float32))
+    binding.bind_output("y")
+    shrinking.run_with_iobinding(binding)
+    np.testing.assert_allclose(binding.copy_outputs_to_cpu()[0], EXPECTED_Y)
+    assert seen == ["cpu:0", "cpu:0"] and shrinking.get_providers() == ["CPUExecutionProvider"]
+    seen.clear()
+    plain = sessions.create_session(tiny_model, builtin_profiles()["cpu-lowmem"], {})
+    plain.run(None, {"x": np.ones((2, 4), np.float32)})
+    assert seen == [None] and isinstance(plain, ort.InferenceSession)

@@ -14,6 +14,7 @@ A profile is a TOML file (``devices/*.toml`` in the source tree, the package
     enable_cpu_mem_arena = true   # optional (default true): ORT's CPU memory arena
     enable_mem_pattern = true     # optional (default true): ORT's memory-pattern planner
     enable_mem_reuse = true       # optional (default true): ORT's planner reuses freed buffers
+    arena_shrinkage = true        # optional (needs the arena): hand the arena's free memory back after every run
     malloc_mmap_threshold_kb = 1024   # optional (glibc): blocks above this get their own mapping
     malloc_hugetlb = true         # optional (glibc >= 2.35): those mappings use transparent huge pages
     hugetlb_mmap_threshold_kb = 4096  # optional: the threshold instead, when huge pages are in effect
@@ -114,7 +115,7 @@ _REQUIRED = ("name", "providers", "intra_op_threads", "batch_perturbations", "re
              "memory_budget_mb", "io_binding")
 _OPTIONAL = ("description", "session_config", "recommended_recipe", "enable_cpu_mem_arena", "enable_mem_pattern",
              "enable_mem_reuse", "malloc_mmap_threshold_kb", "malloc_hugetlb",
-             "hugetlb_mmap_threshold_kb")
+             "hugetlb_mmap_threshold_kb", "arena_shrinkage")
 _PROVIDER_KEYS = ("name", "options")
 
 
@@ -139,6 +140,9 @@ class DeviceProfile:
     # ORT's planner hands a freed buffer to the next tensor of the same size; a buffer then lives
     # until the last tensor that reuses it (on a SD1.5 U-Net: ~0.3 GB held for no live tensor).
     enable_mem_reuse: bool = True
+    # Every run shrinks the CPU arena (run option memory.enable_memory_arena_shrinkage): the arena's
+    # fast reuse within a forward without holding its peak between forwards.
+    arena_shrinkage: bool = False
     # glibc's mmap threshold once sessions are loaded (None: 32 MiB). Smaller returns freed
     # activations to the OS at once (lower peak), at the price of page faults on every forward.
     malloc_mmap_threshold_kb: int | None = None
@@ -249,6 +253,11 @@ def parse_profile(data: dict[str, Any], source: str) -> DeviceProfile:
     for key, v in (("malloc_mmap_threshold_kb", mmap_kb), ("hugetlb_mmap_threshold_kb", huge_kb)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 128 <= v <= 32 * 1024):
             raise UserError(f"{src}: field {key!r} must be an integer from 128 to 32768 (KiB), not {v!r}")
+    shrink = data.get("arena_shrinkage", False)
+    if not isinstance(shrink, bool):
+        raise UserError(f"{src}: field 'arena_shrinkage' must be true or false, not a {_type_name(shrink)} ({shrink!r})")
+    if shrink and not arena:
+        raise UserError(f"{src}: field 'arena_shrinkage' needs enable_cpu_mem_arena = true")
     hugetlb = data.get("malloc_hugetlb", False)
     if not isinstance(hugetlb, bool):
         raise UserError(f"{src}: field 'malloc_hugetlb' must be true or false, not a {_type_name(hugetlb)} ({hugetlb!r})")
@@ -298,6 +307,7 @@ def parse_profile(data: dict[str, Any], source: str) -> DeviceProfile:
         io_binding=io_binding, session_config=cfg, recommended_recipe=recipe, source=src,
         enable_cpu_mem_arena=arena, enable_mem_pattern=pattern, enable_mem_reuse=reuse,
         malloc_mmap_threshold_kb=mmap_kb, malloc_hugetlb=hugetlb, hugetlb_mmap_threshold_kb=huge_kb,
+        arena_shrinkage=shrink,
     )
 
 

@@ -35,7 +35,7 @@ from ..profiles import (
 
 __all__ = ["available_providers", "session_options", "session_providers", "preload_gpu_libraries", "create_session",
            "devices_report", "BundleSessions", "return_free_memory", "hugetlb_restart_env", "hugepages_in_effect",
-           "mmap_threshold_kb"]
+           "mmap_threshold_kb", "ShrinkingSession"]
 
 
 def _glibc() -> Any:
@@ -257,13 +257,35 @@ def preload_gpu_libraries() -> list[str]:
     return _preload_notes
 
 
+class ShrinkingSession:
+    """An InferenceSession whose runs shrink the CPU arena afterwards (``arena_shrinkage``).
+
+    ORT takes arena shrinkage as a run option, so every ``run`` and ``run_with_iobinding`` gets it
+    unless the caller passes its own RunOptions; everything else is the session's.
+    """
+
+    def __init__(self, sess: ort.InferenceSession):
+        self._sess = sess
+        self._run_options = ort.RunOptions()
+        self._run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+
+    def run(self, output_names, input_feed, run_options=None):
+        return self._sess.run(output_names, input_feed, run_options or self._run_options)
+
+    def run_with_iobinding(self, iobinding, run_options=None):
+        return self._sess.run_with_iobinding(iobinding, run_options or self._run_options)
+
+    def __getattr__(self, name: str):
+        return getattr(self._sess, name)
+
+
 def create_session(
     path: str | os.PathLike,
     profile: DeviceProfile,
     config_entries: dict | None = None,
     strict: bool = False,
     warn: Callable[[str], None] | None = None,
-) -> ort.InferenceSession:
+) -> ort.InferenceSession | ShrinkingSession:
     """An InferenceSession for the graph at ``path`` on the profile's providers.
 
     With ``strict``, a requested GPU provider that this build lacks, or that ORT could not
@@ -290,7 +312,7 @@ def create_session(
             raise UserError(line)
         if warn is not None:
             warn(line)
-    return sess
+    return ShrinkingSession(sess) if profile.arena_shrinkage else sess
 
 
 def devices_report(profile_names: Iterable[str] | None = None) -> list[dict]:
