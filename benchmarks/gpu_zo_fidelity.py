@@ -27,7 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from zoodip_edge.export.graphs import TextEncoderFromEmbeddings, UNetWrapper  # noqa: E402
 from zoodip_edge.export.load import load_pipeline  # noqa: E402
-from zoodip_edge.export.verify import fidelity_probes, rel_err, training_step, true_derivatives  # noqa: E402
+from zoodip_edge.export.verify import (fidelity_probes, perturbed_embeddings, rel_err, training_step,  # noqa: E402
+                                       true_derivatives)
 from zoodip_edge.families import defaults_for  # noqa: E402
 
 ap = argparse.ArgumentParser()
@@ -41,6 +42,7 @@ p = load_pipeline(a.pipeline)
 d = defaults_for(p.family)
 probes = fidelity_probes(p, p.unet.config.sample_size, d.t_low, d.t_high)
 table = p.text_encoder.get_input_embeddings().weight.detach()
+table_np = table.numpy().astype(np.float32)
 truth = true_derivatives(p, probes, table.shape[1], a.k)  # fp32 autograd, CPU: as the gate computes it
 
 
@@ -57,11 +59,8 @@ def modules(dtype: torch.dtype, quanto: bool):
 
 
 def central_differences(te, unet, probe, dirs: np.ndarray, mu: float, dtype: torch.dtype) -> np.ndarray:
-    k, h = len(dirs), training_step(mu, dirs.shape[1])
-    batch = table[torch.from_numpy(probe.ids[0])].float()[None].repeat(2 * k, 1, 1)
-    step = torch.from_numpy(h * dirs).float()
-    batch[:k, probe.row] += step
-    batch[k:, probe.row] -= step
+    embeds, h = perturbed_embeddings(table_np, probe, dirs, mu)  # the gate's perturbations
+    k, batch = len(dirs), torch.from_numpy(embeds)
     zt, target = torch.from_numpy(probe.zt).to(dev), torch.from_numpy(probe.target).to(dev)
     out = []
     with torch.no_grad():

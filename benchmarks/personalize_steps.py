@@ -52,7 +52,6 @@ ap.add_argument("--arena-shrink", action="store_true",
 ap.add_argument("--hugetlb", action="store_true", help="malloc_hugetlb on (default: the profile's)")
 ap.add_argument("--mmap-threshold-kb", type=int, help="glibc mmap threshold after loading (default: the profile's)")
 a = ap.parse_args()
-photos = draw_photos(Path(tempfile.mkdtemp()) / "photos")
 profile = resolve_profile(a.profile)
 # Every lever explicit (the cpu profile's own settings do not leak into the comparison).
 if not a.profile_levers:
@@ -68,6 +67,7 @@ if a.arena_shrink:
 env = hugetlb_restart_env(profile)
 if env is not None:  # as the CLI does: glibc reads the tunable only at process start
     os.execve(sys.executable, [sys.executable, *sys.argv], env)
+photos = draw_photos(Path(tempfile.mkdtemp()) / "photos")
 gpu = profile.provider_names[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 sampler = GpuMemoryPeak() if gpu else None
 t0 = time.perf_counter()

@@ -182,10 +182,10 @@ def test_hugetlb_profile_restarts_the_cli_once(sd1_bundle, photos, tmp_path):
     """The cpu profile's malloc_hugetlb makes the CLI re-execute itself once with GLIBC_TUNABLES set
     (glibc reads it only at start); every interpreter start is logged by a sitecustomize."""
     import os
-    import platform
 
-    lib, version = platform.libc_ver()
-    if sys.platform != "linux" or lib != "glibc" or tuple(int(x) for x in version.split(".")[:2]) < (2, 35):
+    from zoodip_edge.runtime.sessions import glibc_has_hugetlb
+
+    if not glibc_has_hugetlb():
         pytest.skip("glibc >= 2.35 only")
     site = tmp_path / "site"
     site.mkdir()

@@ -7,7 +7,6 @@ for their fallback to the CPU.
 from __future__ import annotations
 
 import importlib.metadata
-import platform
 import subprocess
 import sys
 import textwrap
@@ -527,10 +526,13 @@ def test_devices_report():
 
 # -------------------------------------------------------------------- glibc huge pages (restart)
 
-needs_glibc_235 = pytest.mark.skipif(
-    sys.platform != "linux" or platform.libc_ver()[0] != "glibc"
-    or tuple(int(x) for x in platform.libc_ver()[1].split(".")[:2]) < (2, 35),
-    reason="glibc >= 2.35 only")
+def _glibc_has_hugetlb() -> bool:
+    from zoodip_edge.runtime.sessions import glibc_has_hugetlb
+
+    return glibc_has_hugetlb()
+
+
+needs_glibc_235 = pytest.mark.skipif(not _glibc_has_hugetlb(), reason="glibc >= 2.35 only")
 
 
 @needs_glibc_235

@@ -110,12 +110,20 @@ def central_differences(te: ort.InferenceSession, unet: ort.InferenceSession, ta
     ``mu`` means what it means in training: RGE steps by μ·e with e ~ N(0, I_d), a step of norm
     ≈ μ·√d, so the probe steps by h = μ·√d (the authors' code: z ~ N(0, I_768), step 1e-3·z).
     """
+    batch, h = perturbed_embeddings(table, probe, dirs, mu)
+    losses = bundle_losses(te, unet, batch, probe)
+    k = len(dirs)
+    return (losses[:k] - losses[k:]) / (2 * h)
+
+
+def perturbed_embeddings(table: np.ndarray, probe: Probe, dirs: np.ndarray, mu: float) -> tuple[np.ndarray, float]:
+    """The probe's prompt embeddings [2k, 77, d] with the token row at θ + h·u then θ − h·u for each
+    direction u, and h = μ·√d (training's step)."""
     k, h = len(dirs), training_step(mu, dirs.shape[1])
     batch = np.repeat(table[probe.ids[0]].astype(np.float32)[None], 2 * k, 0)
     batch[:k, probe.row] += (h * dirs).astype(np.float32)
     batch[k:, probe.row] -= (h * dirs).astype(np.float32)
-    losses = bundle_losses(te, unet, batch, probe)
-    return (losses[:k] - losses[k:]) / (2 * h)
+    return batch, h
 
 
 def fidelity_probes(p: LoadedPipeline, latent: int, t_low: int, t_high: int) -> list[Probe]:

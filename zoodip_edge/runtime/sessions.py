@@ -65,6 +65,17 @@ def return_free_memory() -> None:
 HUGETLB_TUNABLE = "glibc.malloc.hugetlb=1"
 
 
+def glibc_has_hugetlb() -> bool:
+    """Linux with glibc >= 2.35, the first glibc that reads glibc.malloc.hugetlb."""
+    if _LIBC is None or sys.platform != "linux":
+        return False
+    lib, version = platform.libc_ver()
+    try:
+        return lib == "glibc" and tuple(int(x) for x in version.split(".")[:2]) >= (2, 35)
+    except ValueError:
+        return False
+
+
 def hugetlb_restart_env(profile: DeviceProfile, environ: dict[str, str] | None = None) -> dict[str, str] | None:
     """The environment to restart this process with for ``profile.malloc_hugetlb``, or None.
 
@@ -74,13 +85,7 @@ def hugetlb_restart_env(profile: DeviceProfile, environ: dict[str, str] | None =
     ignores the tunable), or the environment already names the tunable (no restart loop).
     """
     environ = dict(os.environ if environ is None else environ)
-    if not profile.malloc_hugetlb or _LIBC is None or sys.platform != "linux":
-        return None
-    lib, version = platform.libc_ver()
-    try:
-        if lib != "glibc" or tuple(int(x) for x in version.split(".")[:2]) < (2, 35):
-            return None
-    except ValueError:
+    if not profile.malloc_hugetlb or not glibc_has_hugetlb():
         return None
     current = environ.get("GLIBC_TUNABLES", "")
     if "glibc.malloc.hugetlb=" in current:
