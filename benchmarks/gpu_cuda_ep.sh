@@ -10,7 +10,7 @@
 #       does CUDA EP start without/with preload_dlls; personalize steps on CUDA EP (cuda profile,
 #       batched; cuda-lowvram, one by one); torch fp32 ZO and torch + quanto fp16 ZO (the paper)
 #       in the same call; the ZO fidelity gate on CUDA EP (fidelity_by_mu.py --profile cuda).
-#   bash benchmarks/gpu_cuda_ep.sh variants  # after measure, same machine: profile variants not yet
+#   bash benchmarks/gpu_cuda_ep.sh variants  # after the parts (waits for the exports), same machine: profile variants not yet
 #       measured (cuda one by one, cuda-lowvram with resident sessions) and, with EXPORT_FP16=1 at
 #       start (an fp16 bundle exported after the int8-gpu one), the fp16 recipe on the cuda profile.
 # Every phase gathers the parts it carries. Results: $OUT/*.jsonl, *.txt, *.log.
@@ -21,8 +21,12 @@ BUNDLE=${BUNDLE:-/tmp/sd15-int8-gpu}
 keep_ort_parts
 
 export_status() {
-  if [ -f /tmp/export.rc ]; then echo "export finished, rc $(cat /tmp/export.rc), $(cat /tmp/export.wall) s"; else echo "export running"; fi
-  tail -5 /tmp/export.log 2>/dev/null
+  local x
+  for x in export export-fp16; do
+    [ -f /tmp/$x.log ] || continue
+    if [ -f /tmp/$x.rc ]; then echo "$x finished, rc $(cat /tmp/$x.rc), $(cat /tmp/$x.wall) s"; else echo "$x running"; fi
+    tail -3 /tmp/$x.log
+  done
 }
 
 one() {  # one LABEL TIMEOUT CMD...: a benchmark process; its last JSON line (or the failure) to $OUT/cuda_ep.jsonl
@@ -51,13 +55,18 @@ start)
   install_py_wheels || { echo "wheel install failed"; exit 1; }
   machine_report
   build_sd15 || exit 1
-  rm -f /tmp/export.rc
+  rm -f /tmp/export.rc /tmp/export-fp16.rc
   # setsid: runs on between calls (the device tool ends a call's other processes when it returns).
-  fp16=""
-  [ "${EXPORT_FP16:-0}" = 1 ] && fp16="; python3 -m zoodip_edge.cli export $SD --out /tmp/sd15-fp16 --recipe fp16 --force > /tmp/export-fp16.log 2>&1"
+  # With EXPORT_FP16=1 the fp16 bundle is exported at the same time (16 cores; each export's peak
+  # is ~13 GB of the 128), so that both are ready within one call's wait.
   setsid nohup bash -c "t=\$(date +%s); python3 -m zoodip_edge.cli export $SD --out $BUNDLE --recipe int8-gpu --force \
       > /tmp/export.log 2>&1; echo \$? > /tmp/export.rc.tmp; echo \$(( \$(date +%s) - t )) > /tmp/export.wall; \
-      mv /tmp/export.rc.tmp /tmp/export.rc $fp16" > /dev/null 2>&1 < /dev/null &
+      mv /tmp/export.rc.tmp /tmp/export.rc" > /dev/null 2>&1 < /dev/null &
+  if [ "${EXPORT_FP16:-0}" = 1 ]; then
+    setsid nohup bash -c "t=\$(date +%s); python3 -m zoodip_edge.cli export $SD --out /tmp/sd15-fp16 --recipe fp16 --force \
+        > /tmp/export-fp16.log 2>&1; echo \$? > /tmp/export-fp16.rc.tmp; echo \$(( \$(date +%s) - t )) > /tmp/export-fp16.wall; \
+        mv /tmp/export-fp16.rc.tmp /tmp/export-fp16.rc" > /dev/null 2>&1 < /dev/null &
+  fi
   sleep 5; export_status
   ;;
 torchfid)
@@ -101,17 +110,24 @@ PY
   ;;
 variants)
   install_ort_gpu || exit 1
+  for _ in $(seq "${EXPORT_WAIT:-60}"); do
+    [ -f /tmp/export.rc ] && { [ ! -f /tmp/export-fp16.log ] || [ -f /tmp/export-fp16.rc ]; } && break; sleep 5
+  done
+  export_status; cp /tmp/export.log "$OUT/export.log" 2>/dev/null; cp /tmp/export-fp16.log "$OUT/export-fp16.log" 2>/dev/null
   sed -e 's/^batch_perturbations = true/batch_perturbations = false/' -e 's/^name = "cuda"/name = "cuda-one-by-one"/' \
     devices/cuda.toml > /tmp/cuda-seq.toml
   sed -e 's/^resident_sessions = false/resident_sessions = true/' -e 's/^name = "cuda-lowvram"/name = "cuda-lowvram-resident"/' \
     devices/cuda-lowvram.toml > /tmp/lowvram-resident.toml
+  # the same call's baselines for the rows below
+  one "zoodip-edge int8-gpu, cuda profile, batched" 120 python3 benchmarks/personalize_steps.py "$BUNDLE" --profile cuda --profile-levers --batched --warmup 2 --steps 10
+  one "torch + quanto int8 w, fp16 act (paper)" 90 python3 benchmarks/torch_steps.py "$SD" --device cuda --mode quanto --n 2 --dtype fp16 --warmup 2 --steps 10
   one "zoodip-edge int8-gpu, cuda profile, one by one" 120 python3 benchmarks/personalize_steps.py "$BUNDLE" --profile /tmp/cuda-seq.toml --profile-levers --sequential --warmup 2 --steps 10
   one "zoodip-edge int8-gpu, cuda-lowvram, resident sessions" 120 python3 benchmarks/personalize_steps.py "$BUNDLE" --profile /tmp/lowvram-resident.toml --profile-levers --sequential --warmup 2 --steps 10
   if [ -f /tmp/sd15-fp16/manifest.json ]; then
     one "zoodip-edge fp16, cuda profile, batched" 120 python3 benchmarks/personalize_steps.py /tmp/sd15-fp16 --profile cuda --profile-levers --batched --warmup 2 --steps 10
     timeout 150 python3 benchmarks/fidelity_by_mu.py "$SD" /tmp/sd15-fp16 --profile cuda --mu 1e-3 2>/dev/null | tee "$OUT/fidelity_cuda_fp16.txt"
   else
-    echo "no /tmp/sd15-fp16 (start with EXPORT_FP16=1): fp16 rows skipped"; tail -3 /tmp/export-fp16.log 2>/dev/null
+    echo "no /tmp/sd15-fp16 (start with EXPORT_FP16=1; or its export has not finished): fp16 rows skipped"
   fi
   ;;
 *) echo "unknown phase $PHASE"; exit 2 ;;
