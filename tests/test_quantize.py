@@ -9,7 +9,7 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from zoodip_edge.export.quantize import weight_only_qdq
+from zoodip_edge.export.quantize import unique_node_names, weight_only_qdq
 
 
 def unet_like(c: int = 8):
@@ -62,3 +62,22 @@ def test_each_weight_is_dequantized_right_before_its_conv(tmp_path):
     for i in dq:
         weight = order[i].removesuffix("_DequantizeLinear")
         assert order[i + 1] == f"conv{weight[1:]}", f"{order[i]} does not run right before its Conv: {order}"
+
+
+def test_repeated_node_names_are_made_unique():
+    """onnxruntime 1.30's float16 converter named two Casts of one tensor alike; ORT then refused the graph."""
+    nodes = [helper.make_node("Cast", ["x"], ["a"], name="x_cast", to=TensorProto.FLOAT),
+             helper.make_node("Cast", ["x"], ["b"], name="x_cast", to=TensorProto.FLOAT),
+             helper.make_node("Add", ["a", "b"], ["y"], name="x_cast_2")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    try:
+        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        refused = False
+    except Exception:  # noqa: BLE001 - whichever error ORT raises for it
+        refused = True
+    names = [n.name for n in unique_node_names(model).graph.node]
+    assert len(set(names)) == 3 and names[0] == "x_cast" and names[2] == "x_cast_2"
+    out = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": np.ones(2, np.float32)})
+    assert refused and np.allclose(out[0], 2.0)

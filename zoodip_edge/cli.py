@@ -136,6 +136,11 @@ def inspect(
         size = c["bytes"] + sum(e["bytes"] for e in c.get("external_data", []))
         ins = ", ".join(f"{i['name']}{i['shape']}" for i in c["inputs"])
         typer.echo(f"{name:<12}{_mb(size):>10}  {ins}")
+    for name, info in m["recipe"].get("graphs", {}).items():
+        if "winograd_convs" in info:
+            sizes = info["winograd_convs"]
+            said = ", ".join(f"{n} at {k.split()[-1]}" for k, n in sizes.items()) or "none at 16x16 or larger"
+            typer.echo(f"winograd    {name}: {sum(sizes.values())} 3x3 convolutions as F(4x4, 3x3) ({said})")
     v = m["verification"]
     f = v["zo_fidelity"]
     step = f" (step {f['step_norm']:.2g})" if "step_norm" in f else " (unit step: exported before zoodip-edge measured training's step)"

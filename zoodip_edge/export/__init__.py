@@ -153,7 +153,7 @@ def export_bundle(
             graph, fused = fuse_attention(graph)
             feeds = calibration_feeds(spec, p, latent) if graph_rec.calibrated else None
             with _quiet():
-                graph, quant_info[spec.name] = quantize(graph, graph_rec.name, feeds)
+                graph, quant_info[spec.name] = quantize(graph, graph_rec.name, feeds, graph=spec.name)
             quant_info[spec.name]["recipe"] = graph_rec.name
             if fused:
                 quant_info[spec.name]["multi_head_attention"] = fused

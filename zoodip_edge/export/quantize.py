@@ -45,6 +45,7 @@ class Recipe:
     targets: tuple[str, ...] = ("cpu", "cuda", "tensorrt")
     graphs: dict[str, str] = field(default_factory=dict)  # graph -> recipe, where it differs from this one
     calibrated: bool = False  # quantizing a graph this way needs calibration inputs
+    winograd: tuple[str, ...] = ()  # graphs whose 3x3 convolutions become Winograd F(4x4, 3x3) (export/winograd.py)
 
     def for_graph(self, name: str) -> "Recipe":
         """The recipe that quantizes graph ``name`` in a bundle of this recipe."""
@@ -54,8 +55,10 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {
     r.name: r
     for r in (
-        Recipe("int8-cpu", "weight-only int8: MatMulNBits-8 (float compute) for MatMul, per-channel QDQ for Conv/Gemm",
-               FLOAT_COMPUTE, targets=("cpu",)),
+        # Winograd in the U-Net only: it runs thousands of times; the VAE's 3x3 convolutions at
+        # 128-512 px would hold Winograd-domain tensors of 0.1-0.3 GB for a one-off gain.
+        Recipe("int8-cpu", "weight-only int8: MatMulNBits-8 (float compute) for MatMul, per-channel QDQ for Conv/Gemm, "
+               "U-Net 3x3 convolutions as Winograd F(4x4, 3x3)", FLOAT_COMPUTE, targets=("cpu",), winograd=("unet",)),
         Recipe("int8-gpu", "weight-only int8: per-channel symmetric QDQ on every MatMul/Gemm/Conv weight",
                FLOAT_COMPUTE, targets=("cuda", "tensorrt", "cpu")),
         Recipe("fp16", "float16 weights and activations, float32 inputs/outputs", parity_tolerance=0.02, targets=("cuda", "tensorrt")),
@@ -70,10 +73,12 @@ RECIPES: dict[str, Recipe] = {
 DEFAULT_RECIPE = "int8-cpu"
 
 
-def quantize(model: onnx.ModelProto, recipe: str, calibration: list[dict[str, np.ndarray]] | None = None) -> tuple[onnx.ModelProto, dict]:
+def quantize(model: onnx.ModelProto, recipe: str, calibration: list[dict[str, np.ndarray]] | None = None,
+             graph: str = "") -> tuple[onnx.ModelProto, dict]:
     """Apply a recipe to one graph; returns the new model and a summary of what changed.
 
-    ``calibration``: input feeds, for a recipe with ``Recipe.calibrated``.
+    ``calibration``: input feeds, for a recipe with ``Recipe.calibrated``. ``graph``: the
+    graph's name in the bundle (``unet``, ...), for what a recipe does to some graphs only.
     """
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}")
@@ -85,7 +90,7 @@ def quantize(model: onnx.ModelProto, recipe: str, calibration: list[dict[str, np
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
         model = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
-        return model, {"weights": _weight_dtypes(model)}
+        return unique_node_names(model), {"weights": _weight_dtypes(model)}
     if recipe == "int8-gpu":
         model, counts = weight_only_qdq(model, ("MatMul", "Gemm", "Conv"))
     elif recipe == "int8-cpu":
@@ -99,7 +104,35 @@ def quantize(model: onnx.ModelProto, recipe: str, calibration: list[dict[str, np
         model, counts = static_w8a8(model, calibration, keep_float=("encoder_hidden_states",))
         model, rest = weight_only_qdq(model, ("MatMul", "Gemm", "Conv"))
         counts.update({f"{k} (weight-only)": v for k, v in rest.items()})
-    return model, {"quantized_ops": dict(counts), "weights": _weight_dtypes(model)}
+    info = {"quantized_ops": dict(counts)}
+    if graph in RECIPES[recipe].winograd:
+        from .winograd import winograd_convs
+
+        model, wino = winograd_convs(model)
+        info["winograd_convs"] = dict(wino)
+    return model, {**info, "weights": _weight_dtypes(model)}
+
+
+def unique_node_names(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Give every repeated node name a suffix: ORT refuses a graph with two nodes of one name.
+
+    onnxruntime 1.30's float16 converter names a Cast after the tensor it casts, so a tensor cast
+    for two consumers gave two ``<tensor>_cast_to_fp32_node`` nodes: an SD1.5 fp16 export failed
+    at its gates with "two nodes with same node name" (docs/results/export_fp16_s7.log).
+    """
+    seen: Counter = Counter(n.name for n in model.graph.node if n.name)
+    taken = set(seen)
+    count: Counter = Counter()
+    for node in model.graph.node:
+        if node.name and seen[node.name] > 1:
+            count[node.name] += 1
+            if count[node.name] > 1:  # the first keeps its name
+                new = f"{node.name}_{count[node.name]}"
+                while new in taken:
+                    new += "_"
+                taken.add(new)
+                node.name = new
+    return model
 
 
 def _weight_dtypes(model: onnx.ModelProto) -> dict[str, int]:

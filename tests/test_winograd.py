@@ -1,0 +1,135 @@
+"""The int8-cpu recipe's Winograd rewrite of 3x3 convolutions: same numbers, same derivatives,
+only where it applies, and weight transforms that ORT runs right before their product."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from conftest import export_once
+from onnx import TensorProto, helper, numpy_helper
+
+from zoodip_edge.export.quantize import weight_only_qdq
+from zoodip_edge.export.winograd import transforms, winograd_convs
+
+C, S = 64, 16
+
+
+def _graph(rng: np.random.Generator) -> onnx.ModelProto:
+    """Float convolutions of every kind the rewrite must tell apart, quantized as int8-cpu does."""
+    def w(name, shape):
+        return numpy_helper.from_array((rng.standard_normal(shape) * 0.05).astype(np.float32), name)
+
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["y1"], name="eligible", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["y1", "w2"], ["y2"], name="no_bias", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["y2", "w3"], ["y3"], name="one_by_one", kernel_shape=[1, 1]),
+        helper.make_node("Conv", ["y3", "w4"], ["y4"], name="grouped", kernel_shape=[3, 3], pads=[1, 1, 1, 1], group=4),
+        helper.make_node("Conv", ["y4", "w5"], ["y5"], name="few_channels", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["y5", "w6"], ["y6"], name="strided", kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Conv", ["y6", "w7"], ["y"], name="small", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+    ]
+    inits = [w("w1", (96, C, 3, 3)), w("b1", (96,)), w("w2", (C, 96, 3, 3)), w("w3", (C, C, 1, 1)),
+             w("w4", (C, C // 4, 3, 3)), w("w5", (8, C, 3, 3)), w("w6", (C, 8, 3, 3)), w("w7", (C, C, 3, 3))]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", C, S, S])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", C, S // 2, S // 2])], inits)
+    return weight_only_qdq(helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)]), ("Conv",))[0]
+
+
+def _session(model: onnx.ModelProto) -> ort.InferenceSession:
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    return onnx.ModelProto.FromString(model.SerializeToString())
+
+
+@pytest.fixture(scope="module")
+def graphs() -> tuple[onnx.ModelProto, onnx.ModelProto, np.ndarray]:
+    rng = np.random.default_rng(0)
+    model = _graph(rng)
+    rewritten, counts = winograd_convs(_copy(model))
+    assert dict(counts) == {f"Conv {S}x{S}": 2}  # "eligible" and "no_bias"; the rest are not its kind
+    return model, rewritten, rng.standard_normal((2, C, S, S)).astype(np.float32)
+
+
+def test_transforms_are_winograds_identity():
+    """A^T [(G g G^T) * (B^T d B)] A equals the 4x4 correlation of a 6x6 tile with a 3x3 filter."""
+    gg, bb, aa = transforms()
+    rng = np.random.default_rng(1)
+    d, g = rng.standard_normal((6, 6)), rng.standard_normal((3, 3))
+    direct = np.array([[(d[i:i + 3, j:j + 3] * g).sum() for j in range(4)] for i in range(4)])
+    assert np.allclose(aa @ ((gg @ g.ravel()) * (bb @ d.ravel())), direct.ravel(), atol=1e-12)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_rewrite_computes_the_same_convolutions(graphs, batch):
+    model, rewritten, x = graphs
+    expected = _session(model).run(None, {"x": x[:batch]})[0]
+    got = _session(rewritten).run(None, {"x": x[:batch]})[0]
+    assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
+    ops = [n.op_type for n in rewritten.graph.node]
+    assert ops.count("Conv") == 5 + 2  # five convolutions left alone, two input transforms
+    assert ops.count("DepthToSpace") == 2
+
+
+def test_chunked_weight_transforms_agree(graphs):
+    model, rewritten, x = graphs
+    chunked, _ = winograd_convs(_copy(model), max_transform_mb=0.5)  # 36 * 96 * 64 * 4 B = 0.84 MB -> 2 chunks
+    assert any(n.op_type == "Concat" for n in chunked.graph.node)
+    a = _session(rewritten).run(None, {"x": x})[0]
+    b = _session(chunked).run(None, {"x": x})[0]
+    assert np.abs(a - b).max() <= 1e-6 * np.abs(a).max()
+
+
+def test_finite_differences_follow_the_direct_graph(graphs):
+    """What ZO training reads: loss differences along random directions, at a small step."""
+    model, rewritten, x = graphs
+    rng = np.random.default_rng(2)
+    w_out = rng.standard_normal((1, C, S // 2, S // 2)).astype(np.float32)
+    dirs = rng.standard_normal((8, *x[:1].shape)).astype(np.float32)
+    step = 1e-3 * np.linalg.norm(x[:1]) / np.linalg.norm(dirs[0])
+
+    def diffs(sess):
+        def loss(v):
+            return float((sess.run(None, {"x": v})[0].astype(np.float64) * w_out).sum())
+        return np.array([loss(x[:1] + step * d) - loss(x[:1] - step * d) for d in dirs])
+
+    a, b = diffs(_session(model)), diffs(_session(rewritten))
+    assert np.corrcoef(a, b)[0, 1] > 0.9999
+    assert np.abs(a - b).max() <= 1e-3 * np.abs(a).max()
+
+
+def test_weight_transforms_come_before_the_activations(graphs):
+    """Listed first, ORT runs each weight transform right before its product; listed after the
+    activation chain, all of them ran at the start of a forward (1 GB of float U on SD1.5)."""
+    _, rewritten, _ = graphs
+    order = [n.name for n in rewritten.graph.node]
+    first_activation = next(i for i, n in enumerate(rewritten.graph.node) if "x" in n.input)
+    transforms_at = [i for i, name in enumerate(order) if name.endswith((".dq", ".w9", ".u36", ".U"))]
+    assert transforms_at and max(transforms_at) < first_activation
+
+
+def test_rewrite_keeps_a_real_unet(sd1_pipeline, work):
+    """The exported U-Net (MatMulNBits, MultiHeadAttention, dynamic batch), every 3x3 conv it can
+    take rewritten: same noise prediction as the bundle's."""
+    bundle, manifest = export_once(sd1_pipeline, "int8-cpu", work)
+    assert manifest["recipe"]["graphs"]["unet"]["winograd_convs"] == {}  # a tiny U-Net's 8x8 latents: nothing to gain
+    model = onnx.load(str(bundle / manifest["components"]["unet"]["path"]))
+    rewritten, counts = winograd_convs(_copy(model), min_size=4, min_channels=1)
+    assert sum(counts.values()) >= 4
+    rng = np.random.default_rng(3)
+    lat = manifest["latent_size"]
+    feed = {"sample": rng.standard_normal((2, 4, lat, lat)).astype(np.float32),
+            "timestep": np.array([700, 500], np.int64),
+            "encoder_hidden_states": rng.standard_normal((2, 77, manifest["text"]["hidden_size"])).astype(np.float32)}
+    inputs = {i.name: i for i in model.graph.input}
+    if inputs["timestep"].type.tensor_type.elem_type == TensorProto.FLOAT:
+        feed["timestep"] = feed["timestep"].astype(np.float32)
+    cfg = ort.SessionOptions()
+    for k, v in manifest["session"]["config_entries"].items():
+        cfg.add_session_config_entry(k, v)
+    expected = ort.InferenceSession(model.SerializeToString(), cfg, providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    got = ort.InferenceSession(rewritten.SerializeToString(), cfg, providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()

@@ -1,0 +1,178 @@
+"""3x3 convolutions as Winograd F(4x4, 3x3) in plain ONNX ops, for the int8-cpu recipe.
+
+ORT's CPU EP runs a float 3x3 convolution near the FMA peak of the cores (docs/performance.md),
+so a faster convolution has to do fewer multiplications. Winograd's minimal filtering computes
+each 4x4 output tile from a 6x6 input tile with 36 products per input/output channel pair
+instead of 144: the channel mixing becomes 36 matrix products of 1/4 the direct convolution's
+size. The transforms are fixed linear maps, so the result equals the convolution up to float32
+rounding (relative error ~1e-5), and finite differences keep following the true derivatives.
+
+Per rewritten convolution, with x [N, C, S, S] and int8 weights w [Cout, C, 3, 3]:
+
+    U = GG @ dequantize(w) as [9, Cout*C]           -> [36, Cout, C]   (each run: weights stay int8)
+    V = Conv(x, BB, group=C, stride 4)               -> [N, 36, C, T*T] (T = S / 4 tiles a side)
+    M = U @ V                                        -> [N, 36, Cout, T*T]
+    y = DepthToSpace(AA @ M, 4) + bias               -> [N, Cout, S, S]
+
+GG, BB and AA are the Kronecker squares of Lavin & Gray's G, B^T and A^T for F(4, 3).
+U is made at run time from the int8 weights, so the bundle's size does not change; a float U
+is 36 * Cout * C * 4 bytes (4x the dequantized weight), so it is made in chunks of output
+channels of at most ``max_transform_mb`` each, and each chunk is freed after its product.
+Measured per convolution inside the SD1.5 U-Net at 512 px, batch 1 (docs/performance.md):
+2.1-3.0x faster at 64x64 and 32x32, 1.2-1.4x at 16x16, no gain at 8x8 (``min_size``), and
+slower for convolutions with a handful of channels such as conv_in/conv_out (``min_channels``).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+M = 4  # output tile side
+A = M + 2  # input tile side
+_BT = np.array([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
+                [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]], np.float64)
+_G = np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+               [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], np.float64)
+_AT = np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]], np.float64)
+
+
+def transforms() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(GG [36, 9], BB [36, 36], AA [16, 36]): the 2-D transforms on row-major flattened tiles."""
+    return np.kron(_G, _G), np.kron(_BT, _BT), np.kron(_AT, _AT)
+
+
+def _spatial(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
+    """Static (H, W) of every 4-D tensor that shape inference can tell.
+
+    Runs on a skeleton of the graph: weights become typed inputs, so a U-Net over protobuf's
+    2 GB limit can be inferred too, and nothing large is serialized.
+    """
+    g = model.graph
+    small = [i for i in g.initializer if int(np.prod(i.dims)) <= 4096]  # shape constants and the like
+    big = [helper.make_tensor_value_info(i.name, i.data_type, list(i.dims)) for i in g.initializer if int(np.prod(i.dims)) > 4096]
+    skeleton = helper.make_model(helper.make_graph(g.node, g.name, [*g.input, *big], g.output, small, value_info=g.value_info),
+                                 opset_imports=model.opset_import, ir_version=model.ir_version)
+    inferred = onnx.shape_inference.infer_shapes(skeleton)
+    out = {}
+    for v in [*inferred.graph.value_info, *inferred.graph.input]:
+        dims = v.type.tensor_type.shape.dim
+        if len(dims) == 4 and dims[2].HasField("dim_value") and dims[3].HasField("dim_value"):
+            out[v.name] = (dims[2].dim_value, dims[3].dim_value)
+    return out
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _eligible(conv: onnx.NodeProto, dq: onnx.NodeProto | None, inits: dict, hw: tuple[int, int] | None,
+              min_size: int, min_channels: int) -> bool:
+    if conv.op_type != "Conv" or dq is None or dq.op_type != "DequantizeLinear" or hw is None:
+        return False
+    at = _attrs(conv)
+    if (at.get("kernel_shape", [3, 3]) != [3, 3] or at.get("group", 1) != 1 or at.get("strides", [1, 1]) != [1, 1]
+            or at.get("dilations", [1, 1]) != [1, 1] or at.get("pads") != [1, 1, 1, 1]
+            or at.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET")):
+        return False
+    q, zp = inits.get(dq.input[0]), inits.get(dq.input[2]) if len(dq.input) > 2 else None
+    if q is None or q.data_type != onnx.TensorProto.INT8 or list(q.dims[2:]) != [3, 3] or _attrs(dq).get("axis", 1) != 0:
+        return False
+    if min(q.dims[0], q.dims[1]) < min_channels:
+        return False
+    if zp is not None and numpy_helper.to_array(zp).any():
+        return False  # the recipe's weights are symmetric; anything else is not ours to rewrite
+    h, w = hw
+    return h == w and h % M == 0 and h >= min_size
+
+
+def winograd_convs(model: onnx.ModelProto, min_size: int = 16, min_channels: int = 64,
+                   max_transform_mb: float = 64.0) -> tuple[onnx.ModelProto, Counter]:
+    """Rewrite eligible DequantizeLinear(int8) -> Conv 3x3 nodes into Winograd F(4x4, 3x3).
+
+    Eligible: stride 1, padding 1, no groups or dilation, a square static spatial size divisible
+    by 4 and at least ``min_size``, at least ``min_channels`` input and output channels, and
+    symmetric per-output-channel int8 weights. Returns the model and a count per spatial size.
+    """
+    from .quantize import _replace_nodes
+
+    inits = {i.name: i for i in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    hw = _spatial(model)
+    gg, bb, aa = transforms()
+    new_inits: dict[str, onnx.TensorProto] = {}
+
+    def const(name: str, value: np.ndarray) -> str:
+        if name not in new_inits:
+            new_inits[name] = numpy_helper.from_array(value, name)
+        return name
+
+    const("winograd.GG", gg.astype(np.float32))
+    const("winograd.AA", aa.astype(np.float32))
+    weight_nodes, nodes, counts, dropped_dq = [], [], Counter(), set()
+    for node in model.graph.node:
+        dq = producer.get(node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
+        if not _eligible(node, dq, inits, hw.get(node.input[0]), min_size, min_channels):
+            nodes.append(node)
+            continue
+        q = numpy_helper.to_array(inits[dq.input[0]])
+        cout, cin = q.shape[:2]
+        size = hw[node.input[0]][0]
+        t = size // M
+        p = (node.name or node.output[0]).replace("/", "_") + ".winograd"
+        # Output channels in chunks, so that no chunk's float U is over the cap: the input
+        # transform V is made once and shared, and each chunk's U is freed after its product.
+        chunks = max(1, -(-36 * cout * cin * 4 // int(max_transform_mb * 2**20)))
+        bounds = np.linspace(0, cout, chunks + 1).round().astype(int)
+        bw = const(f"winograd.BB.{cin}", np.tile(bb.astype(np.float32).reshape(36, 1, A, A), (cin, 1, 1, 1)))
+        shape = lambda v: const("winograd.shape." + "x".join(map(str, v)), np.array(v, np.int64))  # noqa: E731
+        nodes += [
+            helper.make_node("Conv", [node.input[0], bw], [f"{p}.v"], name=f"{p}.v", group=cin, kernel_shape=[A, A],
+                             strides=[M, M], pads=[1, 1, 1, 1]),
+            helper.make_node("Reshape", [f"{p}.v", shape([0, cin, 36, t * t])], [f"{p}.v4"], name=f"{p}.v4"),
+            helper.make_node("Transpose", [f"{p}.v4"], [f"{p}.V"], name=f"{p}.V", perm=[0, 2, 1, 3]),
+        ]
+        scale = numpy_helper.to_array(inits[dq.input[1]])
+        products = []
+        for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+            c = f"{p}.{i}"
+            # int8 weights tap-major, so dequantizing and transforming them is one Reshape + MatMul
+            wq = const(f"{c}.weight_int8", np.ascontiguousarray(q[lo:hi].transpose(2, 3, 0, 1)))
+            ws = const(f"{c}.weight_scale", scale[lo:hi])
+            wz = const(f"{c}.weight_zp", np.zeros(hi - lo, np.int8))
+            weight_nodes += [
+                helper.make_node("DequantizeLinear", [wq, ws, wz], [f"{c}.w"], name=f"{c}.dq", axis=2),
+                helper.make_node("Reshape", [f"{c}.w", shape([9, (hi - lo) * cin])], [f"{c}.w9"], name=f"{c}.w9"),
+                helper.make_node("MatMul", ["winograd.GG", f"{c}.w9"], [f"{c}.u36"], name=f"{c}.u36"),
+                helper.make_node("Reshape", [f"{c}.u36", shape([36, hi - lo, cin])], [f"{c}.U"], name=f"{c}.U"),
+            ]
+            nodes.append(helper.make_node("MatMul", [f"{c}.U", f"{p}.V"], [f"{c}.M"], name=f"{c}.M"))
+            products.append(f"{c}.M")
+        if len(products) > 1:
+            nodes.append(helper.make_node("Concat", products, [f"{p}.M"], name=f"{p}.M", axis=2))
+        nodes += [
+            helper.make_node("Reshape", [products[0] if len(products) == 1 else f"{p}.M", shape([0, 36, cout * t * t])],
+                             [f"{p}.m3"], name=f"{p}.m3"),
+            helper.make_node("MatMul", ["winograd.AA", f"{p}.m3"], [f"{p}.y3"], name=f"{p}.y3"),
+            helper.make_node("Reshape", [f"{p}.y3", shape([0, 16 * cout, t, t])], [f"{p}.y4"], name=f"{p}.y4"),
+        ]
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        out = f"{p}.y" if bias else node.output[0]
+        nodes.append(helper.make_node("DepthToSpace", [f"{p}.y4"], [out], name=f"{p}.d2s", blocksize=M, mode="DCR"))
+        if bias:
+            b = numpy_helper.to_array(inits[bias]).astype(np.float32).reshape(cout, 1, 1)
+            nodes.append(helper.make_node("Add", [out, const(f"{p}.bias", b)], [node.output[0]], name=f"{p}.bias"))
+        dropped_dq.add(dq.output[0])
+        counts[f"Conv {size}x{size}"] += 1
+    users = {i for n in nodes for i in n.input}
+    # a DequantizeLinear whose only consumers were rewritten convolutions goes too
+    nodes = [n for n in nodes if not (n.op_type == "DequantizeLinear" and n.output[0] in dropped_dq and n.output[0] not in users)]
+    model.graph.initializer.extend(new_inits.values())
+    # Weight transforms first in the file, as weight_only_qdq does with its DequantizeLinear nodes:
+    # ORT's execution order then runs each right before its product; listed after the activation
+    # chain, all of them ran at the start of the forward and their float U's (1 GB on a SD1.5
+    # U-Net) were alive at once.
+    return _replace_nodes(model, weight_nodes + nodes), counts
