@@ -1,6 +1,6 @@
 """Personalize benchmark (issue 6): zoodip-edge against the torch ways, side by side, CPU.
 
-    python benchmarks/personalize_bench.py BUNDLE [BUNDLE...] --torch-pipeline PIPELINE [--n 2] [--steps 3]
+    python benchmarks/personalize_bench.py BUNDLE [BUNDLE...] --torch-pipeline PIPELINE [--n 2] [--steps 3] [--ours cpu,batched]
     python benchmarks/personalize_bench.py BUNDLE [BUNDLE...] --scaling [--steps 3]
 
 Rows, each in its own process so peaks do not mix:
@@ -47,18 +47,24 @@ def ratio(x: float, base: dict | str | None, key: str) -> str:
 def compare(a: argparse.Namespace) -> list[str]:
     n, steps = str(a.n), str(a.steps)
     configs = []
-    for bundle in a.bundles:
-        m = json.loads((Path(bundle) / "manifest.json").read_text())
-        name = f"(1) zoodip-edge {m['recipe']['name']} {m['resolution']} px"
-        configs += [(f"{name}, one by one, `cpu` profile (arena shrunk after every run; memory pattern, buffer reuse off; huge pages, 4 MiB mmap threshold)", "zo",
-                     [sys.executable, OURS, bundle, "--steps", steps, "--n", n, "--sequential", "--profile-levers"]),
-                    (f"{name}, one by one, `cpu-lowmem` profile (arena, memory pattern, buffer reuse off; mmap threshold 1 MiB, huge pages)", "zo",
-                     [sys.executable, OURS, bundle, "--steps", steps, "--n", n, "--sequential", "--profile-levers",
-                      "--profile", "cpu-lowmem"]),
-                    (f"{name}, one by one, arena on, memory pattern off, buffer reuse on", "zo",
-                     [sys.executable, OURS, bundle, "--steps", steps, "--n", n, "--sequential", "--no-mem-pattern"]),
-                    (f"{name}, batched, `cpu` profile", "zo",
-                     [sys.executable, OURS, bundle, "--steps", steps, "--n", n, "--batched", "--profile-levers"])]
+    ours = {
+        "cpu": ("one by one, `cpu` profile (arena shrunk after every run; memory pattern, buffer reuse off; huge pages, 4 MiB mmap threshold)",
+                ["--sequential", "--profile-levers"]),
+        "cpu-lowmem": ("one by one, `cpu-lowmem` profile (arena, memory pattern, buffer reuse off; mmap threshold 1 MiB, huge pages)",
+                       ["--sequential", "--profile-levers", "--profile", "cpu-lowmem"]),
+        "reuse": ("one by one, arena on, memory pattern off, buffer reuse on", ["--sequential", "--no-mem-pattern"]),
+        "batched": ("batched, `cpu` profile", ["--batched", "--profile-levers"]),
+    }
+    # bundles inner: with several bundles, each configuration runs for all of them back to back
+    for row in a.ours.split(","):
+        what, flags = ours[row]
+        for bundle in a.bundles:
+            m = json.loads((Path(bundle) / "manifest.json").read_text())
+            wino = sum(m["recipe"].get("graphs", {}).get("unet", {}).get("winograd_convs", {}).values())
+            name = f"(1) zoodip-edge {m['recipe']['name']} {m['resolution']} px" + (f", {wino} Winograd convs" if wino else "")
+            if len(a.bundles) > 1:
+                name += f" (`{Path(bundle).name}`)"
+            configs.append((f"{name}, {what}", "zo", [sys.executable, OURS, bundle, "--steps", steps, "--n", n, *flags]))
     baselines = {}
     if a.torch_pipeline:
         torch_rows = [("quanto", "(2) torch + optimum-quanto int8 weights, forward-only ZO (paper)"),
@@ -107,6 +113,8 @@ def main() -> None:
     ap.add_argument("bundles", nargs="+")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--n", type=int, default=2)
+    ap.add_argument("--ours", default="cpu,cpu-lowmem,reuse,batched",
+                    help="zoodip-edge rows, comma separated: cpu, cpu-lowmem, reuse (arena + buffer reuse on), batched")
     ap.add_argument("--torch-pipeline", help="diffusers folder of the same model: adds the torch rows (2)-(4)")
     ap.add_argument("--scaling", action="store_true", help="n = 1, 2, 4 on each bundle, `cpu` profile, one by one")
     ap.add_argument("--out", type=Path)

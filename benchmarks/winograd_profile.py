@@ -4,8 +4,9 @@
 
 Both bundles are int8-cpu exports of the same model, one from before the Winograd rewrite (or
 with it undone): ORT's profiler times every node over ``--runs`` warm forwards at batch 1 with
-the bundle's session config, and each rewritten convolution's nodes (named after the original
-Conv) are summed. Prints ms per forward by spatial size and channels, and the ratio.
+the bundle's session config, the two bundles in turns, and each rewritten convolution's nodes (named after the original
+Conv) are summed; a direct convolution's time includes its weight's DequantizeLinear node. Prints
+ms per forward by spatial size and channels, and the ratio.
 """
 
 from __future__ import annotations
@@ -27,25 +28,35 @@ from zoodip_edge.bundle import load_bundle  # noqa: E402
 from zoodip_edge.export.winograd import _spatial  # noqa: E402
 
 
-def node_ms(bundle: str, runs: int) -> Counter:
-    """ms per forward of each node; a Winograd node counts for the Conv it replaced."""
-    b = load_bundle(bundle, verify=False)
+def node_ms(bundles: list[str], runs: int) -> list[Counter]:
+    """ms per forward of each node, per bundle; a Winograd node counts for the Conv it replaced.
+
+    The bundles' sessions run in turns (one forward each, ``runs`` rounds), so drift on a shared
+    machine reaches both alike.
+    """
+    sessions, feeds = [], []
     with tempfile.TemporaryDirectory() as d:
-        o = ort.SessionOptions()
-        o.enable_mem_pattern = False
-        o.enable_profiling = True
-        o.profile_file_prefix = str(Path(d) / "profile")
-        for k, v in b.manifest["session"]["config_entries"].items():
-            o.add_session_config_entry(k, v)
-        s = ort.InferenceSession(str(b.path("unet")), o, providers=["CPUExecutionProvider"])
-        feed = unet_feed(b.manifest)
-        for _ in range(runs + 1):  # the first (warm-up) run is in the profile too; it is left out below
-            s.run(None, feed)
-        events = [e for e in json.load(open(s.end_profiling())) if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
-    first_run = len(events) // (runs + 1)
-    out: Counter = Counter()
-    for e in events[first_run:]:
-        out[e["name"][: -len("_kernel_time")].split(".winograd")[0]] += e["dur"] / runs / 1e3
+        for i, bundle in enumerate(bundles):
+            b = load_bundle(bundle, verify=False)
+            o = ort.SessionOptions()
+            o.enable_mem_pattern = False
+            o.enable_profiling = True
+            o.profile_file_prefix = str(Path(d) / f"profile{i}")
+            for k, v in b.manifest["session"]["config_entries"].items():
+                o.add_session_config_entry(k, v)
+            sessions.append(ort.InferenceSession(str(b.path("unet")), o, providers=["CPUExecutionProvider"]))
+            feeds.append(unet_feed(b.manifest))
+        for _ in range(runs + 1):  # the first (warm-up) round is in the profiles too; it is left out below
+            for s, feed in zip(sessions, feeds):
+                s.run(None, feed)
+        out = []
+        for s in sessions:
+            events = [e for e in json.load(open(s.end_profiling())) if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+            first_run = len(events) // (runs + 1)
+            ms: Counter = Counter()
+            for e in events[first_run:]:
+                ms[e["name"][: -len("_kernel_time")].split(".winograd")[0]] += e["dur"] / runs / 1e3
+            out.append(ms)
     return out
 
 
@@ -56,7 +67,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     a = ap.parse_args()
     print(header(sys.argv))
-    direct, wino = node_ms(a.direct, a.runs), node_ms(a.winograd, a.runs)
+    direct, wino = node_ms([a.direct, a.winograd], a.runs)
     b = load_bundle(a.direct, verify=False)
     model = onnx.load(str(b.path("unet")), load_external_data=False)
     hw = _spatial(model)
@@ -70,8 +81,11 @@ def main() -> None:
         dq = producer.get(n.input[1])
         dims = inits[dq.input[0]].dims if dq is not None and dq.input[0] in inits else [0, 0]
         key = f"{hw[n.input[0]][0]}² {dims[1]}→{dims[0]}"
-        rows[key][0] += direct.get(n.name, 0.0)
-        rows[key][1] += wino.get(n.name, 0.0)
+        # a direct convolution's weight DequantizeLinear is a node of its own (in both bundles where
+        # the convolution was left alone); a rewritten one's is among its Winograd nodes
+        dq_name = dq.name if dq is not None else ""
+        rows[key][0] += direct.get(n.name, 0.0) + direct.get(dq_name, 0.0)
+        rows[key][1] += wino.get(n.name, 0.0) + wino.get(dq_name, 0.0)
         rows[key][2] += 1
     print("| 3×3 conv (spatial, in→out ch) | count | direct ms | Winograd graph ms | direct / Winograd |")
     print("|---|---|---|---|---|")

@@ -175,7 +175,7 @@ def test_force_replaces_existing_output(sd1_pipeline, tmp_path):
 def test_inspect_verifies_hashes(bundle_copy):
     r = runner.invoke(app, ["inspect", str(bundle_copy)])
     assert r.exit_code == 0
-    assert "winograd    unet: 0 3x3 convolutions as F(4x4, 3x3) (none at 16x16 or larger)" in r.output  # tiny U-Net: 8x8 latents
+    assert "winograd    unet: 0 3x3 convolutions rewritten (none at 16x16 or larger)" in r.output  # tiny U-Net: 8x8 latents
     unet = bundle_copy / "unet" / "model.onnx"
     data = bytearray(unet.read_bytes())
     data[len(data) // 2] ^= 0xFF

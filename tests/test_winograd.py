@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 from zoodip_edge.export.quantize import weight_only_qdq
 from zoodip_edge.export.winograd import transforms, winograd_convs
 
-C, S = 64, 16
+C, S = 64, 32
 
 
 def _graph(rng: np.random.Generator) -> onnx.ModelProto:
@@ -28,12 +28,15 @@ def _graph(rng: np.random.Generator) -> onnx.ModelProto:
         helper.make_node("Conv", ["y3", "w4"], ["y4"], name="grouped", kernel_shape=[3, 3], pads=[1, 1, 1, 1], group=4),
         helper.make_node("Conv", ["y4", "w5"], ["y5"], name="few_channels", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
         helper.make_node("Conv", ["y5", "w6"], ["y6"], name="strided", kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2]),
-        helper.make_node("Conv", ["y6", "w7"], ["y"], name="small", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["y6", "w7"], ["y7"], name="half_size", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["y7", "w8"], ["y8"], name="strided_again", kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Conv", ["y8", "w9"], ["y"], name="too_small", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
     ]
     inits = [w("w1", (96, C, 3, 3)), w("b1", (96,)), w("w2", (C, 96, 3, 3)), w("w3", (C, C, 1, 1)),
-             w("w4", (C, C // 4, 3, 3)), w("w5", (8, C, 3, 3)), w("w6", (C, 8, 3, 3)), w("w7", (C, C, 3, 3))]
+             w("w4", (C, C // 4, 3, 3)), w("w5", (8, C, 3, 3)), w("w6", (C, 8, 3, 3)), w("w7", (C, C, 3, 3)),
+             w("w8", (C, C, 3, 3)), w("w9", (C, C, 3, 3))]
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", C, S, S])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", C, S // 2, S // 2])], inits)
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", C, S // 4, S // 4])], inits)
     return weight_only_qdq(helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)]), ("Conv",))[0]
 
 
@@ -50,16 +53,18 @@ def graphs() -> tuple[onnx.ModelProto, onnx.ModelProto, np.ndarray]:
     rng = np.random.default_rng(0)
     model = _graph(rng)
     rewritten, counts = winograd_convs(_copy(model))
-    assert dict(counts) == {f"Conv {S}x{S}": 2}  # "eligible" and "no_bias"; the rest are not its kind
+    # "eligible" and "no_bias" with 4x4 tiles, "half_size" with 2x2 tiles; the rest are not its kind
+    assert dict(counts) == {"Conv 32x32 F(4x4)": 2, "Conv 16x16 F(2x2)": 1}
     return model, rewritten, rng.standard_normal((2, C, S, S)).astype(np.float32)
 
 
-def test_transforms_are_winograds_identity():
-    """A^T [(G g G^T) * (B^T d B)] A equals the 4x4 correlation of a 6x6 tile with a 3x3 filter."""
-    gg, bb, aa = transforms()
+@pytest.mark.parametrize("m", [2, 4])
+def test_transforms_are_winograds_identity(m):
+    """A^T [(G g G^T) * (B^T d B)] A equals the m x m correlation of an (m+2)^2 tile with a 3x3 filter."""
+    gg, bb, aa = transforms(m)
     rng = np.random.default_rng(1)
-    d, g = rng.standard_normal((6, 6)), rng.standard_normal((3, 3))
-    direct = np.array([[(d[i:i + 3, j:j + 3] * g).sum() for j in range(4)] for i in range(4)])
+    d, g = rng.standard_normal((m + 2, m + 2)), rng.standard_normal((3, 3))
+    direct = np.array([[(d[i:i + 3, j:j + 3] * g).sum() for j in range(m)] for i in range(m)])
     assert np.allclose(aa @ ((gg @ g.ravel()) * (bb @ d.ravel())), direct.ravel(), atol=1e-12)
 
 
@@ -70,13 +75,13 @@ def test_rewrite_computes_the_same_convolutions(graphs, batch):
     got = _session(rewritten).run(None, {"x": x[:batch]})[0]
     assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
     ops = [n.op_type for n in rewritten.graph.node]
-    assert ops.count("Conv") == 5 + 2  # five convolutions left alone, two input transforms
-    assert ops.count("DepthToSpace") == 2
+    assert ops.count("Conv") == 6 + 3  # six convolutions left alone, three input transforms
+    assert ops.count("DepthToSpace") == 3
 
 
 def test_chunked_weight_transforms_agree(graphs):
     model, rewritten, x = graphs
-    chunked, _ = winograd_convs(_copy(model), max_transform_mb=0.5)  # 36 * 96 * 64 * 4 B = 0.84 MB -> 2 chunks
+    chunked, _ = winograd_convs(_copy(model), max_transform_mb=0.5)  # 36 * 96 * 64 * 4 B = 0.84 MB: 2 chunks
     assert any(n.op_type == "Concat" for n in chunked.graph.node)
     a = _session(rewritten).run(None, {"x": x})[0]
     b = _session(chunked).run(None, {"x": x})[0]
@@ -87,7 +92,7 @@ def test_finite_differences_follow_the_direct_graph(graphs):
     """What ZO training reads: loss differences along random directions, at a small step."""
     model, rewritten, x = graphs
     rng = np.random.default_rng(2)
-    w_out = rng.standard_normal((1, C, S // 2, S // 2)).astype(np.float32)
+    w_out = rng.standard_normal((1, C, S // 4, S // 4)).astype(np.float32)
     dirs = rng.standard_normal((8, *x[:1].shape)).astype(np.float32)
     step = 1e-3 * np.linalg.norm(x[:1]) / np.linalg.norm(dirs[0])
 
@@ -98,7 +103,7 @@ def test_finite_differences_follow_the_direct_graph(graphs):
 
     a, b = diffs(_session(model)), diffs(_session(rewritten))
     assert np.corrcoef(a, b)[0, 1] > 0.9999
-    assert np.abs(a - b).max() <= 1e-3 * np.abs(a).max()
+    assert np.abs(a - b).max() <= 5e-3 * np.abs(a).max()  # float32 rounding of both graphs' losses
 
 
 def test_weight_transforms_come_before_the_activations(graphs):
@@ -107,7 +112,7 @@ def test_weight_transforms_come_before_the_activations(graphs):
     _, rewritten, _ = graphs
     order = [n.name for n in rewritten.graph.node]
     first_activation = next(i for i, n in enumerate(rewritten.graph.node) if "x" in n.input)
-    transforms_at = [i for i, name in enumerate(order) if name.endswith((".dq", ".w9", ".u36", ".U"))]
+    transforms_at = [i for i, name in enumerate(order) if name.endswith((".dq", ".w9", ".u", ".U"))]
     assert transforms_at and max(transforms_at) < first_activation
 
 

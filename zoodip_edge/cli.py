@@ -139,8 +139,8 @@ def inspect(
     for name, info in m["recipe"].get("graphs", {}).items():
         if "winograd_convs" in info:
             sizes = info["winograd_convs"]
-            said = ", ".join(f"{n} at {k.split()[-1]}" for k, n in sizes.items()) or "none at 16x16 or larger"
-            typer.echo(f"winograd    {name}: {sum(sizes.values())} 3x3 convolutions as F(4x4, 3x3) ({said})")
+            said = ", ".join(f"{n} at {k.removeprefix('Conv ')}" for k, n in sizes.items()) or "none at 16x16 or larger"
+            typer.echo(f"winograd    {name}: {sum(sizes.values())} 3x3 convolutions rewritten ({said})")
     v = m["verification"]
     f = v["zo_fidelity"]
     step = f" (step {f['step_norm']:.2g})" if "step_norm" in f else " (unit step: exported before zoodip-edge measured training's step)"

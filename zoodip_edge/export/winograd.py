@@ -1,26 +1,30 @@
-"""3x3 convolutions as Winograd F(4x4, 3x3) in plain ONNX ops, for the int8-cpu recipe.
+"""3x3 convolutions as Winograd F(m x m, 3x3) in plain ONNX ops, for the int8-cpu recipe.
 
 ORT's CPU EP runs a float 3x3 convolution near the FMA peak of the cores (docs/performance.md),
 so a faster convolution has to do fewer multiplications. Winograd's minimal filtering computes
-each 4x4 output tile from a 6x6 input tile with 36 products per input/output channel pair
-instead of 144: the channel mixing becomes 36 matrix products of 1/4 the direct convolution's
-size. The transforms are fixed linear maps, so the result equals the convolution up to float32
-rounding (relative error ~1e-5), and finite differences keep following the true derivatives.
+each m x m output tile from an (m+2) x (m+2) input tile: with m = 4, 36 products per
+input/output channel pair instead of 144, so the channel mixing becomes 36 matrix products of
+1/4 the direct convolution's size. The transforms are fixed linear maps, so the result equals the
+convolution up to float32 rounding (relative error ~1e-5), and finite differences keep following
+the true derivatives.
 
-Per rewritten convolution, with x [N, C, S, S] and int8 weights w [Cout, C, 3, 3]:
+Per rewritten convolution, with x [N, C, S, S], int8 weights w [Cout, C, 3, 3], K = (m+2)^2:
 
-    U = GG @ dequantize(w) as [9, Cout*C]           -> [36, Cout, C]   (each run: weights stay int8)
-    V = Conv(x, BB, group=C, stride 4)               -> [N, 36, C, T*T] (T = S / 4 tiles a side)
-    M = U @ V                                        -> [N, 36, Cout, T*T]
-    y = DepthToSpace(AA @ M, 4) + bias               -> [N, Cout, S, S]
+    U = GG @ dequantize(w) as [9, Cout*C]           -> [K, Cout, C]    (each run: weights stay int8)
+    V = Conv(x, BB, group=C, stride m)               -> [N, K, C, T*T]  (T = S / m tiles a side)
+    M = U @ V                                        -> [N, K, Cout, T*T]
+    y = DepthToSpace(AA @ M, m) + bias               -> [N, Cout, S, S]
 
-GG, BB and AA are the Kronecker squares of Lavin & Gray's G, B^T and A^T for F(4, 3).
-U is made at run time from the int8 weights, so the bundle's size does not change; a float U
-is 36 * Cout * C * 4 bytes (4x the dequantized weight), so it is made in chunks of output
-channels of at most ``max_transform_mb`` each, and each chunk is freed after its product.
-Measured per convolution inside the SD1.5 U-Net at 512 px, batch 1 (docs/performance.md):
-2.1-3.0x faster at 64x64 and 32x32, 1.2-1.4x at 16x16, no gain at 8x8 (``min_size``), and
-slower for convolutions with a handful of channels such as conv_in/conv_out (``min_channels``).
+GG, BB and AA are the Kronecker squares of Lavin & Gray's G, B^T and A^T. U is made at run time
+from the int8 weights, so the bundle's size does not change; a float U is K * Cout * C * 4 bytes
+(K/9 times the dequantized weight), made in chunks of output channels of at most
+``max_transform_mb`` each, each chunk freed after its product.
+
+Measured per convolution inside the SD1.5 U-Net at 512 px, batch 1 (docs/recipes.md): F(4x4)
+2.0-2.6x faster at 64x64, 1.6-2.4x at 32x32. At 16x16 there are only 16 tiles per image, the
+products read U once for few columns, and F(2x2) (K = 16, U 16/36 the size) beats F(4x4):
+440 vs 518 ms per forward for the 11 convolutions, 578 direct. At 8x8 both lose (``min_size``),
+and so do convolutions with a handful of channels such as conv_in/conv_out (``min_channels``).
 """
 
 from __future__ import annotations
@@ -31,18 +35,28 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-M = 4  # output tile side
-A = M + 2  # input tile side
-_BT = np.array([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
-                [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]], np.float64)
-_G = np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
-               [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], np.float64)
-_AT = np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]], np.float64)
+# Lavin & Gray's B^T, G and A^T per output tile side m (F(m x m, 3 x 3)).
+_TILES = {
+    2: (np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float64),
+        np.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]], np.float64),
+        np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float64)),
+    4: (np.array([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
+                  [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]], np.float64),
+        np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+                  [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], np.float64),
+        np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]], np.float64)),
+}
 
 
-def transforms() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(GG [36, 9], BB [36, 36], AA [16, 36]): the 2-D transforms on row-major flattened tiles."""
-    return np.kron(_G, _G), np.kron(_BT, _BT), np.kron(_AT, _AT)
+def transforms(m: int = 4) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(GG [K, 9], BB [K, K], AA [m*m, K]), K = (m+2)^2: the 2-D transforms on row-major flattened tiles."""
+    bt, g, at = _TILES[m]
+    return np.kron(g, g), np.kron(bt, bt), np.kron(at, at)
+
+
+def tile_for(size: int) -> int:
+    """Output tile side for a convolution at ``size`` x ``size`` (measured, see the module doc)."""
+    return 2 if size < 32 else 4
 
 
 def _spatial(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
@@ -86,23 +100,23 @@ def _eligible(conv: onnx.NodeProto, dq: onnx.NodeProto | None, inits: dict, hw: 
     if zp is not None and numpy_helper.to_array(zp).any():
         return False  # the recipe's weights are symmetric; anything else is not ours to rewrite
     h, w = hw
-    return h == w and h % M == 0 and h >= min_size
+    return h == w and h >= min_size and h % tile_for(h) == 0
 
 
 def winograd_convs(model: onnx.ModelProto, min_size: int = 16, min_channels: int = 64,
                    max_transform_mb: float = 64.0) -> tuple[onnx.ModelProto, Counter]:
-    """Rewrite eligible DequantizeLinear(int8) -> Conv 3x3 nodes into Winograd F(4x4, 3x3).
+    """Rewrite eligible DequantizeLinear(int8) -> Conv 3x3 nodes into Winograd F(m x m, 3x3).
 
-    Eligible: stride 1, padding 1, no groups or dilation, a square static spatial size divisible
-    by 4 and at least ``min_size``, at least ``min_channels`` input and output channels, and
-    symmetric per-output-channel int8 weights. Returns the model and a count per spatial size.
+    Eligible: stride 1, padding 1, no groups or dilation, a square static spatial size of at
+    least ``min_size`` that the tile (``tile_for``) divides, at least ``min_channels`` input and
+    output channels, and symmetric per-output-channel int8 weights. Returns the model and a count
+    per spatial size and tile.
     """
     from .quantize import _replace_nodes
 
     inits = {i.name: i for i in model.graph.initializer}
     producer = {o: n for n in model.graph.node for o in n.output}
     hw = _spatial(model)
-    gg, bb, aa = transforms()
     new_inits: dict[str, onnx.TensorProto] = {}
 
     def const(name: str, value: np.ndarray) -> str:
@@ -110,8 +124,6 @@ def winograd_convs(model: onnx.ModelProto, min_size: int = 16, min_channels: int
             new_inits[name] = numpy_helper.from_array(value, name)
         return name
 
-    const("winograd.GG", gg.astype(np.float32))
-    const("winograd.AA", aa.astype(np.float32))
     weight_nodes, nodes, counts, dropped_dq = [], [], Counter(), set()
     for node in model.graph.node:
         dq = producer.get(node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
@@ -121,18 +133,22 @@ def winograd_convs(model: onnx.ModelProto, min_size: int = 16, min_channels: int
         q = numpy_helper.to_array(inits[dq.input[0]])
         cout, cin = q.shape[:2]
         size = hw[node.input[0]][0]
-        t = size // M
+        m = tile_for(size)
+        a, t = m + 2, size // m
+        k = a * a
+        gg_value, bb_value, aa_value = (x.astype(np.float32) for x in transforms(m))
+        gg, aa = const(f"winograd.GG{m}", gg_value), const(f"winograd.AA{m}", aa_value)
         p = (node.name or node.output[0]).replace("/", "_") + ".winograd"
         # Output channels in chunks, so that no chunk's float U is over the cap: the input
         # transform V is made once and shared, and each chunk's U is freed after its product.
-        chunks = max(1, -(-36 * cout * cin * 4 // int(max_transform_mb * 2**20)))
+        chunks = max(1, -(-k * cout * cin * 4 // int(max_transform_mb * 2**20)))
         bounds = np.linspace(0, cout, chunks + 1).round().astype(int)
-        bw = const(f"winograd.BB.{cin}", np.tile(bb.astype(np.float32).reshape(36, 1, A, A), (cin, 1, 1, 1)))
+        bw = const(f"winograd.BB{m}.{cin}", np.tile(bb_value.reshape(k, 1, a, a), (cin, 1, 1, 1)))
         shape = lambda v: const("winograd.shape." + "x".join(map(str, v)), np.array(v, np.int64))  # noqa: E731
         nodes += [
-            helper.make_node("Conv", [node.input[0], bw], [f"{p}.v"], name=f"{p}.v", group=cin, kernel_shape=[A, A],
-                             strides=[M, M], pads=[1, 1, 1, 1]),
-            helper.make_node("Reshape", [f"{p}.v", shape([0, cin, 36, t * t])], [f"{p}.v4"], name=f"{p}.v4"),
+            helper.make_node("Conv", [node.input[0], bw], [f"{p}.v"], name=f"{p}.v", group=cin, kernel_shape=[a, a],
+                             strides=[m, m], pads=[1, 1, 1, 1]),
+            helper.make_node("Reshape", [f"{p}.v", shape([0, cin, k, t * t])], [f"{p}.v4"], name=f"{p}.v4"),
             helper.make_node("Transpose", [f"{p}.v4"], [f"{p}.V"], name=f"{p}.V", perm=[0, 2, 1, 3]),
         ]
         scale = numpy_helper.to_array(inits[dq.input[1]])
@@ -146,27 +162,27 @@ def winograd_convs(model: onnx.ModelProto, min_size: int = 16, min_channels: int
             weight_nodes += [
                 helper.make_node("DequantizeLinear", [wq, ws, wz], [f"{c}.w"], name=f"{c}.dq", axis=2),
                 helper.make_node("Reshape", [f"{c}.w", shape([9, (hi - lo) * cin])], [f"{c}.w9"], name=f"{c}.w9"),
-                helper.make_node("MatMul", ["winograd.GG", f"{c}.w9"], [f"{c}.u36"], name=f"{c}.u36"),
-                helper.make_node("Reshape", [f"{c}.u36", shape([36, hi - lo, cin])], [f"{c}.U"], name=f"{c}.U"),
+                helper.make_node("MatMul", [gg, f"{c}.w9"], [f"{c}.u"], name=f"{c}.u"),
+                helper.make_node("Reshape", [f"{c}.u", shape([k, hi - lo, cin])], [f"{c}.U"], name=f"{c}.U"),
             ]
             nodes.append(helper.make_node("MatMul", [f"{c}.U", f"{p}.V"], [f"{c}.M"], name=f"{c}.M"))
             products.append(f"{c}.M")
         if len(products) > 1:
             nodes.append(helper.make_node("Concat", products, [f"{p}.M"], name=f"{p}.M", axis=2))
         nodes += [
-            helper.make_node("Reshape", [products[0] if len(products) == 1 else f"{p}.M", shape([0, 36, cout * t * t])],
+            helper.make_node("Reshape", [products[0] if len(products) == 1 else f"{p}.M", shape([0, k, cout * t * t])],
                              [f"{p}.m3"], name=f"{p}.m3"),
-            helper.make_node("MatMul", ["winograd.AA", f"{p}.m3"], [f"{p}.y3"], name=f"{p}.y3"),
-            helper.make_node("Reshape", [f"{p}.y3", shape([0, 16 * cout, t, t])], [f"{p}.y4"], name=f"{p}.y4"),
+            helper.make_node("MatMul", [aa, f"{p}.m3"], [f"{p}.y3"], name=f"{p}.y3"),
+            helper.make_node("Reshape", [f"{p}.y3", shape([0, m * m * cout, t, t])], [f"{p}.y4"], name=f"{p}.y4"),
         ]
         bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
         out = f"{p}.y" if bias else node.output[0]
-        nodes.append(helper.make_node("DepthToSpace", [f"{p}.y4"], [out], name=f"{p}.d2s", blocksize=M, mode="DCR"))
+        nodes.append(helper.make_node("DepthToSpace", [f"{p}.y4"], [out], name=f"{p}.d2s", blocksize=m, mode="DCR"))
         if bias:
             b = numpy_helper.to_array(inits[bias]).astype(np.float32).reshape(cout, 1, 1)
             nodes.append(helper.make_node("Add", [out, const(f"{p}.bias", b)], [node.output[0]], name=f"{p}.bias"))
         dropped_dq.add(dq.output[0])
-        counts[f"Conv {size}x{size}"] += 1
+        counts[f"Conv {size}x{size} F({m}x{m})"] += 1
     users = {i for n in nodes for i in n.input}
     # a DequantizeLinear whose only consumers were rewritten convolutions goes too
     nodes = [n for n in nodes if not (n.op_type == "DequantizeLinear" and n.output[0] in dropped_dq and n.output[0] not in users)]
