@@ -45,7 +45,7 @@ class Recipe:
     targets: tuple[str, ...] = ("cpu", "cuda", "tensorrt")
     graphs: dict[str, str] = field(default_factory=dict)  # graph -> recipe, where it differs from this one
     calibrated: bool = False  # quantizing a graph this way needs calibration inputs
-    winograd: tuple[str, ...] = ()  # graphs whose 3x3 convolutions become Winograd F(4x4, 3x3) (export/winograd.py)
+    winograd: tuple[str, ...] = ()  # graphs whose 3x3 convolutions become Winograd convolutions (export/winograd.py)
 
     def for_graph(self, name: str) -> "Recipe":
         """The recipe that quantizes graph ``name`` in a bundle of this recipe."""
@@ -58,7 +58,7 @@ RECIPES: dict[str, Recipe] = {
         # Winograd in the U-Net only: it runs thousands of times; the VAE's 3x3 convolutions at
         # 128-512 px would hold Winograd-domain tensors of 0.1-0.3 GB for a one-off gain.
         Recipe("int8-cpu", "weight-only int8: MatMulNBits-8 (float compute) for MatMul, per-channel QDQ for Conv/Gemm, "
-               "U-Net 3x3 convolutions as Winograd F(4x4, 3x3)", FLOAT_COMPUTE, targets=("cpu",), winograd=("unet",)),
+               "U-Net 3x3 convolutions as Winograd F(4x4, 3x3) or F(2x2, 3x3)", FLOAT_COMPUTE, targets=("cpu",), winograd=("unet",)),
         Recipe("int8-gpu", "weight-only int8: per-channel symmetric QDQ on every MatMul/Gemm/Conv weight",
                FLOAT_COMPUTE, targets=("cuda", "tensorrt", "cpu")),
         Recipe("fp16", "float16 weights and activations, float32 inputs/outputs", parity_tolerance=0.02, targets=("cuda", "tensorrt")),
