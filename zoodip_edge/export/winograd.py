@@ -11,7 +11,7 @@ the true derivatives.
 Per rewritten convolution, with x [N, C, S, S], int8 weights w [Cout, C, 3, 3], K = (m+2)^2:
 
     U = GG @ dequantize(w) as [9, Cout*C]           -> [K, Cout, C]    (each run: weights stay int8)
-    V = Conv(x, BB, group=C, stride m)               -> [N, K, C, T*T]  (T = S / m tiles a side)
+    V = Conv(x as [N*C, 1, S, S], BB, stride m)     -> [N, K, C, T*T]  (T = S / m tiles a side)
     M = U @ V                                        -> [N, K, Cout, T*T]
     y = DepthToSpace(AA @ M, m) + bias               -> [N, Cout, S, S]
 
@@ -143,12 +143,14 @@ def winograd_convs(model: onnx.ModelProto, min_size: int = 16, min_channels: int
         # transform V is made once and shared, and each chunk's U is freed after its product.
         chunks = max(1, -(-k * cout * cin * 4 // int(max_transform_mb * 2**20)))
         bounds = np.linspace(0, cout, chunks + 1).round().astype(int)
-        bw = const(f"winograd.BB{m}.{cin}", np.tile(bb_value.reshape(k, 1, a, a), (cin, 1, 1, 1)))
+        bb = const(f"winograd.BB{m}", bb_value.reshape(k, 1, a, a))
         shape = lambda v: const("winograd.shape." + "x".join(map(str, v)), np.array(v, np.int64))  # noqa: E731
         nodes += [
-            helper.make_node("Conv", [node.input[0], bw], [f"{p}.v"], name=f"{p}.v", group=cin, kernel_shape=[a, a],
-                             strides=[m, m], pads=[1, 1, 1, 1]),
-            helper.make_node("Reshape", [f"{p}.v", shape([0, cin, k, t * t])], [f"{p}.v4"], name=f"{p}.v4"),
+            # channels as batch: one [K, 1, a, a] kernel serves every channel (a grouped Conv needs
+            # it tiled per channel: 31.6 MiB of constants on SD1.5, and 3-15% slower)
+            helper.make_node("Reshape", [node.input[0], shape([-1, 1, size, size])], [f"{p}.x1"], name=f"{p}.x1"),
+            helper.make_node("Conv", [f"{p}.x1", bb], [f"{p}.v"], name=f"{p}.v", kernel_shape=[a, a], strides=[m, m], pads=[1, 1, 1, 1]),
+            helper.make_node("Reshape", [f"{p}.v", shape([-1, cin, k, t * t])], [f"{p}.v4"], name=f"{p}.v4"),
             helper.make_node("Transpose", [f"{p}.v4"], [f"{p}.V"], name=f"{p}.V", perm=[0, 2, 1, 3]),
         ]
         scale = numpy_helper.to_array(inits[dq.input[1]])
