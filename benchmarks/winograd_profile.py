@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import header, unet_feed  # noqa: E402
 
 from zoodip_edge.bundle import load_bundle  # noqa: E402
-from zoodip_edge.export.winograd import _spatial  # noqa: E402
+from zoodip_edge.export.winograd import spatial_sizes  # noqa: E402
 
 
 def node_ms(bundles: list[str], runs: int) -> list[Counter]:
@@ -70,7 +70,7 @@ def main() -> None:
     direct, wino = node_ms([a.direct, a.winograd], a.runs)
     b = load_bundle(a.direct, verify=False)
     model = onnx.load(str(b.path("unet")), load_external_data=False)
-    hw = _spatial(model)
+    hw = spatial_sizes(model)
     inits = {i.name: i for i in model.graph.initializer}
     producer = {o: n for n in model.graph.node for o in n.output}
     rows: dict = defaultdict(lambda: [0.0, 0.0, 0])

@@ -59,7 +59,7 @@ def tile_for(size: int) -> int:
     return 2 if size < 32 else 4
 
 
-def _spatial(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
+def spatial_sizes(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
     """Static (H, W) of every 4-D tensor that shape inference can tell.
 
     Runs on a skeleton of the graph: weights become typed inputs, so a U-Net over protobuf's
@@ -116,7 +116,7 @@ def winograd_convs(model: onnx.ModelProto, min_size: int = 16, min_channels: int
 
     inits = {i.name: i for i in model.graph.initializer}
     producer = {o: n for n in model.graph.node for o in n.output}
-    hw = _spatial(model)
+    hw = spatial_sizes(model)
     new_inits: dict[str, onnx.TensorProto] = {}
 
     def const(name: str, value: np.ndarray) -> str:
