@@ -121,8 +121,10 @@ variants)
   # the same call's baselines for the rows below
   one "zoodip-edge int8-gpu, cuda profile, batched" 120 python3 benchmarks/personalize_steps.py "$BUNDLE" --profile cuda --profile-levers --batched --warmup 2 --steps 10
   one "torch + quanto int8 w, fp16 act (paper)" 90 python3 benchmarks/torch_steps.py "$SD" --device cuda --mode quanto --n 2 --dtype fp16 --warmup 2 --steps 10
-  one "zoodip-edge int8-gpu, cuda profile, one by one" 120 python3 benchmarks/personalize_steps.py "$BUNDLE" --profile /tmp/cuda-seq.toml --profile-levers --sequential --warmup 2 --steps 10
-  one "zoodip-edge int8-gpu, cuda-lowvram, resident sessions" 120 python3 benchmarks/personalize_steps.py "$BUNDLE" --profile /tmp/lowvram-resident.toml --profile-levers --sequential --warmup 2 --steps 10
+  if [ "${FP16_ONLY:-0}" != 1 ]; then  # FP16_ONLY=1: only the baselines and the fp16 rows (measured int8 variants once)
+    one "zoodip-edge int8-gpu, cuda profile, one by one" 120 python3 benchmarks/personalize_steps.py "$BUNDLE" --profile /tmp/cuda-seq.toml --profile-levers --sequential --warmup 2 --steps 10
+    one "zoodip-edge int8-gpu, cuda-lowvram, resident sessions" 120 python3 benchmarks/personalize_steps.py "$BUNDLE" --profile /tmp/lowvram-resident.toml --profile-levers --sequential --warmup 2 --steps 10
+  fi
   if [ -f /tmp/sd15-fp16/manifest.json ]; then
     one "zoodip-edge fp16, cuda profile, batched" 120 python3 benchmarks/personalize_steps.py /tmp/sd15-fp16 --profile cuda --profile-levers --batched --warmup 2 --steps 10
     timeout 150 python3 benchmarks/fidelity_by_mu.py "$SD" /tmp/sd15-fp16 --profile cuda --mu 1e-3 2>/dev/null | tee "$OUT/fidelity_cuda_fp16.txt"
