@@ -9,7 +9,7 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from zoodip_edge.export.quantize import unique_node_names, weight_only_qdq
+from zoodip_edge.export.quantize import drop_repeated_nodes, unique_node_names, weight_only_qdq
 
 
 def unet_like(c: int = 8):
@@ -81,3 +81,29 @@ def test_repeated_node_names_are_made_unique():
     assert len(set(names)) == 3 and names[0] == "x_cast" and names[2] == "x_cast_2"
     out = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": np.ones(2, np.float32)})
     assert refused and np.allclose(out[0], 2.0)
+
+
+def test_a_repeated_node_is_dropped_and_a_conflicting_one_refused():
+    """onnxruntime 1.30's float16 converter inserted one Cast twice (both defining the same tensor)."""
+    import pytest
+
+    def model(second_to):
+        nodes = [helper.make_node("Cast", ["x"], ["x32"], name="c1", to=TensorProto.FLOAT),
+                 helper.make_node("Cast", ["x"], ["x32"], name="c2", to=second_to),
+                 helper.make_node("Add", ["x32", "x32"], ["y"], name="add")]
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+
+    m = model(TensorProto.FLOAT)
+    try:
+        ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        refused = False
+    except Exception:  # noqa: BLE001 - whichever error ORT raises for it
+        refused = True
+    fixed = drop_repeated_nodes(m)
+    assert refused and [n.name for n in fixed.graph.node] == ["c1", "add"]
+    out = ort.InferenceSession(fixed.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": np.ones(2, np.float16)})
+    assert np.allclose(out[0], 2.0)
+    with pytest.raises(ValueError, match="two different nodes define 'x32'"):
+        drop_repeated_nodes(model(TensorProto.DOUBLE))

@@ -90,7 +90,7 @@ def quantize(model: onnx.ModelProto, recipe: str, calibration: list[dict[str, np
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
         model = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
-        return unique_node_names(model), {"weights": _weight_dtypes(model)}
+        return unique_node_names(drop_repeated_nodes(model)), {"weights": _weight_dtypes(model)}
     if recipe == "int8-gpu":
         model, counts = weight_only_qdq(model, ("MatMul", "Gemm", "Conv"))
     elif recipe == "int8-cpu":
@@ -111,6 +111,34 @@ def quantize(model: onnx.ModelProto, recipe: str, calibration: list[dict[str, np
         model, wino = winograd_convs(model)
         info["winograd_convs"] = dict(wino)
     return model, {**info, "weights": _weight_dtypes(model)}
+
+
+def drop_repeated_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Drop a node that repeats an earlier one exactly (same op, inputs, outputs, attributes).
+
+    onnxruntime 1.30's float16 converter inserted the same Cast twice in an SD1.5 VAE decoder,
+    both defining ``val_74_cast_to_fp32``; ORT refuses a graph that defines a name twice
+    (docs/results/export_fp16_s7c.log). Two *different* nodes defining one name are a real error.
+    """
+    def same(a: onnx.NodeProto, b: onnx.NodeProto) -> bool:
+        a, b = onnx.NodeProto.FromString(a.SerializeToString()), onnx.NodeProto.FromString(b.SerializeToString())
+        a.name = b.name = ""
+        return a.SerializeToString(deterministic=True) == b.SerializeToString(deterministic=True)
+
+    producer: dict[str, onnx.NodeProto] = {}
+    keep = []
+    for node in model.graph.node:
+        first = next((producer[o] for o in node.output if o in producer), None)
+        if first is not None:
+            if not same(first, node):
+                raise ValueError(f"two different nodes define {next(o for o in node.output if o in producer)!r}")
+            continue
+        producer.update((o, node) for o in node.output if o)
+        keep.append(node)
+    if len(keep) < len(model.graph.node):
+        del model.graph.node[:]
+        model.graph.node.extend(keep)
+    return model
 
 
 def unique_node_names(model: onnx.ModelProto) -> onnx.ModelProto:
