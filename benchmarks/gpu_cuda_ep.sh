@@ -50,6 +50,10 @@ PY
   tail -1 "$OUT/cuda_ep.jsonl"
 }
 
+# the rows every measuring phase takes as its baselines
+row_ours_batched() { one "zoodip-edge int8-gpu, cuda profile, batched" 120 python3 benchmarks/personalize_steps.py "$BUNDLE" --profile cuda --profile-levers --batched --warmup 2 --steps 10; }
+row_paper() { one "torch + quanto int8 w, fp16 act (paper)" 90 python3 benchmarks/torch_steps.py "$SD" --device cuda --mode quanto --n 2 --dtype fp16 --warmup 2 --steps 10; }
+
 case "$PHASE" in
 start)
   install_py_wheels || { echo "wheel install failed"; exit 1; }
@@ -100,9 +104,9 @@ b = load_bundle(sys.argv[1], verify=False)
 s = create_session(b.path("text_encoder"), resolve_profile("cuda"), b.manifest["session"]["config_entries"], warn=print)
 print("zoodip-edge create_session:", s.get_providers(), "preload notes:", preload_gpu_libraries())
 PY
-  one "zoodip-edge int8-gpu, cuda profile, batched" 120 python3 benchmarks/personalize_steps.py "$BUNDLE" --profile cuda --profile-levers --batched --warmup 2 --steps 10
+  row_ours_batched
   one "torch fp32 forward-only ZO" 90 python3 benchmarks/torch_steps.py "$SD" --device cuda --mode zo --n 2 --dtype fp32 --warmup 2 --steps 10
-  one "torch + quanto int8 w, fp16 act (paper)" 90 python3 benchmarks/torch_steps.py "$SD" --device cuda --mode quanto --n 2 --dtype fp16 --warmup 2 --steps 10
+  row_paper
   echo "== ZO fidelity gate on CUDA EP ($(elapsed) s)"
   timeout 150 python3 benchmarks/fidelity_by_mu.py "$SD" "$BUNDLE" --profile cuda --mu 1e-3,1e-2 2> "$OUT/fidelity_cuda.log" | tee "$OUT/fidelity_cuda.txt"
   one "zoodip-edge int8-gpu, cuda-lowvram profile, one by one" 90 python3 benchmarks/personalize_steps.py "$BUNDLE" --profile cuda-lowvram --profile-levers --sequential --warmup 1 --steps 3
@@ -119,8 +123,8 @@ variants)
   sed -e 's/^resident_sessions = false/resident_sessions = true/' -e 's/^name = "cuda-lowvram"/name = "cuda-lowvram-resident"/' \
     devices/cuda-lowvram.toml > /tmp/lowvram-resident.toml
   # the same call's baselines for the rows below
-  one "zoodip-edge int8-gpu, cuda profile, batched" 120 python3 benchmarks/personalize_steps.py "$BUNDLE" --profile cuda --profile-levers --batched --warmup 2 --steps 10
-  one "torch + quanto int8 w, fp16 act (paper)" 90 python3 benchmarks/torch_steps.py "$SD" --device cuda --mode quanto --n 2 --dtype fp16 --warmup 2 --steps 10
+  row_ours_batched
+  row_paper
   if [ "${FP16_ONLY:-0}" != 1 ]; then  # FP16_ONLY=1: only the baselines and the fp16 rows (measured int8 variants once)
     one "zoodip-edge int8-gpu, cuda profile, one by one" 120 python3 benchmarks/personalize_steps.py "$BUNDLE" --profile /tmp/cuda-seq.toml --profile-levers --sequential --warmup 2 --steps 10
     one "zoodip-edge int8-gpu, cuda-lowvram, resident sessions" 120 python3 benchmarks/personalize_steps.py "$BUNDLE" --profile /tmp/lowvram-resident.toml --profile-levers --sequential --warmup 2 --steps 10

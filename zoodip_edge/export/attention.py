@@ -19,7 +19,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 
-def _shape(model: onnx.ModelProto) -> dict[str, list]:
+def tensor_shapes(model: onnx.ModelProto) -> dict[str, list]:
+    """Dims (int, or the symbol's name) of every tensor the graph declares a shape for."""
     out = {}
     for v in [*model.graph.value_info, *model.graph.input, *model.graph.output]:
         out[v.name] = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in v.type.tensor_type.shape.dim]
@@ -47,7 +48,7 @@ def _fusable(node: onnx.NodeProto, shapes: dict[str, list]) -> tuple[int, int, d
 
 def fuse_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """Replace every fusable Attention node; returns the model and how many were replaced."""
-    shapes = _shape(model)
+    shapes = tensor_shapes(model)
     nodes, count, consts = [], 0, {}
 
     def const(values: list[int]) -> str:

@@ -23,7 +23,7 @@ from the int8 weights, so the bundle's size does not change; a float U is K * Co
 Measured per convolution inside the SD1.5 U-Net at 512 px, batch 1 (docs/recipes.md): F(4x4)
 2.0-2.6x faster at 64x64, 1.6-2.4x at 32x32. At 16x16 there are only 16 tiles per image, the
 products read U once for few columns, and F(2x2) (K = 16, U 16/36 the size) beats F(4x4):
-440 vs 518 ms per forward for the 11 convolutions, 578 direct. At 8x8 both lose (``min_size``),
+440 vs 518 ms per forward for the 11 convolutions, 578 direct (inline profiling, not kept). At 8x8 both lose (``min_size``),
 and so do convolutions with a handful of channels such as conv_in/conv_out (``min_channels``).
 """
 
@@ -34,6 +34,8 @@ from collections import Counter
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+from .attention import tensor_shapes
 
 # Lavin & Gray's B^T, G and A^T per output tile side m (F(m x m, 3 x 3)).
 _TILES = {
@@ -70,13 +72,8 @@ def spatial_sizes(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
     big = [helper.make_tensor_value_info(i.name, i.data_type, list(i.dims)) for i in g.initializer if int(np.prod(i.dims)) > 4096]
     skeleton = helper.make_model(helper.make_graph(g.node, g.name, [*g.input, *big], g.output, small, value_info=g.value_info),
                                  opset_imports=model.opset_import, ir_version=model.ir_version)
-    inferred = onnx.shape_inference.infer_shapes(skeleton)
-    out = {}
-    for v in [*inferred.graph.value_info, *inferred.graph.input]:
-        dims = v.type.tensor_type.shape.dim
-        if len(dims) == 4 and dims[2].HasField("dim_value") and dims[3].HasField("dim_value"):
-            out[v.name] = (dims[2].dim_value, dims[3].dim_value)
-    return out
+    shapes = tensor_shapes(onnx.shape_inference.infer_shapes(skeleton))
+    return {name: (d[2], d[3]) for name, d in shapes.items() if len(d) == 4 and isinstance(d[2], int) and isinstance(d[3], int)}
 
 
 def _attrs(node: onnx.NodeProto) -> dict:
@@ -124,6 +121,9 @@ def winograd_convs(model: onnx.ModelProto, min_size: int = 16, min_channels: int
             new_inits[name] = numpy_helper.from_array(value, name)
         return name
 
+    def shape(dims: list[int]) -> str:
+        return const("winograd.shape." + "x".join(map(str, dims)), np.array(dims, np.int64))
+
     weight_nodes, nodes, counts, dropped_dq = [], [], Counter(), set()
     for node in model.graph.node:
         dq = producer.get(node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
@@ -144,7 +144,6 @@ def winograd_convs(model: onnx.ModelProto, min_size: int = 16, min_channels: int
         chunks = max(1, -(-k * cout * cin * 4 // int(max_transform_mb * 2**20)))
         bounds = np.linspace(0, cout, chunks + 1).round().astype(int)
         bb = const(f"winograd.BB{m}", bb_value.reshape(k, 1, a, a))
-        shape = lambda v: const("winograd.shape." + "x".join(map(str, v)), np.array(v, np.int64))  # noqa: E731
         nodes += [
             # channels as batch: one [K, 1, a, a] kernel serves every channel. A grouped Conv needs
             # it tiled per channel (31.6 MiB of constants on SD1.5) and took 0.97-1.15x the time.
