@@ -88,6 +88,22 @@ def test_chunked_weight_transforms_agree(graphs):
     assert np.abs(a - b).max() <= 1e-6 * np.abs(a).max()
 
 
+def test_input_channels_in_parts_agree(graphs):
+    """A wide convolution's input transform made per part of its channels: the parts add up to the
+    same convolution, with the bias once."""
+    model, rewritten, x = graphs
+    # per image 36 * 64 * 8^2 * 4 B = 0.56 MB (eligible: 64 channels in at 32x32), 0.84 MB (no_bias:
+    # 96), 16 * 64 * 8^2 * 4 B = 0.25 MB (half_size, F(2x2)): 2 parts, 3 parts, one
+    parted, counts = winograd_convs(_copy(model), max_input_transform_mb=0.3)
+    assert dict(counts) == {"Conv 32x32 F(4x4)": 2, "Conv 16x16 F(2x2)": 1}
+    sums = [n for n in parted.graph.node if n.op_type == "Sum"]
+    assert [len(n.input) for n in sums] == [2, 3]
+    assert [n.op_type for n in parted.graph.node].count("Add") == 1  # eligible's bias, once
+    a = _session(rewritten).run(None, {"x": x})[0]
+    b = _session(parted).run(None, {"x": x})[0]
+    assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()
+
+
 def test_finite_differences_follow_the_direct_graph(graphs):
     """What ZO training reads: loss differences along random directions, at a small step."""
     model, rewritten, x = graphs

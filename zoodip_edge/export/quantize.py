@@ -8,7 +8,8 @@ int8 activations turn the loss into a step function of the token (docs/recipes.m
   reads the QDQ directly. No QOperator ops, which CUDA EP would run on the CPU.
 - ``int8-cpu``: MatMul weights as MatMulNBits (bits=8, float compute); Conv/Gemm weights as
   in ``int8-gpu``. MatMulNBits dequantizes per block inside the kernel, so no fp32 copy
-  of a MatMul weight is ever made.
+  of a MatMul weight is ever made. A projection that is only split (GEGLU) becomes one per part
+  (projections.py), and the U-Net's 3x3 convolutions Winograd convolutions (winograd.py).
 - ``fp16``: float16 weights and activations, float32 graph inputs/outputs (GPU targets).
 - ``fp32``: the exported graph unchanged (reference; parity within 1e-4).
 - ``w8a8-dynamic``: EXPERIMENT. ORT dynamic quantization (uint8 activations). The ZO
@@ -94,6 +95,9 @@ def quantize(model: onnx.ModelProto, recipe: str, calibration: list[dict[str, np
     if recipe == "int8-gpu":
         model, counts = weight_only_qdq(model, ("MatMul", "Gemm", "Conv"))
     elif recipe == "int8-cpu":
+        from .projections import split_projections
+
+        model, split = split_projections(model)  # before quantizing: each part gets its own MatMulNBits
         model, counts = matmul_nbits8(model)
         model, more = weight_only_qdq(model, ("Gemm", "Conv"))
         counts.update(more)
@@ -105,6 +109,8 @@ def quantize(model: onnx.ModelProto, recipe: str, calibration: list[dict[str, np
         model, rest = weight_only_qdq(model, ("MatMul", "Gemm", "Conv"))
         counts.update({f"{k} (weight-only)": v for k, v in rest.items()})
     info = {"quantized_ops": dict(counts)}
+    if recipe == "int8-cpu":
+        info["split_projections"] = split
     if graph in RECIPES[recipe].winograd:
         from .winograd import winograd_convs
 

@@ -76,6 +76,12 @@ def spatial_sizes(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
     return {name: (d[2], d[3]) for name, d in shapes.items() if len(d) == 4 and isinstance(d[2], int) and isinstance(d[3], int)}
 
 
+def _bounds(n: int, parts: int) -> list[tuple[int, int]]:
+    """``parts`` (at least one) contiguous ranges covering range(n), as equal as can be."""
+    b = np.linspace(0, n, max(1, parts) + 1).round().astype(int)
+    return list(zip(b[:-1].tolist(), b[1:].tolist()))
+
+
 def _attrs(node: onnx.NodeProto) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
@@ -101,13 +107,14 @@ def _eligible(conv: onnx.NodeProto, dq: onnx.NodeProto | None, inits: dict, hw: 
 
 
 def winograd_convs(model: onnx.ModelProto, min_size: int = 16, min_channels: int = 64,
-                   max_transform_mb: float = 64.0) -> tuple[onnx.ModelProto, Counter]:
+                   max_transform_mb: float = 64.0, max_input_transform_mb: float = 24.0) -> tuple[onnx.ModelProto, Counter]:
     """Rewrite eligible DequantizeLinear(int8) -> Conv 3x3 nodes into Winograd F(m x m, 3x3).
 
     Eligible: stride 1, padding 1, no groups or dilation, a square static spatial size of at
     least ``min_size`` that the tile (``tile_for``) divides, at least ``min_channels`` input and
-    output channels, and symmetric per-output-channel int8 weights. Returns the model and a count
-    per spatial size and tile.
+    output channels, and symmetric per-output-channel int8 weights. ``max_transform_mb`` caps
+    each float U (weights), ``max_input_transform_mb`` each input transform per image.
+    Returns the model and a count per spatial size and tile.
     """
     from .quantize import _replace_nodes
 
@@ -125,60 +132,78 @@ def winograd_convs(model: onnx.ModelProto, min_size: int = 16, min_channels: int
         return const("winograd.shape." + "x".join(map(str, dims)), np.array(dims, np.int64))
 
     weight_nodes, nodes, counts, dropped_dq = [], [], Counter(), set()
-    for node in model.graph.node:
-        dq = producer.get(node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
-        if not _eligible(node, dq, inits, hw.get(node.input[0]), min_size, min_channels):
-            nodes.append(node)
-            continue
-        q = numpy_helper.to_array(inits[dq.input[0]])
+
+    def winograd(p: str, x: str, q: np.ndarray, scale: np.ndarray, size: int, y: str) -> None:
+        """Nodes computing y = conv3x3(x, q * scale) for int8 weights q [Cout, C, 3, 3]."""
         cout, cin = q.shape[:2]
-        size = hw[node.input[0]][0]
         m = tile_for(size)
         a, t = m + 2, size // m
         k = a * a
-        gg_value, bb_value, aa_value = (x.astype(np.float32) for x in transforms(m))
+        gg_value, bb_value, aa_value = (v.astype(np.float32) for v in transforms(m))
         gg, aa = const(f"winograd.GG{m}", gg_value), const(f"winograd.AA{m}", aa_value)
-        p = (node.name or node.output[0]).replace("/", "_") + ".winograd"
-        # Output channels in chunks, so that no chunk's float U is over the cap: the input
-        # transform V is made once and shared, and each chunk's U is freed after its product.
-        chunks = max(1, -(-k * cout * cin * 4 // int(max_transform_mb * 2**20)))
-        bounds = np.linspace(0, cout, chunks + 1).round().astype(int)
         bb = const(f"winograd.BB{m}", bb_value.reshape(k, 1, a, a))
-        nodes += [
+        nodes.extend([
             # channels as batch: one [K, 1, a, a] kernel serves every channel. A grouped Conv needs
             # it tiled per channel (31.6 MiB of constants on SD1.5) and took 0.97-1.15x the time.
-            helper.make_node("Reshape", [node.input[0], shape([-1, 1, size, size])], [f"{p}.x1"], name=f"{p}.x1"),
+            helper.make_node("Reshape", [x, shape([-1, 1, size, size])], [f"{p}.x1"], name=f"{p}.x1"),
             helper.make_node("Conv", [f"{p}.x1", bb], [f"{p}.v"], name=f"{p}.v", kernel_shape=[a, a], strides=[m, m], pads=[1, 1, 1, 1]),
             helper.make_node("Reshape", [f"{p}.v", shape([-1, cin, k, t * t])], [f"{p}.v4"], name=f"{p}.v4"),
             helper.make_node("Transpose", [f"{p}.v4"], [f"{p}.V"], name=f"{p}.V", perm=[0, 2, 1, 3]),
-        ]
-        scale = numpy_helper.to_array(inits[dq.input[1]])
+        ])
+        # Output channels in chunks, so that no chunk's float U is over the cap: the input
+        # transform V is made once and shared, and each chunk's U is freed after its product.
         products = []
-        for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+        for i, (lo, hi) in enumerate(_bounds(cout, -(-k * cout * cin * 4 // int(max_transform_mb * 2**20)))):
             c = f"{p}.{i}"
             # int8 weights tap-major, so dequantizing and transforming them is one Reshape + MatMul
             wq = const(f"{c}.weight_int8", np.ascontiguousarray(q[lo:hi].transpose(2, 3, 0, 1)))
             ws = const(f"{c}.weight_scale", scale[lo:hi])
             wz = const(f"{c}.weight_zp", np.zeros(hi - lo, np.int8))
-            weight_nodes += [
+            weight_nodes.extend([
                 helper.make_node("DequantizeLinear", [wq, ws, wz], [f"{c}.w"], name=f"{c}.dq", axis=2),
                 helper.make_node("Reshape", [f"{c}.w", shape([9, (hi - lo) * cin])], [f"{c}.w9"], name=f"{c}.w9"),
                 helper.make_node("MatMul", [gg, f"{c}.w9"], [f"{c}.u"], name=f"{c}.u"),
                 helper.make_node("Reshape", [f"{c}.u", shape([k, hi - lo, cin])], [f"{c}.U"], name=f"{c}.U"),
-            ]
+            ])
             nodes.append(helper.make_node("MatMul", [f"{c}.U", f"{p}.V"], [f"{c}.M"], name=f"{c}.M"))
             products.append(f"{c}.M")
         if len(products) > 1:
             nodes.append(helper.make_node("Concat", products, [f"{p}.M"], name=f"{p}.M", axis=2))
-        nodes += [
+        nodes.extend([
             helper.make_node("Reshape", [products[0] if len(products) == 1 else f"{p}.M", shape([0, k, cout * t * t])],
                              [f"{p}.m3"], name=f"{p}.m3"),
             helper.make_node("MatMul", [aa, f"{p}.m3"], [f"{p}.y3"], name=f"{p}.y3"),
             helper.make_node("Reshape", [f"{p}.y3", shape([0, m * m * cout, t, t])], [f"{p}.y4"], name=f"{p}.y4"),
-        ]
+            helper.make_node("DepthToSpace", [f"{p}.y4"], [y], name=f"{p}.d2s", blocksize=m, mode="DCR"),
+        ])
+
+    for node in model.graph.node:
+        dq = producer.get(node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
+        if not _eligible(node, dq, inits, hw.get(node.input[0]), min_size, min_channels):
+            nodes.append(node)
+            continue
+        q, scale = numpy_helper.to_array(inits[dq.input[0]]), numpy_helper.to_array(inits[dq.input[1]])
+        cout, cin = q.shape[:2]
+        size = hw[node.input[0]][0]
+        m = tile_for(size)
+        p = (node.name or node.output[0]).replace("/", "_") + ".winograd"
         bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
         out = f"{p}.y" if bias else node.output[0]
-        nodes.append(helper.make_node("DepthToSpace", [f"{p}.y4"], [out], name=f"{p}.d2s", blocksize=m, mode="DCR"))
+        # Input channels in parts, so that no part's input transform is over the cap per image:
+        # it is the convolution's largest tensor, and ORT's NCHWc Conv holds it twice while it
+        # reorders, so a wide one set the forward's peak (a 960-channel one at 64x64 on SD1.5).
+        # Each part is the Winograd convolution of its channels; the parts' outputs add up.
+        parts = _bounds(cin, -(-(m + 2) ** 2 * cin * (size // m) ** 2 * 4 // int(max_input_transform_mb * 2**20)))
+        if len(parts) == 1:
+            winograd(p, node.input[0], q, scale, size, out)
+        else:
+            for j, (lo, hi) in enumerate(parts):
+                # a Slice right before its part, so only one part's input copy is alive at a time
+                nodes.append(helper.make_node("Slice", [node.input[0], const(f"{p}.part{j}.lo", np.array([lo], np.int64)),
+                                                        const(f"{p}.part{j}.hi", np.array([hi], np.int64)), shape([1])],
+                                              [f"{p}.part{j}.x"], name=f"{p}.part{j}.x"))
+                winograd(f"{p}.part{j}", f"{p}.part{j}.x", q[:, lo:hi], scale, size, f"{p}.part{j}.y")
+            nodes.append(helper.make_node("Sum", [f"{p}.part{j}.y" for j in range(len(parts))], [out], name=f"{p}.sum"))
         if bias:
             b = numpy_helper.to_array(inits[bias]).astype(np.float32).reshape(cout, 1, 1)
             nodes.append(helper.make_node("Add", [out, const(f"{p}.bias", b)], [node.output[0]], name=f"{p}.bias"))
