@@ -73,6 +73,25 @@ def test_batched_and_sequential_perturbations_agree(sd1_bundle, photos):
     np.testing.assert_allclose(la, lb, rtol=1e-5)
 
 
+def test_int8_cpu_personalizer_feeds_one_sample(sd1_bundle, photos, monkeypatch):
+    """The default recipe's U-Net takes one sample for a batch of conditions (export/prefix.py):
+    a batched step sends it one row."""
+    p = make(sd1_bundle, photos, batch_perturbations=True)
+    assert p.shared_prefix and p.bundle.manifest["recipe"]["graphs"]["unet"]["shared_prefix_nodes"] > 10
+    seen = []
+    real = p._run
+
+    def spy(sess, feed, output, keep_on_device):
+        if "sample" in feed:
+            seen.append((feed["sample"].shape[0], feed["encoder_hidden_states"].shape[0]))
+        return real(sess, feed, output, keep_on_device)
+
+    monkeypatch.setattr(p, "_run", spy)
+    plan = p.optimizer.propose()
+    p.losses(plan.thetas, plan.t, plan.noise_seed)
+    assert seen == [(1, p.config.n + 1)]
+
+
 def test_sd2_v_prediction_bundle_personalizes(sd2_pipeline, work, photos):
     from conftest import export_once
 

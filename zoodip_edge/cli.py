@@ -141,6 +141,8 @@ def inspect(
             sizes = info["winograd_convs"]
             said = ", ".join(f"{n} at {k.removeprefix('Conv ')}" for k, n in sizes.items()) or "none at 16x16 or larger"
             typer.echo(f"winograd    {name}: {sum(sizes.values())} 3x3 convolutions rewritten ({said})")
+        if info.get("shared_prefix_nodes"):
+            typer.echo(f"prefix      {name}: {info['shared_prefix_nodes']} nodes run once for a batch of text conditions")
     v = m["verification"]
     f = v["zo_fidelity"]
     step = f" (step {f['step_norm']:.2g})" if "step_norm" in f else " (unit step: exported before zoodip-edge measured training's step)"

@@ -9,7 +9,8 @@ int8 activations turn the loss into a step function of the token (docs/recipes.m
 - ``int8-cpu``: MatMul weights as MatMulNBits (bits=8, float compute); Conv/Gemm weights as
   in ``int8-gpu``. MatMulNBits dequantizes per block inside the kernel, so no fp32 copy
   of a MatMul weight is ever made. A projection that is only split (GEGLU) becomes one per part
-  (projections.py), and the U-Net's 3x3 convolutions Winograd convolutions (winograd.py).
+  (projections.py), the U-Net's 3x3 convolutions Winograd convolutions (winograd.py), and the
+  U-Net takes one sample for a batch of text conditions (prefix.py).
 - ``fp16``: float16 weights and activations, float32 graph inputs/outputs (GPU targets).
 - ``fp32``: the exported graph unchanged (reference; parity within 1e-4).
 - ``w8a8-dynamic``: EXPERIMENT. ORT dynamic quantization (uint8 activations). The ZO
@@ -47,6 +48,7 @@ class Recipe:
     graphs: dict[str, str] = field(default_factory=dict)  # graph -> recipe, where it differs from this one
     calibrated: bool = False  # quantizing a graph this way needs calibration inputs
     winograd: tuple[str, ...] = ()  # graphs whose 3x3 convolutions become Winograd convolutions (export/winograd.py)
+    shared_prefix: tuple[str, ...] = ()  # U-Nets that take one sample for a batch of conditions (export/prefix.py)
 
     def for_graph(self, name: str) -> "Recipe":
         """The recipe that quantizes graph ``name`` in a bundle of this recipe."""
@@ -59,7 +61,8 @@ RECIPES: dict[str, Recipe] = {
         # Winograd in the U-Net only: it runs thousands of times; the VAE's 3x3 convolutions at
         # 128-512 px would hold Winograd-domain tensors of 0.1-0.3 GB for a one-off gain.
         Recipe("int8-cpu", "weight-only int8: MatMulNBits-8 (float compute) for MatMul, per-channel QDQ for Conv/Gemm, "
-               "U-Net 3x3 convolutions as Winograd F(4x4, 3x3) or F(2x2, 3x3)", FLOAT_COMPUTE, targets=("cpu",), winograd=("unet",)),
+               "U-Net 3x3 convolutions as Winograd F(4x4, 3x3) or F(2x2, 3x3)", FLOAT_COMPUTE, targets=("cpu",), winograd=("unet",),
+               shared_prefix=("unet",)),
         Recipe("int8-gpu", "weight-only int8: per-channel symmetric QDQ on every MatMul/Gemm/Conv weight",
                FLOAT_COMPUTE, targets=("cuda", "tensorrt", "cpu")),
         Recipe("fp16", "float16 weights and activations, float32 inputs/outputs", parity_tolerance=0.02, targets=("cuda", "tensorrt")),
@@ -116,6 +119,10 @@ def quantize(model: onnx.ModelProto, recipe: str, calibration: list[dict[str, np
 
         model, wino = winograd_convs(model)
         info["winograd_convs"] = dict(wino)
+    if graph in RECIPES[recipe].shared_prefix:
+        from .prefix import broadcast_sample
+
+        model, info["shared_prefix_nodes"] = broadcast_sample(model)
     return model, {**info, "weights": _weight_dtypes(model)}
 
 

@@ -130,6 +130,8 @@ class Personalizer:
             if bad:
                 raise UserError(f"captions must give every image a caption containing {{}}; missing or without {{}}: {', '.join(bad)}")
         self.sessions = BundleSessions(self.bundle, self.profile, strict, warn)
+        # export/prefix.py: the U-Net takes one (z_t, t) for a batch of conditions
+        self.shared_prefix = bool(m["recipe"].get("graphs", {}).get("unet", {}).get("shared_prefix_nodes"))
         self.examples = self._encode(loaded, caps)
 
         self.optimizer = ZOOptimizer(theta0, self.config, settings.seed)
@@ -171,8 +173,8 @@ class Personalizer:
         unet = self.sessions.get("unet")
         out = []
         for chunk, c in zip(chunks, conds):
-            b = len(chunk)
-            feed = {"sample": np.repeat(zt, b, 0), "timestep": np.full((b,), t, np.float32), "encoder_hidden_states": c}
+            rows = 1 if self.shared_prefix else len(chunk)  # such a U-Net runs its prefix once for the chunk
+            feed = {"sample": np.repeat(zt, rows, 0), "timestep": np.full((rows,), t, np.float32), "encoder_hidden_states": c}
             pred = self._run(unet, feed, "out_sample", keep_on_device=False)
             out.append(np.mean((pred.astype(np.float64) - target) ** 2, axis=(1, 2, 3)))
         return np.concatenate(out)
