@@ -4,9 +4,10 @@
     python benchmarks/personalize_bench.py BUNDLE [BUNDLE...] --scaling [--steps 3]
 
 Rows, each in its own process so peaks do not mix:
-1. zoodip-edge on each bundle: perturbations one by one with the ``cpu`` profile as shipped
+1. zoodip-edge on each bundle: perturbations one by one with the ``cpu`` profile's memory settings
    (ORT arena shrunk after every run; memory pattern and buffer reuse off; glibc huge pages), with
-   the ``cpu-lowmem`` profile, one by one with the arena and buffer reuse on (no shrinkage), and batched.
+   the ``cpu-lowmem`` profile, one by one with the arena and buffer reuse on (no shrinkage), and
+   batched as the ``cpu`` profile ships (``--ours`` picks: cpu, cpu-lowmem, reuse, batched).
 2. the paper's way: torch, weights int8 by optimum-quanto, forward-only ZO (``.[bench]`` extra);
 3. gradient textual inversion in torch fp32 (one trainable row, autograd, Adam);
 4. forward-only ZO in torch fp32.
@@ -48,12 +49,12 @@ def compare(a: argparse.Namespace) -> list[str]:
     n, steps = str(a.n), str(a.steps)
     configs = []
     ours = {
-        "cpu": ("one by one, `cpu` profile (arena shrunk after every run; memory pattern, buffer reuse off; huge pages, 4 MiB mmap threshold)",
+        "cpu": ("one by one, `cpu` profile's memory settings (arena shrunk after every run; memory pattern, buffer reuse off; huge pages, 4 MiB mmap threshold)",
                 ["--sequential", "--profile-levers"]),
         "cpu-lowmem": ("one by one, `cpu-lowmem` profile (arena, memory pattern, buffer reuse off; mmap threshold 1 MiB, huge pages)",
                        ["--sequential", "--profile-levers", "--profile", "cpu-lowmem"]),
         "reuse": ("one by one, arena on, memory pattern off, buffer reuse on", ["--sequential", "--no-mem-pattern"]),
-        "batched": ("batched, `cpu` profile", ["--batched", "--profile-levers"]),
+        "batched": ("batched, `cpu` profile (as it ships since the eighth session)", ["--batched", "--profile-levers"]),
     }
     # bundles inner: with several bundles, each configuration runs for all of them back to back
     for row in a.ours.split(","):
@@ -61,7 +62,9 @@ def compare(a: argparse.Namespace) -> list[str]:
         for bundle in a.bundles:
             m = json.loads((Path(bundle) / "manifest.json").read_text())
             wino = sum(m["recipe"].get("graphs", {}).get("unet", {}).get("winograd_convs", {}).values())
-            name = f"(1) zoodip-edge {m['recipe']['name']} {m['resolution']} px" + (f", {wino} Winograd convs" if wino else "")
+            shared = m["recipe"].get("graphs", {}).get("unet", {}).get("shared_prefix_nodes")
+            name = (f"(1) zoodip-edge {m['recipe']['name']} {m['resolution']} px" + (f", {wino} Winograd convs" if wino else "")
+                    + (", shared prefix" if shared else ""))
             if len(a.bundles) > 1:
                 name += f" (`{Path(bundle).name}`)"
             configs.append((f"{name}, {what}", "zo", [sys.executable, OURS, bundle, "--steps", steps, "--n", n, *flags]))

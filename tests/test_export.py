@@ -86,7 +86,8 @@ def test_manifest_contract(sd1_bundle):
     assert [o["name"] for o in te["outputs"]] == ["last_hidden_state", "penultimate_hidden_state"]
     unet = m["components"]["unet"]
     assert [i["name"] for i in unet["inputs"]] == ["sample", "timestep", "encoder_hidden_states"]
-    assert all(i["shape"][0] == "batch" for i in unet["inputs"])
+    # int8-cpu: one sample/timestep row may serve a batch of conditions (export/prefix.py)
+    assert [i["shape"][0] for i in unet["inputs"]] == ["sample_batch", "sample_batch", "batch"]
     assert m["defaults"] == {"n": 2, "mu": 1e-3, "lr": 1e-2, "tau": 128, "nu": 1e-3, "t_low": 500, "t_high": 900, "steps": 30000}
     assert m["token_embeddings"]["dtype"] == "float16"
     assert m["source"]["kind"] == "folder"

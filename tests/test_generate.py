@@ -141,3 +141,24 @@ def test_several_embeddings_at_once(sd1_bundle, learned, tmp_path):
     assert np.array_equal(emb[at["<other>"]], np.full(32, 0.5, np.float32))
     with pytest.raises(Exception, match="already in the vocabulary"):
         Generator(sd1_bundle, profile="cpu", embeddings=[learned, learned])
+
+
+def test_guided_image_sends_the_latent_once(sd1_bundle, learned, monkeypatch):
+    """One image under guidance: the int8-cpu U-Net (shared prefix) gets the latent once for both
+    conditions, and the image is the one two rows give."""
+    g = Generator(sd1_bundle, profile="cpu", embeddings=[learned])
+    assert g.bundle.shared_prefix and g.profile.batch_perturbations
+    rows, real = [], Generator._unet
+
+    def spy(sess, x, t, ctx):
+        rows.append((len(x), len(ctx)))
+        return real(sess, x, t, ctx)
+
+    monkeypatch.setattr(Generator, "_unet", staticmethod(spy))
+    once = np.asarray(g.generate("a photo of <thing>", steps=3, seed=2)[0], np.int16)
+    assert set(rows) == {(1, 2)}
+    rows.clear()
+    monkeypatch.setattr(type(g.bundle), "shared_prefix", property(lambda self: False))
+    twice = np.asarray(g.generate("a photo of <thing>", steps=3, seed=2)[0], np.int16)
+    assert set(rows) == {(2, 2)}
+    assert np.abs(once - twice).max() <= 1  # float32 rounding, at most one level of 255

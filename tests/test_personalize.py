@@ -77,7 +77,7 @@ def test_int8_cpu_personalizer_feeds_one_sample(sd1_bundle, photos, monkeypatch)
     """The default recipe's U-Net takes one sample for a batch of conditions (export/prefix.py):
     a batched step sends it one row."""
     p = make(sd1_bundle, photos, batch_perturbations=True)
-    assert p.shared_prefix and p.bundle.manifest["recipe"]["graphs"]["unet"]["shared_prefix_nodes"] > 10
+    assert p.bundle.shared_prefix and p.bundle.manifest["recipe"]["graphs"]["unet"]["shared_prefix_nodes"] > 10
     seen = []
     real = p._run
 

@@ -49,6 +49,11 @@ class Bundle:
     def recipe(self) -> str:
         return self.manifest["recipe"]["name"]
 
+    @property
+    def shared_prefix(self) -> bool:
+        """The U-Net takes one sample/timestep row for a batch of conditions (export/prefix.py)."""
+        return bool(self.manifest["recipe"].get("graphs", {}).get("unet", {}).get("shared_prefix_nodes"))
+
     def path(self, component: str) -> Path:
         """Absolute path of a component graph (or ``token_embeddings`` / ``tokenizer``)."""
         entry = self.manifest["components"].get(component) or self.manifest.get(component)

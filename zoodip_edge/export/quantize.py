@@ -61,8 +61,8 @@ RECIPES: dict[str, Recipe] = {
         # Winograd in the U-Net only: it runs thousands of times; the VAE's 3x3 convolutions at
         # 128-512 px would hold Winograd-domain tensors of 0.1-0.3 GB for a one-off gain.
         Recipe("int8-cpu", "weight-only int8: MatMulNBits-8 (float compute) for MatMul, per-channel QDQ for Conv/Gemm, "
-               "U-Net 3x3 convolutions as Winograd F(4x4, 3x3) or F(2x2, 3x3)", FLOAT_COMPUTE, targets=("cpu",), winograd=("unet",),
-               shared_prefix=("unet",)),
+               "U-Net 3x3 convolutions as Winograd F(4x4, 3x3) or F(2x2, 3x3), one U-Net sample per batch of conditions",
+               FLOAT_COMPUTE, targets=("cpu",), winograd=("unet",), shared_prefix=("unet",)),
         Recipe("int8-gpu", "weight-only int8: per-channel symmetric QDQ on every MatMul/Gemm/Conv weight",
                FLOAT_COMPUTE, targets=("cuda", "tensorrt", "cpu")),
         Recipe("fp16", "float16 weights and activations, float32 inputs/outputs", parity_tolerance=0.02, targets=("cuda", "tensorrt")),

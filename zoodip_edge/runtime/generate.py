@@ -94,11 +94,14 @@ class Generator:
         unet = self.sessions.get("unet")
         ctx = np.repeat(cond, n, axis=0) if not cfg else np.concatenate([np.repeat(cond[:1], n, 0), np.repeat(cond[1:], n, 0)])
         batch = self.profile.batch_perturbations  # low-memory profiles run one sample per U-Net call
+        # one image under guidance: both conditions share the latent, and a U-Net with a shared
+        # prefix (export/prefix.py) takes it once
+        one_row = batch and cfg and n == 1 and self.bundle.shared_prefix
         for i, t in enumerate(sampler.timesteps):
             x = sampler.scale_model_input(latents, i).astype(np.float32)
             x_in = np.concatenate([x, x]) if cfg else x
             if batch:
-                pred = self._unet(unet, x_in, t, ctx)
+                pred = self._unet(unet, x if one_row else x_in, t, ctx)
             else:
                 pred = np.concatenate([self._unet(unet, x_in[j : j + 1], t, ctx[j : j + 1]) for j in range(len(x_in))])
             if cfg:

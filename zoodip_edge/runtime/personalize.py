@@ -130,8 +130,6 @@ class Personalizer:
             if bad:
                 raise UserError(f"captions must give every image a caption containing {{}}; missing or without {{}}: {', '.join(bad)}")
         self.sessions = BundleSessions(self.bundle, self.profile, strict, warn)
-        # export/prefix.py: the U-Net takes one (z_t, t) for a batch of conditions
-        self.shared_prefix = bool(m["recipe"].get("graphs", {}).get("unet", {}).get("shared_prefix_nodes"))
         self.examples = self._encode(loaded, caps)
 
         self.optimizer = ZOOptimizer(theta0, self.config, settings.seed)
@@ -173,7 +171,7 @@ class Personalizer:
         unet = self.sessions.get("unet")
         out = []
         for chunk, c in zip(chunks, conds):
-            rows = 1 if self.shared_prefix else len(chunk)  # such a U-Net runs its prefix once for the chunk
+            rows = 1 if self.bundle.shared_prefix else len(chunk)  # such a U-Net runs its prefix once for the chunk
             feed = {"sample": np.repeat(zt, rows, 0), "timestep": np.full((rows,), t, np.float32), "encoder_hidden_states": c}
             pred = self._run(unet, feed, "out_sample", keep_on_device=False)
             out.append(np.mean((pred.astype(np.float64) - target) ** 2, axis=(1, 2, 3)))
