@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import onnx
@@ -177,6 +178,7 @@ def test_inspect_verifies_hashes(bundle_copy):
     r = runner.invoke(app, ["inspect", str(bundle_copy)])
     assert r.exit_code == 0
     assert "winograd    unet: 0 3x3 convolutions rewritten (none at 16x16 or larger)" in r.output  # tiny U-Net: 8x8 latents
+    assert re.search(r"prefix      unet: \d+ nodes run once for a batch of text conditions", r.output)
     unet = bundle_copy / "unet" / "model.onnx"
     data = bytearray(unet.read_bytes())
     data[len(data) // 2] ^= 0xFF

@@ -9,7 +9,7 @@ rest of the graph is expanded to B rows right before its first reader there. Wit
 the Expand copies, and the graph computes what it did (the parity gates run that way).
 
 On SD1.5 at 512 px the shared prefix is 121 nodes: 0.68 s of a 12.9 s batch-3 forward when run
-three times (ORT profile, docs/performance.md).
+for every row, 0.29 s at batch 1 (ORT profile summed by an inline script, not kept).
 """
 
 from __future__ import annotations

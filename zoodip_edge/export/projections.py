@@ -3,7 +3,7 @@
 SD1.5's feed-forward (GEGLU) projects to 2 x 4C features and splits them into a value and a
 gate. Made as one MatMul, the 2 x 4C output and the Split's two copies of it are alive
 together: on a SD1.5 U-Net at 64x64 latents and batch 3, 126 MB + 2 x 63 MB per block, which set
-the forward's peak beside the Winograd input transforms (docs/performance.md). One MatMul per part
+the forward's peak beside the Winograd input transforms (docs/recipes.md). One MatMul per part
 writes each half once. The same weights' columns, the same bias entries: the same numbers, and
 block-wise int8 quantization (blocks along K, per column) gives each part the same int8 weights
 and scales it had in the whole.

@@ -18,7 +18,9 @@ Per rewritten convolution, with x [N, C, S, S], int8 weights w [Cout, C, 3, 3], 
 GG, BB and AA are the Kronecker squares of Lavin & Gray's G, B^T and A^T. U is made at run time
 from the int8 weights, so the bundle's size does not change; a float U is K * Cout * C * 4 bytes
 (K/9 times the dequantized weight), made in chunks of output channels of at most
-``max_transform_mb`` each, each chunk freed after its product.
+``max_transform_mb`` each, each chunk freed after its product. A convolution whose input
+transform V would be over ``max_input_transform_mb`` per image is made in parts of its input
+channels, one Winograd convolution each, and the parts' outputs are summed.
 
 Measured per convolution inside the SD1.5 U-Net at 512 px, batch 1 (docs/recipes.md): F(4x4)
 2.0-2.6x faster at 64x64, 1.6-2.4x at 32x32. At 16x16 there are only 16 tiles per image, the
@@ -200,7 +202,8 @@ def winograd_convs(model: onnx.ModelProto, min_size: int = 16, min_channels: int
             for j, (lo, hi) in enumerate(parts):
                 # a Slice right before its part, so only one part's input copy is alive at a time
                 nodes.append(helper.make_node("Slice", [node.input[0], const(f"{p}.part{j}.lo", np.array([lo], np.int64)),
-                                                        const(f"{p}.part{j}.hi", np.array([hi], np.int64)), shape([1])],
+                                                        const(f"{p}.part{j}.hi", np.array([hi], np.int64)),
+                                                        const("winograd.channel_axis", np.array([1], np.int64))],
                                               [f"{p}.part{j}.x"], name=f"{p}.part{j}.x"))
                 winograd(f"{p}.part{j}", f"{p}.part{j}.x", q[:, lo:hi], scale, size, f"{p}.part{j}.y")
             nodes.append(helper.make_node("Sum", [f"{p}.part{j}.y" for j in range(len(parts))], [out], name=f"{p}.sum"))
