@@ -13,7 +13,7 @@ Rows, each in its own process so peaks do not mix:
 4. forward-only ZO in torch fp32.
 A step is n + 1 text-encoder + U-Net passes for ZO, one forward + backward for gradient TI;
 "s/pass" is s/step / (n + 1). The table gives s/step and peak RSS as ratios against (2), (3) and
-(4) measured in the same run. ``--scaling`` instead runs the shipped ``cpu`` profile for
+(4) measured in the same run. ``--scaling`` instead runs the ``cpu`` profile's memory settings, one by one, for
 n = 1, 2, 4 on each bundle (export one bundle per resolution with ``--resolution``).
 """
 
@@ -119,7 +119,7 @@ def main() -> None:
     ap.add_argument("--ours", default="cpu,cpu-lowmem,reuse,batched",
                     help="zoodip-edge rows, comma separated: cpu, cpu-lowmem, reuse (arena + buffer reuse on), batched")
     ap.add_argument("--torch-pipeline", help="diffusers folder of the same model: adds the torch rows (2)-(4)")
-    ap.add_argument("--scaling", action="store_true", help="n = 1, 2, 4 on each bundle, `cpu` profile, one by one")
+    ap.add_argument("--scaling", action="store_true", help="n = 1, 2, 4 on each bundle, `cpu` profile's memory settings, one by one")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     rows = scaling(a) if a.scaling else compare(a)
