@@ -50,15 +50,33 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def unet_feed(manifest: dict, batch: int = 1, t: int = 700) -> dict:
-    """Seeded random U-Net inputs of a bundle's shapes (weights and values change neither memory nor speed)."""
+def unet_feed(manifest: dict, batch: int = 1, t: int = 700, one_sample: bool = False) -> dict:
+    """Seeded random U-Net inputs of a bundle's shapes (weights and values change neither memory nor speed).
+
+    ``one_sample``: sample and timestep with one row for the batch of conditions, as the runtime
+    feeds a U-Net with a shared prefix (export/prefix.py).
+    """
     import numpy as np
 
     h, length, d = manifest["latent_size"], manifest["text"]["max_length"], manifest["text"]["hidden_size"]
     rng = np.random.default_rng(0)
-    return {"sample": rng.standard_normal((batch, manifest["latent_channels"], h, h), dtype=np.float32),
-            "timestep": np.full((batch,), t, np.float32),
+    rows = 1 if one_sample else batch
+    return {"sample": rng.standard_normal((batch, manifest["latent_channels"], h, h), dtype=np.float32)[:rows],
+            "timestep": np.full((rows,), t, np.float32),
             "encoder_hidden_states": rng.standard_normal((batch, length, d), dtype=np.float32)}
+
+
+def profiling_options(manifest: dict, prefix: str):
+    """ORT session options that profile every node, with the bundle's session config and no memory pattern."""
+    import onnxruntime as ort
+
+    o = ort.SessionOptions()
+    o.enable_mem_pattern = False
+    o.enable_profiling = True
+    o.profile_file_prefix = prefix
+    for k, v in manifest["session"]["config_entries"].items():
+        o.add_session_config_entry(k, v)
+    return o
 
 
 def nvml_used_mb(index: int = 0, uuid: str = "") -> tuple[float | None, str]:

@@ -24,7 +24,7 @@ import onnx
 import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import unet_feed  # noqa: E402
+from common import profiling_options, unet_feed  # noqa: E402
 
 from zoodip_edge.bundle import load_bundle  # noqa: E402
 
@@ -37,19 +37,13 @@ a = ap.parse_args()
 b = load_bundle(a.bundle, verify=False)
 m = b.manifest
 with tempfile.TemporaryDirectory() as d:
-    so = ort.SessionOptions()
-    so.enable_profiling, so.profile_file_prefix = True, f"{d}/profile"
-    so.enable_mem_pattern = so.enable_mem_reuse = False
+    so = profiling_options(m, f"{d}/profile")
+    so.enable_mem_reuse = False
     so.optimized_model_filepath = f"{d}/optimized.onnx"
     so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.data")
     so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-    for k, v in m["session"]["config_entries"].items():
-        so.add_session_config_entry(k, v)
     sess = ort.InferenceSession(str(b.path("unet")), so, providers=["CPUExecutionProvider"])
-    feed = unet_feed(m, a.batch)
-    if a.one_sample:
-        feed = {**feed, "sample": feed["sample"][:1], "timestep": feed["timestep"][:1]}
-    sess.run(None, feed)
+    sess.run(None, unet_feed(m, a.batch, one_sample=a.one_sample))
     events = [e for e in json.load(open(sess.end_profiling())) if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
     graph = onnx.load(f"{d}/optimized.onnx", load_external_data=False).graph
 nodes = list(graph.node)

@@ -53,9 +53,7 @@ t0 = time.perf_counter()
 sess = create_session(b.path("unet"), profile, config)
 load_s = time.perf_counter() - t0
 rss_after_load = peak_rss_mb()
-feed = unet_feed(m, a.batch)
-if a.one_sample:
-    feed = {**feed, "sample": feed["sample"][:1], "timestep": feed["timestep"][:1]}
+feed = unet_feed(m, a.batch, one_sample=a.one_sample)
 t = time.perf_counter()
 sess.run(None, feed)  # warm-up (first run allocates and prepacks)
 first_s = time.perf_counter() - t

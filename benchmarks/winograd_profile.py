@@ -22,7 +22,7 @@ import onnx
 import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import header, unet_feed  # noqa: E402
+from common import header, profiling_options, unet_feed  # noqa: E402
 
 from zoodip_edge.bundle import load_bundle  # noqa: E402
 from zoodip_edge.export.winograd import spatial_sizes  # noqa: E402
@@ -38,12 +38,7 @@ def node_ms(bundles: list[str], runs: int) -> list[Counter]:
     with tempfile.TemporaryDirectory() as d:
         for i, bundle in enumerate(bundles):
             b = load_bundle(bundle, verify=False)
-            o = ort.SessionOptions()
-            o.enable_mem_pattern = False
-            o.enable_profiling = True
-            o.profile_file_prefix = str(Path(d) / f"profile{i}")
-            for k, v in b.manifest["session"]["config_entries"].items():
-                o.add_session_config_entry(k, v)
+            o = profiling_options(b.manifest, str(Path(d) / f"profile{i}"))
             sessions.append(ort.InferenceSession(str(b.path("unet")), o, providers=["CPUExecutionProvider"]))
             feeds.append(unet_feed(b.manifest))
         for _ in range(runs + 1):  # the first (warm-up) round is in the profiles too; it is left out below

@@ -95,12 +95,13 @@ def quantize(model: onnx.ModelProto, recipe: str, calibration: list[dict[str, np
 
         model = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
         return unique_node_names(drop_repeated_nodes(model)), {"weights": _weight_dtypes(model)}
+    info: dict = {}
     if recipe == "int8-gpu":
         model, counts = weight_only_qdq(model, ("MatMul", "Gemm", "Conv"))
     elif recipe == "int8-cpu":
         from .projections import split_projections
 
-        model, split = split_projections(model)  # before quantizing: each part gets its own MatMulNBits
+        model, info["split_projections"] = split_projections(model)  # before quantizing: one MatMulNBits per part
         model, counts = matmul_nbits8(model)
         model, more = weight_only_qdq(model, ("Gemm", "Conv"))
         counts.update(more)
@@ -111,9 +112,7 @@ def quantize(model: onnx.ModelProto, recipe: str, calibration: list[dict[str, np
         model, counts = static_w8a8(model, calibration, keep_float=("encoder_hidden_states",))
         model, rest = weight_only_qdq(model, ("MatMul", "Gemm", "Conv"))
         counts.update({f"{k} (weight-only)": v for k, v in rest.items()})
-    info = {"quantized_ops": dict(counts)}
-    if recipe == "int8-cpu":
-        info["split_projections"] = split
+    info = {"quantized_ops": dict(counts), **info}
     if graph in RECIPES[recipe].winograd:
         from .winograd import winograd_convs
 

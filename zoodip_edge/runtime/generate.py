@@ -99,9 +99,9 @@ class Generator:
         one_row = batch and cfg and n == 1 and self.bundle.shared_prefix
         for i, t in enumerate(sampler.timesteps):
             x = sampler.scale_model_input(latents, i).astype(np.float32)
-            x_in = np.concatenate([x, x]) if cfg else x
+            x_in = np.concatenate([x, x]) if cfg and not one_row else x
             if batch:
-                pred = self._unet(unet, x if one_row else x_in, t, ctx)
+                pred = self._unet(unet, x_in, t, ctx)
             else:
                 pred = np.concatenate([self._unet(unet, x_in[j : j + 1], t, ctx[j : j + 1]) for j in range(len(x_in))])
             if cfg:
