@@ -32,22 +32,7 @@ export_status() {
 one() {  # one LABEL TIMEOUT CMD...: a benchmark process; its last JSON line (or the failure) to $OUT/cuda_ep.jsonl
   local label=$1 limit=$2; shift 2
   echo "== $label ($(elapsed) s; timeout $limit s): $*"
-  timeout "$limit" "$@" > /tmp/one.out 2> /tmp/one.err
-  local rc=$?
-  { echo "---- $label (rc $rc)"; tail -20 /tmp/one.err; } >> "$OUT/cuda_ep.log"
-  python3 - "$label" "$rc" "$*" >> "$OUT/cuda_ep.jsonl" <<'PY'
-import json, sys
-label, rc, cmd = sys.argv[1:]
-lines = [x for x in open("/tmp/one.out").read().splitlines() if x.startswith("{")]
-res = {"label": label, "rc": int(rc), "cmd": cmd}
-if int(rc) == 0 and lines:
-    res.update(json.loads(lines[-1]))
-else:
-    res["failed"] = True
-    res["stderr_tail"] = open("/tmp/one.err", errors="replace").read()[-1200:]
-print(json.dumps(res))
-PY
-  tail -1 "$OUT/cuda_ep.jsonl"
+  run_recorded "$label" "$limit" "$OUT/cuda_ep.jsonl" "$@"
 }
 
 # the rows every measuring phase takes as its baselines

@@ -20,6 +20,30 @@ export PYTHONPATH=/tmp/site:$PWD
 
 elapsed() { echo $(( $(date +%s) - T0 )); }
 
+# run_recorded LABEL TIMEOUT JSONL CMD...: run CMD under a timeout; append one JSON line to JSONL, the
+# command's last JSON line plus label, rc, wall time and the command (or, failed, its stderr's tail);
+# append the stderr to $OUT/<JSONL's name>.log. Both GPU scripts record every row this way.
+run_recorded() {
+  local label=$1 limit=$2 jsonl=$3; shift 3
+  local t; t=$(date +%s.%N)
+  timeout "$limit" "$@" > "$OUT/run.out" 2> "$OUT/run.err"
+  local rc=$?
+  { echo "---- $label (rc $rc)"; tail -40 "$OUT/run.err"; } >> "${jsonl%.jsonl}.log"
+  python3 - "$label" "$rc" "$t" "$*" "$OUT/run.out" "$OUT/run.err" >> "$jsonl" <<'PY'
+import json, sys, time
+label, rc, t, cmd, out, err = sys.argv[1:]
+lines = [x for x in open(out).read().splitlines() if x.startswith("{")]
+res = {"label": label, "cmd": cmd, "rc": int(rc), "wall_s": round(time.time() - float(t), 1)}
+if int(rc) == 0 and lines:
+    res.update(json.loads(lines[-1]))
+else:
+    res["failed"] = True
+    res["stderr_tail"] = open(err, errors="replace").read()[-1500:] + ("\n[killed by timeout]" if int(rc) == 124 else "")
+print(json.dumps(res))
+PY
+  tail -1 "$jsonl"
+}
+
 install_py_wheels() {  # once per machine
   [ -f /tmp/site/.installed ] && return 0
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/py/*.whl \

@@ -19,9 +19,8 @@ WARMUP=${WARMUP:-2}
 BUDGET_S=${BUDGET_S:-300}
 source benchmarks/gpu_setup.sh
 JSONL=$OUT/gpu_torch.jsonl
-LOG=$OUT/gpu_torch.log
 : > "$JSONL"
-: > "$LOG"
+: > "$OUT/gpu_torch.log"
 
 echo "== install carried wheels"
 install_py_wheels || { echo "wheel install failed: nothing can run"; exit 1; }
@@ -42,27 +41,7 @@ run() {  # run LABEL ARGS...: one torch_steps.py process; appends one JSON line 
   fi
   local limit=$(( left < 180 ? left : 180 ))
   echo "== $label (timeout ${limit} s): torch_steps.py $SD --device cuda --steps $STEPS --warmup $WARMUP $*"
-  local t=$(date +%s.%N)
-  timeout "$limit" python3 benchmarks/torch_steps.py "$SD" --device cuda --steps "$STEPS" --warmup "$WARMUP" "$@" \
-    > "$OUT/run.out" 2> "$OUT/run.err"
-  local rc=$?
-  local wall; wall=$(python3 -c "import sys; print(round($(date +%s.%N) - $t, 1))")
-  { echo "---- $label (rc $rc)"; cat "$OUT/run.err"; } >> "$LOG"
-  python3 - "$label" "$rc" "$wall" "$OUT/run.out" "$OUT/run.err" "$*" >> "$JSONL" <<'EOF'
-import json, sys
-label, rc, wall, out, err, args = sys.argv[1:]
-lines = [x for x in open(out).read().splitlines() if x.startswith("{")]
-res = {"label": label, "args": args, "rc": int(rc), "wall_s": float(wall)}
-if int(rc) == 0 and lines:
-    res.update(json.loads(lines[-1]))
-else:
-    res["failed"] = True
-    res["stderr_tail"] = open(err, errors="replace").read()[-1500:]
-    if int(rc) == 124:
-        res["stderr_tail"] += "\n[killed by timeout]"
-print(json.dumps(res))
-EOF
-  tail -1 "$JSONL"
+  run_recorded "$label" "$limit" "$JSONL" python3 benchmarks/torch_steps.py "$SD" --device cuda --steps "$STEPS" --warmup "$WARMUP" "$@"
 }
 
 run "zo fp32" --mode zo --n 2 --dtype fp32

@@ -135,10 +135,9 @@ def winograd_convs(model: onnx.ModelProto, min_size: int = 16, min_channels: int
 
     weight_nodes, nodes, counts, dropped_dq = [], [], Counter(), set()
 
-    def winograd(p: str, x: str, q: np.ndarray, scale: np.ndarray, size: int, y: str) -> None:
-        """Nodes computing y = conv3x3(x, q * scale) for int8 weights q [Cout, C, 3, 3]."""
+    def winograd(p: str, x: str, q: np.ndarray, scale: np.ndarray, size: int, m: int, y: str) -> None:
+        """Nodes computing y = conv3x3(x, q * scale) for int8 weights q [Cout, C, 3, 3], output tile side m."""
         cout, cin = q.shape[:2]
-        m = tile_for(size)
         a, t = m + 2, size // m
         k = a * a
         gg_value, bb_value, aa_value = (v.astype(np.float32) for v in transforms(m))
@@ -197,7 +196,7 @@ def winograd_convs(model: onnx.ModelProto, min_size: int = 16, min_channels: int
         # Each part is the Winograd convolution of its channels; the parts' outputs add up.
         parts = _bounds(cin, -(-(m + 2) ** 2 * cin * (size // m) ** 2 * 4 // int(max_input_transform_mb * 2**20)))
         if len(parts) == 1:
-            winograd(p, node.input[0], q, scale, size, out)
+            winograd(p, node.input[0], q, scale, size, m, out)
         else:
             for j, (lo, hi) in enumerate(parts):
                 # a Slice right before its part, so only one part's input copy is alive at a time
@@ -205,7 +204,7 @@ def winograd_convs(model: onnx.ModelProto, min_size: int = 16, min_channels: int
                                                         const(f"{p}.part{j}.hi", np.array([hi], np.int64)),
                                                         const("winograd.channel_axis", np.array([1], np.int64))],
                                               [f"{p}.part{j}.x"], name=f"{p}.part{j}.x"))
-                winograd(f"{p}.part{j}", f"{p}.part{j}.x", q[:, lo:hi], scale, size, f"{p}.part{j}.y")
+                winograd(f"{p}.part{j}", f"{p}.part{j}.x", q[:, lo:hi], scale, size, m, f"{p}.part{j}.y")
             nodes.append(helper.make_node("Sum", [f"{p}.part{j}.y" for j in range(len(parts))], [out], name=f"{p}.sum"))
         if bias:
             b = numpy_helper.to_array(inits[bias]).astype(np.float32).reshape(cout, 1, 1)
