@@ -1,7 +1,7 @@
 """Personalize benchmark (issue 6): zoodip-edge against the torch ways, side by side, CPU.
 
     python benchmarks/personalize_bench.py BUNDLE [BUNDLE...] --torch-pipeline PIPELINE [--n 2] [--steps 3] [--ours cpu,batched]
-    python benchmarks/personalize_bench.py BUNDLE [BUNDLE...] --scaling [--steps 3]
+    python benchmarks/personalize_bench.py BUNDLE [BUNDLE...] --scaling [--steps 3] [--ours batched]
 
 Rows, each in its own process so peaks do not mix:
 1. zoodip-edge on each bundle: perturbations one by one with the ``cpu`` profile's memory settings
@@ -13,8 +13,9 @@ Rows, each in its own process so peaks do not mix:
 4. forward-only ZO in torch fp32.
 A step is n + 1 text-encoder + U-Net passes for ZO, one forward + backward for gradient TI;
 "s/pass" is s/step / (n + 1). The table gives s/step and peak RSS as ratios against (2), (3) and
-(4) measured in the same run. ``--scaling`` instead runs the ``cpu`` profile's memory settings, one by one, for
-n = 1, 2, 4 on each bundle (export one bundle per resolution with ``--resolution``).
+(4) measured in the same run. ``--scaling`` instead runs n = 1, 2, 4 on each bundle (export one
+bundle per resolution with ``--resolution``), for each ``--ours`` row: by default ``batched``, the
+``cpu`` profile as it ships.
 """
 
 from __future__ import annotations
@@ -33,6 +34,17 @@ OURS = str(HERE / "personalize_steps.py")
 TORCH = str(HERE / "torch_steps.py")
 
 
+# --ours rows: label, personalize_steps.py flags
+OURS_ROWS = {
+    "cpu": ("one by one, `cpu` profile's memory settings (arena shrunk after every run; memory pattern, buffer reuse off; huge pages, 4 MiB mmap threshold)",
+            ["--sequential", "--profile-levers"]),
+    "cpu-lowmem": ("one by one, `cpu-lowmem` profile (arena, memory pattern, buffer reuse off; mmap threshold 1 MiB, huge pages)",
+                   ["--sequential", "--profile-levers", "--profile", "cpu-lowmem"]),
+    "reuse": ("one by one, arena on, memory pattern off, buffer reuse on", ["--sequential", "--no-mem-pattern"]),
+    "batched": ("batched, `cpu` profile (as it ships since the eighth session)", ["--batched", "--profile-levers"]),
+}
+
+
 def measure(cmd: list[str]) -> dict | str:
     """One configuration in its own process: its JSON result plus the process's peak RSS, or an error line."""
     r = run_measured(cmd)
@@ -48,17 +60,9 @@ def ratio(x: float, base: dict | str | None, key: str) -> str:
 def compare(a: argparse.Namespace) -> list[str]:
     n, steps = str(a.n), str(a.steps)
     configs = []
-    ours = {
-        "cpu": ("one by one, `cpu` profile's memory settings (arena shrunk after every run; memory pattern, buffer reuse off; huge pages, 4 MiB mmap threshold)",
-                ["--sequential", "--profile-levers"]),
-        "cpu-lowmem": ("one by one, `cpu-lowmem` profile (arena, memory pattern, buffer reuse off; mmap threshold 1 MiB, huge pages)",
-                       ["--sequential", "--profile-levers", "--profile", "cpu-lowmem"]),
-        "reuse": ("one by one, arena on, memory pattern off, buffer reuse on", ["--sequential", "--no-mem-pattern"]),
-        "batched": ("batched, `cpu` profile (as it ships since the eighth session)", ["--batched", "--profile-levers"]),
-    }
     # bundles inner: with several bundles, each configuration runs for all of them back to back
     for row in a.ours.split(","):
-        what, flags = ours[row]
+        what, flags = OURS_ROWS[row]
         for bundle in a.bundles:
             m = json.loads((Path(bundle) / "manifest.json").read_text())
             wino = sum(m["recipe"].get("graphs", {}).get("unet", {}).get("winograd_convs", {}).values())
@@ -100,14 +104,16 @@ def compare(a: argparse.Namespace) -> list[str]:
 
 
 def scaling(a: argparse.Namespace) -> list[str]:
-    rows = ["| resolution | n | s/step | s/pass | peak RSS MB |", "|---|---|---|---|---|"]
-    for bundle in a.bundles:
-        res_px = json.loads((Path(bundle) / "manifest.json").read_text())["resolution"]
-        for n in (1, 2, 4):
-            r = measure([sys.executable, OURS, bundle, "--steps", str(a.steps), "--n", str(n), "--sequential", "--profile-levers"])
-            rows.append(f"| {res_px} | {n} | {r} |||" if isinstance(r, str) else
-                        f"| {res_px} | {n} | {r['s_per_step']:.2f} | {r['s_per_step'] / (n + 1):.2f} | {r['peak_rss_mb']:.0f} |")
-            print(rows[-1], file=sys.stderr, flush=True)
+    rows = ["| configuration | resolution | n | s/step | s/pass | peak RSS MB |", "|---|---|---|---|---|---|"]
+    for row in a.ours.split(","):
+        what, flags = OURS_ROWS[row]
+        for bundle in a.bundles:
+            res_px = json.loads((Path(bundle) / "manifest.json").read_text())["resolution"]
+            for n in (1, 2, 4):
+                r = measure([sys.executable, OURS, bundle, "--steps", str(a.steps), "--n", str(n), *flags])
+                rows.append(f"| {what} | {res_px} | {n} | {r} |||" if isinstance(r, str) else
+                            f"| {what} | {res_px} | {n} | {r['s_per_step']:.2f} | {r['s_per_step'] / (n + 1):.2f} | {r['peak_rss_mb']:.0f} |")
+                print(rows[-1], file=sys.stderr, flush=True)
     return rows
 
 
@@ -116,12 +122,13 @@ def main() -> None:
     ap.add_argument("bundles", nargs="+")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--n", type=int, default=2)
-    ap.add_argument("--ours", default="cpu,cpu-lowmem,reuse,batched",
-                    help="zoodip-edge rows, comma separated: cpu, cpu-lowmem, reuse (arena + buffer reuse on), batched")
+    ap.add_argument("--ours", help="zoodip-edge rows, comma separated: cpu, cpu-lowmem, reuse (arena + buffer reuse on), "
+                    "batched (default: all four; with --scaling, batched, as the cpu profile ships)")
     ap.add_argument("--torch-pipeline", help="diffusers folder of the same model: adds the torch rows (2)-(4)")
-    ap.add_argument("--scaling", action="store_true", help="n = 1, 2, 4 on each bundle, `cpu` profile's memory settings, one by one")
+    ap.add_argument("--scaling", action="store_true", help="n = 1, 2, 4 on each bundle (one per resolution), each --ours row")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
+    a.ours = a.ours or ("batched" if a.scaling else "cpu,cpu-lowmem,reuse,batched")
     rows = scaling(a) if a.scaling else compare(a)
     threads = "Threads: ORT and torch at their defaults (one per core)."
     table = "\n".join([header(sys.argv), threads, "", *rows])

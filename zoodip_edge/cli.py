@@ -92,7 +92,7 @@ def cli_errors(fn: Callable) -> Callable:
 def export(
     model: str = typer.Argument(..., help="diffusers pipeline folder, hub id, or single-file .safetensors/.ckpt"),
     out: Path = typer.Option(..., "--out", "-o", help="bundle folder to write"),
-    recipe: str = typer.Option("int8-cpu", help="int8-cpu | int8-gpu | fp16 | fp32 | w8a8-dynamic, w8a8-static (experiments)"),
+    recipe: str = typer.Option("int8-cpu", help="int8-cpu | int8-cpu-fast | int8-gpu | fp16 | fp32 | w8a8-dynamic, w8a8-static (experiments)"),
     resolution: Optional[int] = typer.Option(None, help="image size in pixels (default: the model's)"),
     force: bool = typer.Option(False, "--force", help="replace an existing output folder"),
     allow_unfaithful: bool = typer.Option(False, "--allow-unfaithful", help="export even if the ZO fidelity gate fails"),
@@ -143,6 +143,8 @@ def inspect(
             typer.echo(f"winograd    {name}: {sum(sizes.values())} 3x3 convolutions rewritten ({said})")
         if info.get("shared_prefix_nodes"):
             typer.echo(f"prefix      {name}: {info['shared_prefix_nodes']} nodes run once for a batch of text conditions")
+        if info.get("int8_matmul"):
+            typer.echo(f"int8 math   {name}: {info['int8_matmul']} MatMuls compute in int8 (inputs rounded per block of 32)")
     v = m["verification"]
     f = v["zo_fidelity"]
     step = f" (step {f['step_norm']:.2g})" if "step_norm" in f else " (unit step: exported before zoodip-edge measured training's step)"
