@@ -1,7 +1,9 @@
 """Export recipes: how each graph's weights are stored, and what ORT must be told to load them.
 
-Weights only, never activations: ZOODiP reads loss differences of order mu * grad, and
-int8 activations turn the loss into a step function of the token (docs/recipes.md).
+Weights only, with one measured exception: ZOODiP reads loss differences of order mu * grad,
+and int8 activations on per-tensor grids turn the loss into a step function of the token
+(docs/recipes.md). ``int8-cpu-fast`` rounds MatMul inputs per block of 32, and not where the
+perturbed condition enters; its learning is checked on the toy world.
 
 - ``int8-gpu``: every Linear/Conv weight as per-channel symmetric int8 + DequantizeLinear
   (explicit QDQ, weight-only). CUDA EP keeps int8 weights and computes in float; TensorRT EP
@@ -11,6 +13,8 @@ int8 activations turn the loss into a step function of the token (docs/recipes.m
   of a MatMul weight is ever made. A projection that is only split (GEGLU) becomes one per part
   (projections.py), the U-Net's 3x3 convolutions Winograd convolutions (winograd.py), and the
   U-Net takes one sample for a batch of text conditions (prefix.py).
+- ``int8-cpu-fast``: ``int8-cpu`` whose U-Net MatMuls compute in int8 (MatMulNBits accuracy
+  level 4), except the cross-attention K/V projections, which read ``encoder_hidden_states``.
 - ``fp16``: float16 weights and activations, float32 graph inputs/outputs (GPU targets).
 - ``fp32``: the exported graph unchanged (reference; parity within 1e-4).
 - ``w8a8-dynamic``: EXPERIMENT. ORT dynamic quantization (uint8 activations). The ZO
