@@ -67,7 +67,7 @@ def test_int8_cpu_fast_computes_unet_matmuls_in_int8_but_not_where_the_condition
     m = export_bundle(str(sd1_pipeline), tmp_path / "b", recipe="int8-cpu-fast", allow_unfaithful=True)
     assert not m["verification"]["zo_fidelity"]["passed"]
 
-    def levels(graph: str) -> dict[str, int]:
+    def levels(graph: str) -> tuple[dict[str, int], onnx.ModelProto]:
         model = onnx.load(str(tmp_path / "b" / m["components"][graph]["path"]))
         return {n.name: next((a.i for a in n.attribute if a.name == "accuracy_level"), 0)
                 for n in model.graph.node if n.op_type == "MatMulNBits"}, model

@@ -63,7 +63,7 @@ def train_vae(images, steps: int, batch: int, seed: int):
         loss.backward()
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if step % 100 == 0 or step == steps - 1:
             _log(f"vae {step}/{steps} loss {np.mean(losses[-100:]):.4f}")
     return vae.eval(), losses
@@ -111,7 +111,7 @@ def train_diffusion(vae, images, scenes, steps: int, batch: int, seed: int, tok_
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if step % 200 == 0 or step == steps - 1:
             _log(f"diffusion {step}/{steps} loss {np.mean(losses[-200:]):.4f}")
     return text.eval(), unet.eval(), tokenizer, scheduler, losses
