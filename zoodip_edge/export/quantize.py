@@ -34,6 +34,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .prefix import CONDITION, broadcast_sample  # CONDITION: where the perturbed token enters the U-Net
+
 # Session config every int8 bundle asks for. Without it ORT fuses DQ(int8 W) -> MatMul into
 # MatMulNBits computing in int8 (accuracy level 4), which breaks ZO fidelity. Never set
 # session.disable_quant_qdq: it would fold the weights back to fp32 in memory.
@@ -54,6 +56,7 @@ class Recipe:
     winograd: tuple[str, ...] = ()  # graphs whose 3x3 convolutions become Winograd convolutions (export/winograd.py)
     shared_prefix: tuple[str, ...] = ()  # U-Nets that take one sample for a batch of conditions (export/prefix.py)
     int8_matmul: tuple[str, ...] = ()  # graphs whose MatMulNBits compute in int8, except the text condition's readers
+    scheme: str = ""  # the recipe whose weight quantization this one uses, where it is another's
 
     def for_graph(self, name: str) -> "Recipe":
         """The recipe that quantizes graph ``name`` in a bundle of this recipe."""
@@ -73,7 +76,8 @@ RECIPES: dict[str, Recipe] = {
         # perturbed token passes through whole (docs/recipes.md).
         Recipe("int8-cpu-fast", "as int8-cpu, and the U-Net's MatMuls compute in int8 (inputs rounded per block of 32), "
                "except the cross-attention K/V projections",
-               FLOAT_COMPUTE, targets=("cpu",), winograd=("unet",), shared_prefix=("unet",), int8_matmul=("unet",)),
+               FLOAT_COMPUTE, targets=("cpu",), winograd=("unet",), shared_prefix=("unet",), int8_matmul=("unet",),
+               scheme="int8-cpu"),
         Recipe("int8-gpu", "weight-only int8: per-channel symmetric QDQ on every MatMul/Gemm/Conv weight",
                FLOAT_COMPUTE, targets=("cuda", "tensorrt", "cpu")),
         Recipe("fp16", "float16 weights and activations, float32 inputs/outputs", parity_tolerance=0.02, targets=("cuda", "tensorrt")),
@@ -107,20 +111,21 @@ def quantize(model: onnx.ModelProto, recipe: str, calibration: list[dict[str, np
         model = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
         return unique_node_names(drop_repeated_nodes(model)), {"weights": _weight_dtypes(model)}
     info: dict = {}
-    if recipe == "int8-gpu":
+    scheme = RECIPES[recipe].scheme or recipe
+    if scheme == "int8-gpu":
         model, counts = weight_only_qdq(model, ("MatMul", "Gemm", "Conv"))
-    elif recipe in ("int8-cpu", "int8-cpu-fast"):
+    elif scheme == "int8-cpu":
         from .projections import split_projections
 
         model, info["split_projections"] = split_projections(model)  # before quantizing: one MatMulNBits per part
         model, counts = matmul_nbits8(model)
         model, more = weight_only_qdq(model, ("Gemm", "Conv"))
         counts.update(more)
-    elif recipe == "w8a8-dynamic":
+    elif scheme == "w8a8-dynamic":
         model, counts = dynamic_w8a8(model)
-    elif recipe == "w8a8-static":
+    elif scheme == "w8a8-static":
         # encoder_hidden_states: one token's row moves by mu there; a per-tensor grid would erase it
-        model, counts = static_w8a8(model, calibration, keep_float=("encoder_hidden_states",))
+        model, counts = static_w8a8(model, calibration, keep_float=(CONDITION,))
         model, rest = weight_only_qdq(model, ("MatMul", "Gemm", "Conv"))
         counts.update({f"{k} (weight-only)": v for k, v in rest.items()})
     info = {"quantized_ops": dict(counts), **info}
@@ -130,8 +135,6 @@ def quantize(model: onnx.ModelProto, recipe: str, calibration: list[dict[str, np
         model, wino = winograd_convs(model)
         info["winograd_convs"] = dict(wino)
     if graph in RECIPES[recipe].shared_prefix:
-        from .prefix import broadcast_sample
-
         model, info["shared_prefix_nodes"] = broadcast_sample(model)
     if graph in RECIPES[recipe].int8_matmul:
         model, info["int8_matmul"] = int8_matmul_compute(model)
@@ -262,7 +265,7 @@ def matmul_nbits8(model: onnx.ModelProto, block_size: int = 32) -> tuple[onnx.Mo
     return out, Counter({"MatMul": ops["MatMulNBits"]})
 
 
-def int8_matmul_compute(model: onnx.ModelProto, keep_float: tuple[str, ...] = ("encoder_hidden_states",),
+def int8_matmul_compute(model: onnx.ModelProto, keep_float: tuple[str, ...] = (CONDITION,),
                         level: int = 4) -> tuple[onnx.ModelProto, int]:
     """MatMulNBits nodes compute in int8 (``accuracy_level`` 4: ORT rounds the input to int8 per
     block of 32 along K), except those reading a tensor in ``keep_float``; returns how many changed.
