@@ -56,8 +56,6 @@ def test_int8_recipes_store_linear_and_conv_weights_as_int8(sd1_pipeline, work, 
     if recipe == "int8-cpu":
         assert "MatMulNBits" in ops
         assert all(a.i == 0 for n in graph.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level")
-        # proj_in/proj_out went the MatMul way; im2col is for int8 compute only
-        assert m["recipe"]["graphs"]["unet"]["conv_matmuls"] == {"1x1": 2 * len(_transformers(graph)), "3x3_im2col": 0}
     weights = m["recipe"]["graphs"]["unet"]["weights"]
     assert weights.get("int8", 0) + weights.get("uint8", 0) > 10 * weights.get("float32", 0)
     assert m["session"]["config_entries"] == {"session.qdq_matmulnbits_accuracy_level": "0"}
@@ -80,23 +78,9 @@ def test_int8_cpu_fast_computes_unet_matmuls_in_int8_but_not_where_the_condition
     assert all(level == 4 for n, level in unet.items() if n not in reads_condition)
     assert m["recipe"]["graphs"]["unet"]["int8_matmul"] == len(unet) - len(reads_condition) > 0
     assert set(levels("text_encoder")[0].values()) == {0}  # the perturbed token passes through all of it
-    # proj_in/proj_out and every stride-1 3x3 convolution (a tiny U-Net's are all 8x8 or less) are int8 MatMuls
-    convs = m["recipe"]["graphs"]["unet"]["conv_matmuls"]
-    assert convs["1x1"] == 2 * len(_transformers(model)) and convs["3x3_im2col"] > 0
-    inits = {i.name: i for i in model.graph.initializer}
-    kernel = {n.output[0]: list(inits[n.input[0]].dims[2:]) for n in model.graph.node if n.op_type == "DequantizeLinear"}
-    strides = [next((list(a.ints) for a in n.attribute if a.name == "strides"), [1, 1])
-               for n in model.graph.node if n.op_type == "Conv" and kernel[n.input[1]] == [3, 3]]
-    assert strides and all(s == [2, 2] for s in strides)  # of the 3x3 ones, only the downsamplers are left
     assert m["session"]["config_entries"] == {"session.qdq_matmulnbits_accuracy_level": "0"}
     r = runner.invoke(app, ["inspect", str(tmp_path / "b")])
     assert r.exit_code == 0 and f"int8 math   unet: {len(unet) - len(reads_condition)} MatMuls" in r.output
-    assert f"conv→matmul unet: {convs['1x1']} token-side 1x1 and {convs['3x3_im2col']} small 3x3" in r.output
-
-
-def _transformers(model: onnx.ModelProto) -> set[str]:
-    """The U-Net's transformer blocks, by the names of their proj_in weights."""
-    return {i.name.split(".proj_in")[0] for i in model.graph.initializer if ".proj_in." in i.name}
 
 
 def test_sd2_v_prediction_exports(sd2_pipeline, work):
@@ -217,7 +201,6 @@ def test_inspect_verifies_hashes(bundle_copy):
     assert r.exit_code == 0
     assert "winograd    unet: 0 3x3 convolutions rewritten (none at 16x16 or larger)" in r.output  # tiny U-Net: 8x8 latents
     assert re.search(r"prefix      unet: \d+ nodes run once for a batch of text conditions", r.output)
-    assert re.search(r"conv→matmul unet: [1-9]\d* token-side 1x1 and 0 small 3x3 convolutions as MatMuls", r.output)
     unet = bundle_copy / "unet" / "model.onnx"
     data = bytearray(unet.read_bytes())
     data[len(data) // 2] ^= 0xFF

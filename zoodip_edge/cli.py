@@ -141,9 +141,6 @@ def inspect(
             sizes = info["winograd_convs"]
             said = ", ".join(f"{n} at {k.removeprefix('Conv ')}" for k, n in sizes.items()) or "none at 16x16 or larger"
             typer.echo(f"winograd    {name}: {sum(sizes.values())} 3x3 convolutions rewritten ({said})")
-        if any(info.get("conv_matmuls", {}).values()):
-            c = info["conv_matmuls"]
-            typer.echo(f"conv→matmul {name}: {c.get('1x1', 0)} token-side 1x1 and {c.get('3x3_im2col', 0)} small 3x3 convolutions as MatMuls")
         if info.get("shared_prefix_nodes"):
             typer.echo(f"prefix      {name}: {info['shared_prefix_nodes']} nodes run once for a batch of text conditions")
         if info.get("int8_matmul"):

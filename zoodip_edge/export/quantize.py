@@ -56,7 +56,6 @@ class Recipe:
     winograd: tuple[str, ...] = ()  # graphs whose 3x3 convolutions become Winograd convolutions (export/winograd.py)
     shared_prefix: tuple[str, ...] = ()  # U-Nets that take one sample for a batch of conditions (export/prefix.py)
     int8_matmul: tuple[str, ...] = ()  # graphs whose MatMulNBits compute in int8, except the text condition's readers
-    conv_matmul: tuple[str, ...] = ()  # graphs whose token-side 1x1 and small 3x3 convolutions become MatMuls (conv_matmul.py)
     scheme: str = ""  # the recipe whose weight quantization this one uses, where it is another's
 
     def for_graph(self, name: str) -> "Recipe":
@@ -71,14 +70,14 @@ RECIPES: dict[str, Recipe] = {
         # 128-512 px would hold Winograd-domain tensors of 0.1-0.3 GB for a one-off gain.
         Recipe("int8-cpu", "weight-only int8: MatMulNBits-8 (float compute) for MatMul, per-channel QDQ for Conv/Gemm, "
                "U-Net 3x3 convolutions as Winograd F(4x4, 3x3) or F(2x2, 3x3), one U-Net sample per batch of conditions",
-               FLOAT_COMPUTE, targets=("cpu",), winograd=("unet",), shared_prefix=("unet",), conv_matmul=("unet",)),
+               FLOAT_COMPUTE, targets=("cpu",), winograd=("unet",), shared_prefix=("unet",)),
         # int8 compute where ZO learning survived it on the toy world: not where the perturbed
         # condition enters the U-Net (cross-attention K/V), nor in the text encoder, which the
         # perturbed token passes through whole (docs/recipes.md).
         Recipe("int8-cpu-fast", "as int8-cpu, and the U-Net's MatMuls compute in int8 (inputs rounded per block of 32), "
                "except the cross-attention K/V projections",
                FLOAT_COMPUTE, targets=("cpu",), winograd=("unet",), shared_prefix=("unet",), int8_matmul=("unet",),
-               conv_matmul=("unet",), scheme="int8-cpu"),
+               scheme="int8-cpu"),
         Recipe("int8-gpu", "weight-only int8: per-channel symmetric QDQ on every MatMul/Gemm/Conv weight",
                FLOAT_COMPUTE, targets=("cuda", "tensorrt", "cpu")),
         Recipe("fp16", "float16 weights and activations, float32 inputs/outputs", parity_tolerance=0.02, targets=("cuda", "tensorrt")),
@@ -112,12 +111,6 @@ def quantize(model: onnx.ModelProto, recipe: str, calibration: list[dict[str, np
         model = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
         return unique_node_names(drop_repeated_nodes(model)), {"weights": _weight_dtypes(model)}
     info: dict = {}
-    if graph in RECIPES[recipe].conv_matmul:
-        from .conv_matmul import IM2COL_MAX_SIZE, conv_matmuls
-
-        # on the float graph, so that the MatMul path quantizes them; im2col pays only with int8 compute
-        im2col = IM2COL_MAX_SIZE if graph in RECIPES[recipe].int8_matmul else 0
-        model, info["conv_matmuls"] = conv_matmuls(model, max_im2col_size=im2col)
     scheme = RECIPES[recipe].scheme or recipe
     if scheme == "int8-gpu":
         model, counts = weight_only_qdq(model, ("MatMul", "Gemm", "Conv"))
