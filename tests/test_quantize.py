@@ -107,3 +107,30 @@ def test_a_repeated_node_is_dropped_and_a_conflicting_one_refused():
     assert np.allclose(out[0], 2.0)
     with pytest.raises(ValueError, match="two different nodes define 'x32'"):
         drop_repeated_nodes(model(TensorProto.DOUBLE))
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+def test_rewrites_do_not_copy_the_weights_they_keep():
+    """A rewrite ends in _replace_nodes; it must drop what nothing reads without re-adding the rest.
+
+    Re-adding copied every kept weight, and protobuf frees none of it until the model goes: an
+    SD1.5 export held several copies of its U-Net (15.4 GB, docs/results/export_memory_s10.md).
+    """
+    from zoodip_edge.export.quantize import _replace_nodes
+
+    big = numpy_helper.from_array(np.ones((64, 1024, 1024), np.float32), "big")  # 256 MiB
+    small = numpy_helper.from_array(np.ones(4, np.float32), "unread")
+    node = helper.make_node("Add", ["x", "big"], ["y"])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, 1024, 1024])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64, 1024, 1024])], [big, small])
+    model = helper.make_model(graph)
+    del big, graph
+    before = _rss_mb()
+    for _ in range(3):
+        model = _replace_nodes(model, list(model.graph.node))
+    assert [i.name for i in model.graph.initializer] == ["big"]
+    assert _rss_mb() - before < 128  # three copies would be 768 MiB
