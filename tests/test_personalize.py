@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -175,10 +176,18 @@ def test_sigkill_then_resume_equals_uninterrupted_run(sd1_bundle, photos, tmp_pa
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(sd1_bundle, photos, tmp_path):
     out = tmp_path / "e.safetensors"
     ckpt = Path(str(out) + ".ckpt")
-    proc = _subprocess_cli(_cli(sd1_bundle, photos, out, "--steps", "100000", "--checkpoint-every", "5"))
+    # faulthandler: if the run ever outlives the interrupt, SIGABRT makes it print every thread's
+    # stack (one CI run, 10th session, timed out here once in ~30; 25 reruns exited in 0.1-0.3 s)
+    env = {**os.environ, "PYTHONFAULTHANDLER": "1"}
+    proc = _subprocess_cli(_cli(sd1_bundle, photos, out, "--steps", "100000", "--checkpoint-every", "5"), env=env)
     _wait_for(ckpt, proc)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        _, err = proc.communicate()
+        pytest.fail(f"still running 60 s after SIGINT; its threads:\n{err[-6000:]}")
     assert proc.returncode == 130, err
     assert "checkpoint saved" in err and "Traceback" not in err
     assert not out.exists()
@@ -200,8 +209,6 @@ def test_runtime_never_imports_torch_diffusers_transformers(sd1_bundle, photos, 
 def test_hugetlb_profile_restarts_the_cli_once(sd1_bundle, photos, tmp_path):
     """The cpu profile's malloc_hugetlb makes the CLI re-execute itself once with GLIBC_TUNABLES set
     (glibc reads it only at start); every interpreter start is logged by a sitecustomize."""
-    import os
-
     from zoodip_edge.runtime.sessions import glibc_has_hugetlb
 
     if not glibc_has_hugetlb():
