@@ -144,7 +144,10 @@ def test_replay_from_jsonl_log_reproduces_theta(sd1_bundle, photos, tmp_path):
 
 
 def _subprocess_cli(args, env=None):
-    code = "import sys; from zoodip_edge.cli import main; sys.argv = ['zoodip-edge'] + sys.argv[1:]; main()"
+    # SIGINT back to Python's handler: a test run started as a background job inherits SIGINT
+    # ignored, and the interrupt test would wait on a run that never sees its Ctrl-C
+    code = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "from zoodip_edge.cli import main; sys.argv = ['zoodip-edge'] + sys.argv[1:]; main()")
     return subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env)
 
@@ -176,8 +179,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(sd1_bundle, photos, tmp_pa
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(sd1_bundle, photos, tmp_path):
     out = tmp_path / "e.safetensors"
     ckpt = Path(str(out) + ".ckpt")
-    # faulthandler: if the run ever outlives the interrupt, SIGABRT makes it print every thread's
-    # stack (one CI run, 10th session, timed out here once in ~30; 25 reruns exited in 0.1-0.3 s)
+    # faulthandler: should the run outlive the interrupt, SIGABRT makes it print every thread's stack
     env = {**os.environ, "PYTHONFAULTHANDLER": "1"}
     proc = _subprocess_cli(_cli(sd1_bundle, photos, out, "--steps", "100000", "--checkpoint-every", "5"), env=env)
     _wait_for(ckpt, proc)
