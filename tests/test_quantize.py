@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from zoodip_edge.export.quantize import drop_repeated_nodes, unique_node_names, weight_only_qdq
@@ -85,8 +87,6 @@ def test_repeated_node_names_are_made_unique():
 
 def test_a_repeated_node_is_dropped_and_a_conflicting_one_refused():
     """onnxruntime 1.30's float16 converter inserted one Cast twice (both defining the same tensor)."""
-    import pytest
-
     def model(second_to):
         nodes = [helper.make_node("Cast", ["x"], ["x32"], name="c1", to=TensorProto.FLOAT),
                  helper.make_node("Cast", ["x"], ["x32"], name="c2", to=second_to),
@@ -114,6 +114,7 @@ def _rss_mb() -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="reads RSS from /proc")
 def test_rewrites_do_not_copy_the_weights_they_keep():
     """A rewrite ends in _replace_nodes; it must drop what nothing reads without re-adding the rest.
 
