@@ -20,9 +20,7 @@ import os
 import shutil
 from pathlib import Path
 
-import onnx
-
-from zoodip_edge.bundle import MANIFEST, file_entry, load_bundle, write_manifest
+from zoodip_edge.bundle import load_bundle, rewrite_graph, write_manifest
 from zoodip_edge.export.quantize import int8_matmul_compute
 
 
@@ -37,21 +35,12 @@ def main() -> None:
     a = ap.parse_args()
     manifest = load_bundle(a.bundle).manifest  # verified: the copy starts from an intact bundle
     shutil.copytree(a.bundle, a.out, copy_function=os.link)
-    changed = {}
-    for graph in a.graphs.split(","):
-        entry = manifest["components"][graph]
-        if entry.get("external_data"):
-            raise SystemExit(f"{graph}: graphs with external data are not handled")
-        path = a.out / entry["path"]
-        model = onnx.load(path)
-        model, changed[graph] = int8_matmul_compute(model, tuple(filter(None, a.keep_float.split(","))), a.level)
-        path.unlink()  # a hard link to the source bundle's file: write a new file, never through it
-        onnx.save(model, path)
-        entry.update(file_entry(a.out, entry["path"]))
+    keep_float = tuple(filter(None, a.keep_float.split(",")))
+    changed = {graph: rewrite_graph(a.out, manifest, graph, lambda m: int8_matmul_compute(m, keep_float, a.level))
+               for graph in a.graphs.split(",")}
     manifest["recipe"]["variant"] = (f"MatMulNBits accuracy_level {a.level} in {changed}, "
                                      f"except readers of {a.keep_float or 'nothing'} (benchmarks/matmul_accuracy_variant.py); "
                                      "verification figures are the source bundle's")
-    (a.out / MANIFEST).unlink()
     write_manifest(a.out, manifest)
     print(json.dumps({"out": str(a.out), "matmulnbits_changed": changed}))
 

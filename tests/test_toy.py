@@ -104,18 +104,12 @@ def int8_matmul_bundle(out) -> str:
     and trains at 1e-2, docs/recipes.md)."""
     import shutil
 
-    import onnx
-
-    from zoodip_edge.bundle import file_entry, load_bundle, write_manifest
+    from zoodip_edge.bundle import load_bundle, rewrite_graph, write_manifest
     from zoodip_edge.export.quantize import int8_matmul_compute
 
     shutil.copytree(shipped_path("bundle"), out)
     m = load_bundle(out).manifest
-    path = out / m["components"]["unet"]["path"]
-    model, changed = int8_matmul_compute(onnx.load(path))
-    assert changed > 0
-    onnx.save(model, path)
-    m["components"]["unet"].update(file_entry(out, m["components"]["unet"]["path"]))
+    assert rewrite_graph(out, m, "unet", int8_matmul_compute) > 0
     write_manifest(out, m)
     return str(out)
 

@@ -12,7 +12,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from .errors import UserError
 
@@ -127,7 +127,30 @@ def load_bundle(root: str | os.PathLike, verify: bool = True) -> Bundle:
 
 
 def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
-    (root / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    """A new file, swapped in: never a partial manifest, never written through a hard link."""
+    from .files import write_atomic
+
+    write_atomic(root / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode())
+
+
+def rewrite_graph(root: Path, manifest: dict[str, Any], graph: str, rewrite: Callable[[Any], tuple[Any, Any]]) -> Any:
+    """Replace one graph of the bundle folder ``root`` by ``rewrite(onnx model) -> (model, info)``.
+
+    Writes a new file (a hard link to another bundle's file is replaced, never written through)
+    and updates the graph's entry in ``manifest``, which the caller then writes; returns ``info``.
+    Export-side tooling: imports onnx.
+    """
+    import onnx
+
+    entry = manifest["components"][graph]
+    if entry.get("external_data"):
+        raise UserError(f"{graph}: graphs with external data are not handled")
+    path = _inside(root, entry["path"])
+    model, info = rewrite(onnx.load(path))
+    path.unlink()
+    onnx.save(model, path)
+    entry.update(file_entry(root, entry["path"]))
+    return info
 
 
 def publish(tmp: Path, out: Path, force: bool) -> None:
