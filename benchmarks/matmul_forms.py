@@ -1,6 +1,6 @@
 """One SD1.5-sized MatMul in each weight-only int8 form ORT's CPU EP can run (issue 6, dequantization cost).
 
-    python benchmarks/matmul_forms.py [--repeat 7]
+    python benchmarks/matmul_forms.py [--repeat 7] [--batch 1]
 
 Forms, at the U-Net's token counts (64² = 4096 ... 16² = 256 tokens) and its projection shapes:
 - fp32 ``MatMul`` (constant fp32 weight: the speed float compute can reach, at 4x the weight memory);
@@ -10,7 +10,7 @@ Forms, at the U-Net's token counts (64² = 4096 ... 16² = 256 tokens) and its p
   ``optimization.disable_specified_optimizers = QDQSelectorActionTransformer`` it stays DQ + MatMul
   (the optimized graph's op types are printed to show which ran).
 ORT CPU EP, 2 intra-op threads, ``session.qdq_matmulnbits_accuracy_level = 0`` as bundles set it;
-3 warm-up runs, median of ``--repeat``.
+3 warm-up runs, median of ``--repeat``. ``--batch 3`` multiplies the tokens as a batched ZO step does.
 """
 
 from __future__ import annotations
@@ -81,9 +81,10 @@ def timed(model: onnx.ModelProto, form: str, x: np.ndarray, repeat: int) -> tupl
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--repeat", type=int, default=7)
+ap.add_argument("--batch", type=int, default=1, help="images per MatMul (the n + 1 of a batched step)")
 a = ap.parse_args()
 rows = ["| tokens × K × N | " + " | ".join(FORMS) + " | MatMulNBits / fp32 |", "|---" * (len(FORMS) + 2) + "|"]
-for tokens, k, n in SHAPES:
+for tokens, k, n in ((t * a.batch, k, n) for t, k, n in SHAPES):
     x = np.random.default_rng(1).standard_normal((1, tokens, k)).astype(np.float32)
     cells = [timed(graph(tokens, k, n, f), f, x, a.repeat) for f in FORMS]
     rows.append(f"| {tokens} × {k} × {n} | " + " | ".join(f"{ms:.1f} ms ({ops})" for ms, ops in cells)

@@ -54,11 +54,20 @@ def test_int8_recipes_store_linear_and_conv_weights_as_int8(sd1_pipeline, work, 
     # weight-only: nothing quantizes activations
     assert not ops & {"QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "QLinearConv", "QLinearMatMul"}
     if recipe == "int8-cpu":
-        assert "MatMulNBits" in ops
-        assert all(a.i == 0 for n in graph.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level")
+        # MatMul weights: block-wise int8, dequantized per run for a plain float MatMul (text encoder and U-Net)
+        for name in ("text_encoder", "unet"):
+            g = graph if name == "unet" else onnx.load(str(out / m["components"][name]["path"]))
+            matmuls = [n for n in g.graph.node if n.op_type == "MatMul" and n.input[1].endswith(".weight")]
+            assert "MatMulNBits" not in {n.op_type for n in g.graph.node}
+            assert len(matmuls) == m["recipe"]["graphs"][name]["dequantized_matmuls"] > 0
+            blocks = {a.i for n in g.graph.node if n.op_type == "DequantizeLinear" for a in n.attribute if a.name == "block_size"}
+            assert blocks == {32}
+        assert m["session"]["config_entries"] == {"session.qdq_matmulnbits_accuracy_level": "0",
+                                                  "optimization.disable_specified_optimizers": "QDQSelectorActionTransformer"}
+    else:
+        assert m["session"]["config_entries"] == {"session.qdq_matmulnbits_accuracy_level": "0"}
     weights = m["recipe"]["graphs"]["unet"]["weights"]
     assert weights.get("int8", 0) + weights.get("uint8", 0) > 10 * weights.get("float32", 0)
-    assert m["session"]["config_entries"] == {"session.qdq_matmulnbits_accuracy_level": "0"}
 
 
 def test_int8_cpu_fast_computes_unet_matmuls_in_int8_but_not_where_the_condition_enters(sd1_pipeline, tmp_path):
@@ -91,8 +100,10 @@ def test_sd2_v_prediction_exports(sd2_pipeline, work):
     assert m["verification"]["zo_fidelity"]["passed"]
 
 
-def test_activation_quantization_is_refused_by_the_fidelity_gate(sd1_pipeline, tmp_path):
-    with pytest.raises(UserError, match="ZO fidelity gate failed"):
+def test_activation_quantization_is_refused_by_the_export_gates(sd1_pipeline, tmp_path):
+    # Which gate trips first depends on the CPU's int8 kernels: on AVX-512 VNNI machines the ZO
+    # fidelity gate, on an AVX2-only one the conditioning gate (0.78 of the signal kept, need 0.9)
+    with pytest.raises(UserError, match="(ZO fidelity|conditioning) gate failed"):
         export_bundle(str(sd1_pipeline), tmp_path / "b", recipe="w8a8-dynamic")
     assert not (tmp_path / "b").exists()
     assert not list(tmp_path.iterdir()), "a refused export leaves nothing behind"

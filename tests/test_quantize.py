@@ -135,3 +135,49 @@ def test_rewrites_do_not_copy_the_weights_they_keep():
         model = _replace_nodes(model, list(model.graph.node))
     assert [i.name for i in model.graph.initializer] == ["big"]
     assert _rss_mb() - before < 128  # three copies would be 768 MiB
+
+
+def _optimized_ops(model, config: dict, tmp_path) -> list[str]:
+    import onnx
+
+    so = ort.SessionOptions()
+    for k, v in config.items():
+        so.add_session_config_entry(k, v)
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    so.log_severity_level = 3
+    ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
+
+
+@pytest.mark.parametrize("k", [96, 80])  # 80: the last block of 32 is padded in MatMulNBits
+def test_dequantized_matmuls_compute_what_matmulnbits_computed(k, tmp_path):
+    import onnx
+
+    from zoodip_edge.export.quantize import (FLOAT_COMPUTE, KEEP_DEQUANTIZED, dequantized_matmuls, int8_matmul_compute,
+                                             matmul_nbits8)
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array((rng.standard_normal((k, 48)) / np.sqrt(k)).astype(np.float32), "w")
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"), helper.make_node("Relu", ["h"], ["y"])],
+                          "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 5, k])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w])
+    nbits, _ = matmul_nbits8(helper.make_model(g, opset_imports=[helper.make_opsetid("", 23)]))
+    dq, count = dequantized_matmuls(onnx.ModelProto.FromString(nbits.SerializeToString()))
+    assert count == 1 and [n.op_type for n in dq.graph.node] == ["DequantizeLinear", "MatMul", "Relu"]
+    int8 = {i.name: numpy_helper.to_array(i) for i in dq.graph.initializer}
+    assert [a.dtype for a in int8.values()] == [np.int8, np.float32], "same int8 weights and scales, nothing else"
+    x = rng.standard_normal((3, 5, k)).astype(np.float32)
+
+    def run(model, config):
+        so = ort.SessionOptions()
+        for key, v in config.items():
+            so.add_session_config_entry(key, v)
+        return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+    ref = run(nbits, FLOAT_COMPUTE)
+    assert np.abs(run(dq, {**FLOAT_COMPUTE, **KEEP_DEQUANTIZED}) - ref).max() <= 1e-6 * np.abs(ref).max()
+    # the session config is what keeps them apart: without it ORT fuses the pair back at load
+    assert "MatMulNBits" not in _optimized_ops(dq, {**FLOAT_COMPUTE, **KEEP_DEQUANTIZED}, tmp_path)
+    assert "MatMulNBits" in _optimized_ops(dq, FLOAT_COMPUTE, tmp_path)
+    # int8 compute (int8-cpu-fast) stays MatMulNBits
+    assert dequantized_matmuls(int8_matmul_compute(nbits, keep_float=())[0])[1] == 0

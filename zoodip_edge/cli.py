@@ -121,6 +121,7 @@ def inspect(
 ) -> None:
     """Summarize a bundle and verify every file's hash."""
     from .bundle import load_bundle
+    from .cpu import slow_int8_math
 
     b = load_bundle(bundle, verify=True)
     m = b.manifest
@@ -145,6 +146,9 @@ def inspect(
             typer.echo(f"prefix      {name}: {info['shared_prefix_nodes']} nodes run once for a batch of text conditions")
         if info.get("int8_matmul"):
             typer.echo(f"int8 math   {name}: {info['int8_matmul']} MatMuls compute in int8 (inputs rounded per block of 32)")
+            reason = slow_int8_math()
+            if reason:
+                typer.echo(f"            note: {reason}")
     v = m["verification"]
     f = v["zo_fidelity"]
     step = f" (step {f['step_norm']:.2g})" if "step_norm" in f else " (unit step: exported before zoodip-edge measured training's step)"

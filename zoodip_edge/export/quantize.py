@@ -40,6 +40,10 @@ from .prefix import CONDITION, broadcast_sample  # CONDITION: where the perturbe
 # MatMulNBits computing in int8 (accuracy level 4), which breaks ZO fidelity. Never set
 # session.disable_quant_qdq: it would fold the weights back to fp32 in memory.
 FLOAT_COMPUTE = {"session.qdq_matmulnbits_accuracy_level": "0"}
+# Where a recipe stores MatMul weights as DequantizeLinear + MatMul (dequantized_matmuls): ORT's
+# QDQ pass would fuse each pair back into MatMulNBits at load. The pass does nothing else to
+# these bundles: their Conv/Gemm QDQ pairs have no QuantizeLinear, so no QDQ group to fuse.
+KEEP_DEQUANTIZED = {"optimization.disable_specified_optimizers": "QDQSelectorActionTransformer"}
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,7 @@ class Recipe:
     winograd: tuple[str, ...] = ()  # graphs whose 3x3 convolutions become Winograd convolutions (export/winograd.py)
     shared_prefix: tuple[str, ...] = ()  # U-Nets that take one sample for a batch of conditions (export/prefix.py)
     int8_matmul: tuple[str, ...] = ()  # graphs whose MatMulNBits compute in int8, except the text condition's readers
+    dequantized_matmul: tuple[str, ...] = ()  # graphs whose float-compute MatMulNBits become DequantizeLinear + MatMul
     scheme: str = ""  # the recipe whose weight quantization this one uses, where it is another's
 
     def for_graph(self, name: str) -> "Recipe":
@@ -68,9 +73,10 @@ RECIPES: dict[str, Recipe] = {
     for r in (
         # Winograd in the U-Net only: it runs thousands of times; the VAE's 3x3 convolutions at
         # 128-512 px would hold Winograd-domain tensors of 0.1-0.3 GB for a one-off gain.
-        Recipe("int8-cpu", "weight-only int8: MatMulNBits-8 (float compute) for MatMul, per-channel QDQ for Conv/Gemm, "
+        Recipe("int8-cpu", "weight-only int8: block-wise int8 MatMul weights dequantized per run, per-channel QDQ for Conv/Gemm, "
                "U-Net 3x3 convolutions as Winograd F(4x4, 3x3) or F(2x2, 3x3), one U-Net sample per batch of conditions",
-               FLOAT_COMPUTE, targets=("cpu",), winograd=("unet",), shared_prefix=("unet",)),
+               {**FLOAT_COMPUTE, **KEEP_DEQUANTIZED}, targets=("cpu",), winograd=("unet",), shared_prefix=("unet",),
+               dequantized_matmul=("text_encoder", "unet")),
         # int8 compute where ZO learning survived it on the toy world: not where the perturbed
         # condition enters the U-Net (cross-attention K/V), nor in the text encoder, which the
         # perturbed token passes through whole (docs/recipes.md).
@@ -138,6 +144,8 @@ def quantize(model: onnx.ModelProto, recipe: str, calibration: list[dict[str, np
         model, info["shared_prefix_nodes"] = broadcast_sample(model)
     if graph in RECIPES[recipe].int8_matmul:
         model, info["int8_matmul"] = int8_matmul_compute(model)
+    if graph in RECIPES[recipe].dequantized_matmul:
+        model, info["dequantized_matmuls"] = dequantized_matmuls(model)
     return model, {**info, "weights": _weight_dtypes(model)}
 
 
@@ -281,6 +289,41 @@ def int8_matmul_compute(model: onnx.ModelProto, keep_float: tuple[str, ...] = (C
             del node.attribute[:]
             node.attribute.extend([*keep, helper.make_attribute("accuracy_level", level)])
             count += 1
+    return model, count
+
+
+def dequantized_matmuls(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Each float-compute 8-bit MatMulNBits becomes a block-wise DequantizeLinear + MatMul.
+
+    The same int8 weights and scales, in the same bytes: each run dequantizes a weight whole (a
+    transient float copy, at most 26 MB in SD1.5) and a plain float GEMM multiplies it. ORT's
+    MatMulNBits float path took 1.2-2.2x a float MatMul's time at a batched step's sizes on an
+    AVX2 CPU (benchmarks/matmul_forms.py --batch 3); the SD1.5 U-Net forward 0.93x as long for
+    +32 MB (docs/recipes.md). Needs KEEP_DEQUANTIZED in the bundle's session config.
+    """
+    if next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0) < 21:
+        return model, 0  # block-wise DequantizeLinear is opset 21 (the exporter writes 23)
+    inits = {i.name: i for i in model.graph.initializer}
+    nodes, count = [], 0
+    for node in model.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if (node.op_type != "MatMulNBits" or attrs.get("bits") != 8 or attrs.get("accuracy_level", 0) != 0
+                or len([i for i in node.input if i]) != 3 or node.input[1] not in inits or node.input[2] not in inits):
+            nodes.append(node)  # zero points, group index, bias or int8 compute: left as they are
+            continue
+        k, n, block = attrs["K"], attrs["N"], attrs["block_size"]
+        # [N, blocks, block] uint8 with the implicit zero point 128 -> [K, N] int8 (padding cut)
+        q = numpy_helper.to_array(inits[node.input[1]]).reshape(n, -1)[:, :k].astype(np.int16) - 128
+        scale = numpy_helper.to_array(inits[node.input[2]]).reshape(n, -1)
+        p = (node.name or node.output[0]) + ".dq"
+        model.graph.initializer.extend([numpy_helper.from_array(np.ascontiguousarray(q.T.astype(np.int8)), f"{p}.weight_int8"),
+                                        numpy_helper.from_array(np.ascontiguousarray(scale.T), f"{p}.weight_scale")])
+        nodes.append(helper.make_node("DequantizeLinear", [f"{p}.weight_int8", f"{p}.weight_scale"], [f"{p}.weight"],
+                                      name=p, axis=0, block_size=block))
+        nodes.append(helper.make_node("MatMul", [node.input[0], f"{p}.weight"], list(node.output), name=node.name))
+        count += 1
+    if count:
+        _replace_nodes(model, nodes)
     return model, count
 
 

@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable
 import onnxruntime as ort
 
 from ..bundle import Bundle
+from ..cpu import slow_int8_math
 from ..errors import UserError
 from ..profiles import (
     DeviceProfile,
@@ -378,6 +379,11 @@ class BundleSessions:
             self.open[name] = create_session(self.bundle.path(name), self.profile,
                                              self.bundle.manifest["session"]["config_entries"], self.strict, self.warn)
             return_free_memory()
+            if self.open[name].get_providers()[0] == "CPUExecutionProvider":
+                matmuls = self.bundle.manifest["recipe"].get("graphs", {}).get(name, {}).get("int8_matmul", 0)
+                reason = slow_int8_math() if matmuls else None
+                if reason:
+                    self.warn(f"{name}: {matmuls} MatMuls of this bundle compute in int8, but {reason}")
         return self.open[name]
 
     def release(self, name: str) -> None:
