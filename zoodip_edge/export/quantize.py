@@ -8,9 +8,10 @@ perturbed condition enters; its learning is checked on the toy world.
 - ``int8-gpu``: every Linear/Conv weight as per-channel symmetric int8 + DequantizeLinear
   (explicit QDQ, weight-only). CUDA EP keeps int8 weights and computes in float; TensorRT EP
   reads the QDQ directly. No QOperator ops, which CUDA EP would run on the CPU.
-- ``int8-cpu``: MatMul weights as MatMulNBits (bits=8, float compute); Conv/Gemm weights as
-  in ``int8-gpu``. MatMulNBits dequantizes per block inside the kernel, so no fp32 copy
-  of a MatMul weight is ever made. A projection that is only split (GEGLU) becomes one per part
+- ``int8-cpu``: MatMul weights quantized as MatMulNBits (bits=8, blocks of 32), then stored as
+  block-wise DequantizeLinear + MatMul (text encoder and U-Net): each run dequantizes a weight
+  whole for a plain float GEMM, faster than MatMulNBits' float path (dequantized_matmuls).
+  Conv/Gemm weights as in ``int8-gpu``. A projection that is only split (GEGLU) becomes one per part
   (projections.py), the U-Net's 3x3 convolutions Winograd convolutions (winograd.py), and the
   U-Net takes one sample for a batch of text conditions (prefix.py).
 - ``int8-cpu-fast``: ``int8-cpu`` whose U-Net MatMuls compute in int8 (MatMulNBits accuracy
