@@ -137,16 +137,22 @@ def test_rewrites_do_not_copy_the_weights_they_keep():
     assert _rss_mb() - before < 128  # three copies would be 768 MiB
 
 
-def _optimized_ops(model, config: dict, tmp_path) -> list[str]:
-    import onnx
-
+def _session(model, config: dict, optimized_path=None) -> ort.InferenceSession:
     so = ort.SessionOptions()
     for k, v in config.items():
         so.add_session_config_entry(k, v)
-    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    so.log_severity_level = 3
-    ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    return [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
+    if optimized_path:
+        so.optimized_model_filepath = str(optimized_path)
+        so.log_severity_level = 3  # ORT warns that an NCHWc-optimized file is machine-specific
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def _optimized_ops(model, config: dict, tmp_path) -> list[str]:
+    """The op types of the graph ORT runs after its load-time optimizations."""
+    import onnx
+
+    _session(model, config, tmp_path / "optimized.onnx")
+    return [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
 
 
 @pytest.mark.parametrize("k", [96, 80])  # 80: the last block of 32 is padded in MatMulNBits
@@ -168,14 +174,9 @@ def test_dequantized_matmuls_compute_what_matmulnbits_computed(k, tmp_path):
     assert [a.dtype for a in int8.values()] == [np.int8, np.float32], "same int8 weights and scales, nothing else"
     x = rng.standard_normal((3, 5, k)).astype(np.float32)
 
-    def run(model, config):
-        so = ort.SessionOptions()
-        for key, v in config.items():
-            so.add_session_config_entry(key, v)
-        return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-
-    ref = run(nbits, FLOAT_COMPUTE)
-    assert np.abs(run(dq, {**FLOAT_COMPUTE, **KEEP_DEQUANTIZED}) - ref).max() <= 1e-6 * np.abs(ref).max()
+    ref = _session(nbits, FLOAT_COMPUTE).run(None, {"x": x})[0]
+    got = _session(dq, {**FLOAT_COMPUTE, **KEEP_DEQUANTIZED}).run(None, {"x": x})[0]
+    assert np.abs(got - ref).max() <= 1e-6 * np.abs(ref).max()
     # the session config is what keeps them apart: without it ORT fuses the pair back at load
     assert "MatMulNBits" not in _optimized_ops(dq, {**FLOAT_COMPUTE, **KEEP_DEQUANTIZED}, tmp_path)
     assert "MatMulNBits" in _optimized_ops(dq, FLOAT_COMPUTE, tmp_path)
