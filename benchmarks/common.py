@@ -46,6 +46,18 @@ def header(argv: list[str]) -> str:
     return f"Machine: {machine()}\n\nCommand: `python {' '.join(shlex.quote(a) for a in argv)}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})\n"
 
 
+def median_s(run, repeat: int, warmup: int = 1) -> float:
+    """Median seconds of ``repeat`` calls of ``run()``, after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 

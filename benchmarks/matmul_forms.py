@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import header  # noqa: E402
+from common import header, median_s  # noqa: E402
 
 # (tokens, K, N): self-attention projections and GEGLU feed-forward in/out per U-Net level.
 SHAPES = ((4096, 320, 320), (4096, 320, 2560), (4096, 1280, 320), (1024, 640, 5120), (1024, 2560, 640),
@@ -69,14 +68,7 @@ def timed(model: onnx.ModelProto, form: str, x: np.ndarray, repeat: int) -> tupl
         so.optimized_model_filepath = str(Path(d) / "opt.onnx")
         sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
         ops = "+".join(sorted({node.op_type for node in onnx.load(so.optimized_model_filepath).graph.node}))
-    for _ in range(3):
-        sess.run(None, {"x": x})
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        sess.run(None, {"x": x})
-        times.append(time.perf_counter() - t)
-    return 1e3 * float(np.median(times)), ops
+    return 1e3 * median_s(lambda: sess.run(None, {"x": x}), repeat, warmup=3), ops
 
 
 ap = argparse.ArgumentParser()

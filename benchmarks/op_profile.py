@@ -31,7 +31,7 @@ import onnx
 import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import header, profiling_options, unet_feed  # noqa: E402
+from common import header, median_s, profiling_options, unet_feed  # noqa: E402
 
 from zoodip_edge.bundle import load_bundle  # noqa: E402
 
@@ -46,18 +46,21 @@ WINOGRAD_PARTS = {
 }
 
 
+CONV_OPS = ("Conv", "FusedConv", "NchwcConv")  # a Conv as ORT's fusions and NCHWc layout pass rename it
+
+
 def kind(name: str, op: str, accuracy: dict[str, int]) -> str:
     """The kind of work of one profiled node (its name in the graph, its kernel's op type)."""
     if ".winograd" in name:
         part = WINOGRAD_PARTS.get(name.rsplit(".", 1)[-1])
-        if part is None and op in ("Conv", "FusedConv", "NchwcConv"):
+        if part is None and op in CONV_OPS:
             part = "input transform"  # the transform's Conv, renamed by ORT's NCHWc layout pass
         return "Winograd " + (part or "other")
     if op == "MatMulNBits":
         return "MatMulNBits, int8 compute" if accuracy.get(name, 0) == 4 else "MatMulNBits, float compute"
     if op in ("MultiHeadAttention", "Attention"):
         return "attention"
-    if op in ("Conv", "FusedConv", "NchwcConv"):
+    if op in CONV_OPS:
         return "Conv (direct)"
     return op
 
@@ -71,7 +74,7 @@ def macs(op: str, inputs: list[list[int]], outputs: list[list[int]]) -> float:
         return float(out * inputs[0][-1])  # every output element is a dot product along A's last axis
     if op == "Gemm":
         return float(out * math.prod(inputs[0]) // outputs[0][0])
-    if op in ("Conv", "FusedConv", "NchwcConv"):
+    if op in CONV_OPS:
         return float(out * math.prod(inputs[1]) // outputs[0][1])  # per output: Cin/groups x kernel taps
     if op in ("MultiHeadAttention", "Attention") and len(inputs) >= 3:
         return float(2 * math.prod(inputs[0]) * inputs[1][1])  # Q K^T and P V: B x S x S_kv x hidden each
@@ -100,22 +103,18 @@ def gemm_rate(repeat: int = 11) -> float:
                               [helper.make_tensor_value_info("C", TensorProto.FLOAT, None)], [b])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     s = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    s.run(None, {"A": a})
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        s.run(None, {"A": a})
-        times.append(time.perf_counter() - t)
-    return 4096 * 1024 * 1024 / sorted(times)[len(times) // 2] / 1e9
+    return 4096 * 1024 * 1024 / median_s(lambda: s.run(None, {"A": a}), repeat) / 1e9
 
 
-def profile(bundles: list[str], batch: int, one_sample: bool, runs: int) -> list[tuple[Counter, Counter, float]]:
+def profile(bundles: list[str], batch: int, one_sample: bool,
+            runs: int) -> list[tuple[Counter, Counter, float, Counter, Counter]]:
     """Per bundle: ms per forward by kind, by node, the median wall time of a forward (ms), and
     multiply-adds per forward by kind, as run and as a direct-convolution graph would run them."""
-    sessions, feeds, walls = [], [], []
+    sessions, feeds, walls, graphs = [], [], [], []
     with tempfile.TemporaryDirectory() as d:
         for i, bundle in enumerate(bundles):
             b = load_bundle(bundle, verify=False)
+            graphs.append(b.path("unet"))
             o = profiling_options(b.manifest, str(Path(d) / f"profile{i}"))
             sessions.append(ort.InferenceSession(str(b.path("unet")), o, providers=["CPUExecutionProvider"]))
             feeds.append(unet_feed(b.manifest, batch, one_sample=one_sample))
@@ -127,8 +126,8 @@ def profile(bundles: list[str], batch: int, one_sample: bool, runs: int) -> list
                 if r:
                     w.append((time.perf_counter() - t) * 1e3)
         out = []
-        for bundle, s, w in zip(bundles, sessions, walls):
-            model = onnx.load(str(load_bundle(bundle, verify=False).path("unet")), load_external_data=False)
+        for graph, s, w in zip(graphs, sessions, walls):
+            model = onnx.load(str(graph), load_external_data=False)
             accuracy = {n.name: a.i for n in model.graph.node if n.op_type == "MatMulNBits"
                         for a in n.attribute if a.name == "accuracy_level"}
             events = [e for e in json.load(open(s.end_profiling())) if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
@@ -140,7 +139,7 @@ def profile(bundles: list[str], batch: int, one_sample: bool, runs: int) -> list
                 k = kind(name, op, accuracy)
                 by_kind[k] += ms
                 by_node[name] += ms
-                shapes = [[next(iter(d.values())) for d in e["args"].get(f"{io}_type_shape", [])] for io in ("input", "output")]
+                shapes = [[next(iter(t.values())) for t in e["args"].get(f"{io}_type_shape", [])] for io in ("input", "output")]
                 n = macs(op, *shapes) / runs
                 mac[k] += n
                 direct[k] += n * winograd_direct_factor(name, shapes[0])
