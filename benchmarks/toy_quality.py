@@ -27,7 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from common import header  # noqa: E402
 
-from zoodip_edge.demo import DEMO_LR, DEMO_MU, PROBES, generate_with, parse_concept  # noqa: E402
+from zoodip_edge.demo import PROBES, generate_with, parse_concept  # noqa: E402
 from zoodip_edge.runtime.personalize import Personalizer, Settings  # noqa: E402
 from zoodip_edge.runtime.text import OBJECT_TEMPLATES  # noqa: E402
 from zoodip_edge.toy import shipped_path  # noqa: E402
@@ -185,9 +185,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--every", type=int, default=250)
     ap.add_argument("--methods", nargs="+", default=[*ZO_METHODS, "gradient-ti"])
-    ap.add_argument("--lr", type=float, default=DEMO_LR)
-    ap.add_argument("--mu", type=float, default=DEMO_MU)
-    ap.add_argument("--tau", type=int, default=None, help="SG buffer length (default: the bundle's, 128)")
+    ap.add_argument("--lr", type=float, default=None, help="ZO learning rate (default: the bundle's, 2e-2)")
+    ap.add_argument("--mu", type=float, default=None, help="ZO perturbation size (default: the bundle's, 1e-2)")
+    ap.add_argument("--tau", type=int, default=128, help="SG buffer length (the bundle's default is 11)")
     ap.add_argument("--ti-lr", type=float, default=5e-3)
     ap.add_argument("--bundle", type=Path, help="bundle the ZO methods train on (default: the shipped one; "
                     "scoring uses the shipped bundle unless --score-on-bundle)")

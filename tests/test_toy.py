@@ -123,13 +123,13 @@ def fast_toy(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module", params=["shipped", "int8-matmul"])
 def learned(request, tmp_path_factory):
-    from zoodip_edge.demo import DEMO_LR, DEMO_MU, DEMO_TAU, PROBES
+    from zoodip_edge.demo import PROBES
     from zoodip_edge.runtime.personalize import Personalizer, Settings
 
     bundle = shipped_path("bundle") if request.param == "shipped" else request.getfixturevalue("fast_toy")
     photos = concept_photos(tmp_path_factory.mktemp("purple"), "purple", "ring", count=5)
-    p = Personalizer(bundle, photos, "<pr>", "shape", profile="cpu",
-                     settings=Settings(seed=0, lr=DEMO_LR, mu=DEMO_MU, tau=DEMO_TAU, batch_perturbations=True))
+    # no hyperparameters given: the toy bundle's manifest carries the ones that suit its model
+    p = Personalizer(bundle, photos, "<pr>", "shape", profile="cpu", settings=Settings(seed=0, batch_perturbations=True))
     before = p.held_out_loss(p.theta0, PROBES)
     for _ in p.run(STEPS):
         pass

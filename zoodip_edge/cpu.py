@@ -34,3 +34,23 @@ def slow_int8_math() -> str | None:
         return None
     return ("this CPU has no int8 dot-product instructions (AVX-VNNI, AVX512-VNNI, Arm dot product), so int8 "
             "MatMuls run no faster than float here: an int8-cpu bundle was faster on such a CPU (docs/recipes.md)")
+
+
+def cpu_description(cpuinfo: Path | None = None) -> str:
+    """CPU model, cores and vector ISA (e.g. "AMD EPYC, 2 cores, AVX-512 VNNI"): what a figure was measured on."""
+    import os
+    import platform
+
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in (cpuinfo or CPUINFO).read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip().lower() in ("flags", "features"):
+                flags.update(value.split())
+    except OSError:
+        pass
+    isa = ("AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "NEON" if "asimd" in flags else "")
+    isa += " VNNI" if flags & {"avx512_vnni", "avx_vnni"} else " dot product" if "asimddp" in flags else ""
+    return ", ".join(p for p in (model, f"{os.cpu_count()} cores", isa.strip()) if p)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from .errors import UserError
 
@@ -32,7 +32,31 @@ DEFAULTS: dict[str, ZOODefaults] = {
 SUPPORTED_FAMILIES = ("sd1", "sd2")
 
 
-def defaults_for(family: str) -> ZOODefaults:
+def defaults_for(family: str, overrides: dict | None = None) -> ZOODefaults:
+    """The family's defaults, with ``overrides`` (e.g. a small model's own lr and mu) applied."""
     if family not in DEFAULTS:
         raise UserError(f"unknown model family {family!r} (known: {', '.join(DEFAULTS)})")
-    return DEFAULTS[family]
+    d = DEFAULTS[family]
+    for key, value in (overrides or {}).items():
+        if key not in d.to_dict():
+            raise UserError(f"unknown default {key!r} (known: {', '.join(d.to_dict())})")
+        kind = type(getattr(d, key))
+        try:
+            value = kind(value)
+        except (TypeError, ValueError):
+            raise UserError(f"default {key}={value!r} is not a {kind.__name__}") from None
+        if not (value == value and abs(value) != float("inf")) or value <= 0:
+            raise UserError(f"default {key}={value!r} must be a positive finite number")
+        d = replace(d, **{key: value})
+    return d
+
+
+def parse_defaults(text: str) -> dict[str, str]:
+    """``"lr=2e-2,mu=1e-2"`` -> {"lr": "2e-2", "mu": "1e-2"} (values are typed by defaults_for)."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise UserError(f"--defaults wants key=value pairs separated by commas, got {part!r}")
+        out[key.strip()] = value.strip()
+    return out

@@ -31,6 +31,10 @@ class ZOConfig:
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-3  # the authors' code uses 1e-3, not Adam's usual 1e-8
+    # Guided directions (docs/algorithm.md, "Guided directions"); the defaults are the paper's method.
+    guide_momentum: bool = False  # the first direction points along ZOAdam's first moment
+    guide_k: int = 0  # > 0: directions mix the span of the last k gradient estimates into N(0, I)
+    guide_alpha: float = 0.5  # the share of the full space in that mix
 
 
 # ---------------------------------------------------------------- RGE ----------------
@@ -38,6 +42,24 @@ class ZOConfig:
 def perturbation_directions(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
     """n directions e_i ~ N(0, I_d) as rows, shape [n, d]."""
     return rng.standard_normal((n, d))
+
+
+def guided_directions(z: np.ndarray, basis: np.ndarray, alpha: float, extra: np.random.Generator) -> np.ndarray:
+    """Guided evolution strategies: e ~ N(0, alpha I + (1 - alpha) d/k U U^T), U = ``basis`` rows
+    (orthonormal, k of them). The covariance keeps trace d, so RGE's scale stays right, and the
+    variance along the guiding subspace grows d/k times. ``z`` are the N(0, I) draws; ``extra``
+    draws the subspace coordinates, so the main stream (t, noise, z) is the same with and without."""
+    k, d = basis.shape
+    if k == 0:
+        return z
+    eta = extra.standard_normal((z.shape[0], k))
+    return np.sqrt(alpha) * z + np.sqrt((1 - alpha) * d / k) * (eta @ basis)
+
+
+def along(v: np.ndarray) -> np.ndarray | None:
+    """``v`` scaled to the norm of an N(0, I_d) draw (sqrt d); None for a zero vector."""
+    norm = float(np.linalg.norm(v))
+    return v * (np.sqrt(v.size) / norm) if norm > 0 else None
 
 
 def perturbed_thetas(theta: np.ndarray, directions: np.ndarray, mu: float) -> np.ndarray:
@@ -184,7 +206,9 @@ class ZOOptimizer:
         self.theta = np.array(theta0, dtype=np.float64).reshape(-1)
         self.adam = ZOAdam(self.theta.size, config.lr, config.beta1, config.beta2, config.eps)
         self.sg = SubspaceGradient(self.theta.size, config.tau, config.nu)
+        self.seed = seed
         self.rng = np.random.Generator(np.random.PCG64(seed))
+        self.history = np.zeros((config.guide_k, self.theta.size))  # last k estimates (guided directions)
         self.step_index = 0
         self._pending: StepPlan | None = None
         self._rng_before_pending: dict[str, Any] | None = None
@@ -198,10 +222,26 @@ class ZOOptimizer:
         c = self.config
         t = puts_sample(self.rng, c.t_low, c.t_high)
         noise_seed = int(self.rng.integers(0, 2**32))
-        directions = perturbation_directions(self.rng, c.n, self.theta.size)
+        directions = self._guide(perturbation_directions(self.rng, c.n, self.theta.size))
         self._pending = StepPlan(self.step_index, t, noise_seed, directions,
                                  perturbed_thetas(self.theta, directions, c.mu))
         return self._pending
+
+    def _guide(self, z: np.ndarray) -> np.ndarray:
+        """The directions of a guided lever from the step's N(0, I) draws (unchanged when off)."""
+        c = self.config
+        if c.guide_k:
+            filled = min(self.step_index, c.guide_k)
+            basis = np.linalg.qr(self.history[:filled].T)[0].T if filled else np.zeros((0, z.shape[1]))
+            # its own stream, keyed by step: resumes and replays draw the same
+            extra = np.random.Generator(np.random.PCG64([self.seed, self.step_index]))
+            z = guided_directions(z, basis, c.guide_alpha, extra)
+        if c.guide_momentum:
+            m = along(self.adam.m)
+            if m is not None:
+                z = z.copy()
+                z[0] = m
+        return z
 
     def update(self, plan: StepPlan, losses: np.ndarray) -> StepRecord:
         """RGE -> SG projection -> ZOAdam -> push theta into the SG buffer."""
@@ -215,6 +255,8 @@ class ZOOptimizer:
         g = rge_estimate(losses, plan.directions, self.config.mu, p_rows)
         if use_sg:
             g = self.sg.project(g)
+        if self.config.guide_k:
+            self.history[self.step_index % self.config.guide_k] = g
         self.theta = self.adam.step(self.theta, g)
         if use_sg:
             self.sg.push(self.theta)
@@ -230,13 +272,15 @@ class ZOOptimizer:
     def state_dict(self) -> dict[str, Any]:
         rng_state = self._rng_before_pending or self.rng.bit_generator.state
         return {"theta": self.theta.copy(), "step": self.step_index, "rng": rng_state,
-                "adam": self.adam.state_dict(), "sg": self.sg.state_dict()}
+                "adam": self.adam.state_dict(), "sg": self.sg.state_dict(), "history": self.history.copy()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.theta, self.step_index = np.array(state["theta"], dtype=np.float64), int(state["step"])
         self.rng.bit_generator.state = state["rng"]
         self.adam.load_state_dict(state["adam"])
         self.sg.load_state_dict(state["sg"])
+        if "history" in state:
+            self.history = np.array(state["history"], dtype=np.float64).reshape(self.history.shape)
         self._pending, self._rng_before_pending = None, None
 
 

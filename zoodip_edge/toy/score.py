@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .world import COLORS, SHAPES, draw_shape
+from .world import ALL_COLORS, TOY64, World, draw_shape
 
 MIN_PIXELS = 12  # fewer object pixels than this: nothing recognisable was drawn
 
@@ -23,7 +23,8 @@ class Reading:
     shape: str | None
 
 
-def read_image(image: np.ndarray | Image.Image, threshold: float = 60.0) -> Reading:
+def read_image(image: np.ndarray | Image.Image, threshold: float = 60.0, world: World = TOY64) -> Reading:
+    """The color and shape ``image`` shows, among those ``world`` draws."""
     a = np.asarray(image, dtype=np.float64)[..., :3]
     border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
     bg = np.median(border, axis=0)
@@ -31,12 +32,12 @@ def read_image(image: np.ndarray | Image.Image, threshold: float = 60.0) -> Read
     if mask.sum() < MIN_PIXELS:
         return Reading(None, None)
     mean = a[mask].mean(axis=0)
-    names = list(COLORS)
-    color = names[int(np.argmin([np.linalg.norm(mean - np.array(COLORS[c])) for c in names]))]
+    names = list(world.colors)
+    color = names[int(np.argmin([np.linalg.norm(mean - np.array(ALL_COLORS[c])) for c in names]))]
     ys, xs = np.nonzero(mask)
     box = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
     best, best_iou = None, -1.0
-    for shape in SHAPES:
+    for shape in world.shapes:
         t = Image.new("L", (a.shape[1], a.shape[0]), 0)
         draw_shape(ImageDraw.Draw(t), shape, box, 1, 0)
         tm = np.asarray(t, dtype=bool)
@@ -46,9 +47,9 @@ def read_image(image: np.ndarray | Image.Image, threshold: float = 60.0) -> Read
     return Reading(color, best)
 
 
-def concept_score(images, color: str, shape: str) -> dict[str, float]:
+def concept_score(images, color: str, shape: str, world: World = TOY64) -> dict[str, float]:
     """Mean over images of (color right + shape right) / 2, with each part on its own."""
-    readings = [read_image(im) for im in images]
+    readings = [read_image(im, world=world) for im in images]
     c = float(np.mean([r.color == color for r in readings]))
     s = float(np.mean([r.shape == shape for r in readings]))
     return {"score": (c + s) / 2, "color": c, "shape": s}

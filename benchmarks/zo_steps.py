@@ -1,0 +1,317 @@
+"""Steps to quality: zeroth-order personalization against gradient textual inversion, on a toy model.
+
+    python benchmarks/zo_steps.py --model toy-768 --steps 1500 --every 100 --out docs/results/zo_steps_768.json
+    python benchmarks/zo_steps.py --report docs/results/zo_steps_768.json
+
+Every arm learns the same token from the same five photos on the same stream of draws: step k of
+seed s uses the same image, caption, t, latent sample and noise in every arm (the ZO optimizer's
+stream; arms that do not perturb draw it too and discard the directions). Arms:
+
+- ``ti``: gradient textual inversion, torch fp32 on the model's diffusers weights, autograd on
+  the one embedding row, Adam (``--ti-lr``);
+- ``zoodip``: ZOODiP as published on the int8 bundle through ONNX Runtime (n = 2, RGE, ZOAdam,
+  SG at tau = 128, PUTS), lr and mu from the bundle's manifest unless given;
+- ``oracle``: the same optimizer fed the exact directional derivatives (torch fp32 autograd) instead
+  of finite differences: what is left is the random directions' noise, not the loss's own;
+- levers: ``momentum`` (one direction along ZOAdam's first moment), ``guided`` (directions mixed with
+  the span of the last k estimates), ``search`` (the start searched among vocabulary tokens, its
+  forward passes counted), and their combinations.
+
+Scored every ``--every`` steps by one ORT evaluator on the int8 bundle: held-out diffusion loss on
+16 fixed (image, t, eps) probes and the concept score of 16 generated images (pixels only).
+Forward passes: ZO arms n + 1 per step (plus the search's), gradient arms 3 (forward + backward).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import header  # noqa: E402
+
+from zoodip_edge.demo import PROBES, generate_with, parse_concept  # noqa: E402
+from zoodip_edge.runtime.init_search import search_initializer  # noqa: E402
+from zoodip_edge.runtime.personalize import Personalizer, Settings  # noqa: E402
+from zoodip_edge.runtime.stopping import Plateau, stop_probes  # noqa: E402
+from zoodip_edge.runtime.zo import ZOOptimizer  # noqa: E402
+from zoodip_edge.toy import shipped_path, toy_model  # noqa: E402
+from zoodip_edge.toy.score import concept_score  # noqa: E402
+from zoodip_edge.toy.world import GENERIC, concept_photos  # noqa: E402
+
+EVAL_IMAGES, EVAL_SEED = 16, 1234
+# The start's search probes: across PUTS's range, with noise seeds the evaluation's probes do not use.
+SEARCH_PROBES = [(int(t), 9000 + i) for i, t in enumerate(np.linspace(500, 899, 32))]
+CONCEPTS = {
+    "toy-768": ["purple-ring", "green-triangle", "blue-cross", "orange-cross", "pink-circle", "red-diamond", "pink-diamond"],
+    "toy-64": ["purple-ring", "green-triangle", "blue-cross", "orange-cross"],
+}
+
+
+@dataclass(frozen=True)
+class Arm:
+    kind: str  # "zo", "oracle" or "ti"
+    settings: Settings = Settings()
+    search: bool = False
+
+
+ARMS = {
+    "ti": Arm("ti"),
+    "zoodip": Arm("zo"),
+    "oracle": Arm("oracle"),
+    "momentum": Arm("zo", Settings(guide_momentum=True)),
+    "guided": Arm("zo", Settings(guide_k=8)),
+    "search": Arm("zo", search=True),
+    "search+momentum": Arm("zo", Settings(guide_momentum=True), search=True),
+    "search+guided": Arm("zo", Settings(guide_k=8), search=True),
+    "no-sg": Arm("zo", Settings(subspace=False)),
+}
+
+
+class Evaluator:
+    """Scores any theta of one concept the same way (ORT, int8 bundle)."""
+
+    def __init__(self, bundle: Path, photos: list[Path], token: str, color: str, shape: str, world):
+        self.p = Personalizer(bundle, photos, token, GENERIC, settings=Settings(batch_perturbations=True), profile="cpu")
+        self.color, self.shape, self.world = color, shape, world
+        self.l_init = self.p.held_out_loss(self.p.theta0, PROBES)
+        words = world.words(color, shape)
+        self.l_words = self.p.held_out_loss(None, PROBES, words=words) if words != GENERIC else float("nan")
+        self.stop = stop_probes(self.p.config.t_low, self.p.config.t_high)  # what --steps auto reads
+
+    def __call__(self, theta: np.ndarray) -> dict:
+        images = generate_with(self.p, theta, EVAL_IMAGES, EVAL_SEED)
+        return {"loss": self.p.held_out_loss(theta, PROBES), "stop_loss": self.p.held_out_loss(theta, self.stop),
+                "norm": float(np.linalg.norm(theta)),
+                **concept_score(images, self.color, self.shape, self.world)}
+
+
+class TorchLoss:
+    """The diffusion loss of one draw in torch fp32 on the diffusers weights, differentiable in theta."""
+
+    def __init__(self, model: Path, p: Personalizer):
+        import torch
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        from zoodip_edge.export.graphs import TextEncoderFromEmbeddings
+
+        self.torch, self.p = torch, p
+        self.text = TextEncoderFromEmbeddings(CLIPTextModel.from_pretrained(model / "text_encoder")).eval()
+        self.unet = UNet2DConditionModel.from_pretrained(model / "unet").eval()
+        for m in (self.text, self.unet):
+            m.requires_grad_(False)
+
+    def __call__(self, theta, t: int, noise_seed: int):
+        torch = self.torch
+        prompt, zt, target = self.p.draw(t, noise_seed)  # the same draw the ZO arms see
+        base = self.p.text.embed(prompt, np.zeros((1, self.p.theta0.size)))
+        is_new = torch.from_numpy(self.p.text.ids(prompt) == self.p.text.token_id)
+        embeds = torch.where(is_new[None, :, None], theta.float()[None, None, :], torch.from_numpy(base))
+        pred = self.unet(torch.from_numpy(zt), torch.tensor([t]), self.text(embeds)[0]).sample
+        return torch.mean((pred.double() - torch.from_numpy(target).double()) ** 2)
+
+
+def run_arm(name: str, arm: Arm, bundle: Path, model: Path, photos, token: str, seed: int, steps: int, every: int,
+            evaluate: Evaluator, ti_lr: float, lr: float | None, mu: float | None) -> dict:
+    settings = replace(arm.settings, seed=seed, lr=lr, mu=mu, batch_perturbations=True)
+    p = Personalizer(bundle, photos, token, GENERIC, settings=settings, profile="cpu")
+    forwards, label = 0, GENERIC
+    if arm.search:
+        found = search_initializer(p, SEARCH_PROBES)
+        forwards, label = found.forwards, found.label
+        p.optimizer = ZOOptimizer(found.theta, p.config, seed)
+    per_step = p.config.n + 1 if arm.kind == "zo" else 3
+    curve = [{"step": 0, "forwards": forwards, "seconds": 0.0, **evaluate(p.theta)}]
+    train_s = 0.0
+    if arm.kind == "zo":
+        while p.step_index < steps:
+            t0 = time.perf_counter()
+            for _ in range(every):
+                p.step()
+            train_s += time.perf_counter() - t0
+            curve.append({"step": p.step_index, "forwards": forwards + per_step * p.step_index, "seconds": train_s,
+                          **evaluate(p.theta)})
+    else:
+        import torch
+
+        loss_fn = TorchLoss(model, p)
+        theta = torch.nn.Parameter(torch.tensor(p.theta0, dtype=torch.float64))
+        adam = torch.optim.Adam([theta], lr=ti_lr) if arm.kind == "ti" else None
+        opt = p.optimizer  # its stream draws t and noise (and, for the oracle, the directions)
+        for step in range(1, steps + 1):
+            t0 = time.perf_counter()
+            plan = opt.propose()
+            if adam is not None:
+                loss = loss_fn(theta, plan.t, plan.noise_seed)
+                adam.zero_grad()
+                loss.backward()
+                adam.step()
+                opt.update(plan, np.zeros(p.config.n + 1))  # advances the stream; its theta is unused
+            else:
+                x = torch.tensor(opt.theta, requires_grad=True)
+                (grad,) = torch.autograd.grad(loss_fn(x, plan.t, plan.noise_seed), x)
+                exact = plan.directions @ grad.numpy()  # exact directional derivatives
+                opt.update(plan, np.concatenate([[0.0], p.config.mu * exact]))
+            train_s += time.perf_counter() - t0
+            if step % every == 0:
+                now = theta.detach().numpy() if adam is not None else opt.theta
+                curve.append({"step": step, "forwards": per_step * step, "seconds": train_s, **evaluate(now)})
+    return {"method": name, "seed": seed, "init": label, "config": p.config.__dict__, "curve": curve}
+
+
+# ------------------------------------------------------------------ report ---------------
+
+def reach(curve: list[dict], target: float) -> dict | None:
+    return next((c for c in curve if c["score"] >= target), None)
+
+
+def _med(values: list[float]) -> str:
+    if not values:
+        return "—"
+    v = np.asarray(values, dtype=float)
+    return f"{np.median(v):.0f} [{v.min():.0f}–{v.max():.0f}]"
+
+
+def summarize(runs: list[dict], methods: list[str]) -> str:
+    ti_final = {}
+    for r in runs:
+        if r["method"] == "ti":
+            ti_final.setdefault(r["concept"], []).append(r["curve"][-1]["score"])
+    ti_loss = {(r["concept"], r["seed"]): r["curve"][-1]["loss"] for r in runs if r["method"] == "ti"}
+    lines = ["| method | runs | final score | gap closed to TI's loss | 80% of TI: reached, median steps [range] | forwards | "
+             "95% of TI: reached, median steps [range] | forwards |", "|---|---|---|---|---|---|---|---|"]
+    for m in methods:
+        rs = [r for r in runs if r["method"] == m]
+        if not rs:
+            continue
+        fin = np.array([r["curve"][-1]["score"] for r in rs])
+        gaps = [(r["curve"][0]["loss"] - r["curve"][-1]["loss"]) / (r["curve"][0]["loss"] - ti_loss[(r["concept"], r["seed"])])
+                for r in rs if (r["concept"], r["seed"]) in ti_loss
+                and r["curve"][0]["loss"] - ti_loss[(r["concept"], r["seed"])] > 1e-9]
+        cells = []
+        for frac in (0.8, 0.95):
+            hits = [reach(r["curve"], frac * np.mean(ti_final[r["concept"]])) for r in rs if r["concept"] in ti_final]
+            got = [h for h in hits if h]
+            cells += [f"{len(got)}/{len(hits)}, {_med([h['step'] for h in got])}", _med([h["forwards"] for h in got])]
+        gap = f"{np.mean(gaps):.2f} ± {np.std(gaps):.2f}" if gaps else "—"
+        lines.append(f"| {m} | {len(rs)} | {fin.mean():.2f} ± {fin.std():.2f} | {gap} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def by_step(runs: list[dict], methods: list[str]) -> str:
+    steps = sorted({c["step"] for r in runs for c in r["curve"]})
+    show = [s for s in steps if s in (0, 100, 200, 300, 500, 1000, 1500, 2000, 3000) or s == steps[-1]]
+    lines = ["| method | " + " | ".join(f"{s}" for s in show) + " |", "|---|" + "---|" * len(show)]
+    for m in methods:
+        rs = [r for r in runs if r["method"] == m]
+        if rs:
+            cells = [f"{np.mean([c['score'] for r in rs for c in r['curve'] if c['step'] == s]):.2f}" for s in show]
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def auto_stop(runs: list[dict], methods: list[str]) -> str:
+    """``--steps auto`` replayed on each run's probe readings (read at every scored step)."""
+    lines = ["| method | runs | stop step / step at 95% of the held-out gain, median [range] | within 1.3x | "
+             "score at stop - final score, mean |", "|---|---|---|---|---|"]
+    for m in methods:
+        ratios, drops = [], []
+        for r in (r for r in runs if r["method"] == m):
+            rule, stop = Plateau(), r["curve"][-1]
+            for c in r["curve"]:
+                if rule.update(c["step"], c["stop_loss"]):
+                    stop = c
+                    break
+            losses = [c["loss"] for c in r["curve"]]
+            gain = losses[0] - losses[-1]
+            at95 = next(c["step"] for c in r["curve"] if losses[0] - c["loss"] >= 0.95 * gain) if gain > 0 else 0
+            ratios.append(stop["step"] / max(at95, 1))
+            drops.append(stop["score"] - r["curve"][-1]["score"])
+        if ratios:
+            v = np.asarray(ratios)
+            lines.append(f"| {m} | {len(v)} | {np.median(v):.2f} [{v.min():.2f}–{v.max():.2f}] | {np.mean(v <= 1.3):.0%} | "
+                         f"{np.mean(drops):+.3f} |")
+    return "\n".join(lines)
+
+
+def report(runs: list[dict], methods: list[str], unnamed: set[str]) -> None:
+    groups = [("all concepts", runs), ("named concepts", [r for r in runs if r["concept"] not in unnamed]),
+              ("unnamed concepts", [r for r in runs if r["concept"] in unnamed])]
+    for title, rs in groups:
+        if rs:
+            print(f"\n**{title}** ({len({r['concept'] for r in rs})} concepts):\n")
+            print(summarize(rs, methods))
+    print("\nConcept score by step (mean over all runs):\n")
+    print(by_step(runs, methods))
+    print("\n`--steps auto` (Plateau defaults) replayed on the probe readings:\n")
+    print(auto_stop(runs, methods))
+    inits = {(r["method"], r["concept"]): r["init"] for r in runs if r["init"] != GENERIC}
+    if inits:
+        print("\nSearched starts: " + "; ".join(f"{c}: {i}" for (m, c), i in sorted(inits.items()) if m == "search"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="toy-768", choices=["toy-64", "toy-768"])
+    ap.add_argument("--concepts", nargs="+")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--every", type=int, default=100)
+    ap.add_argument("--methods", nargs="+", default=["ti", "zoodip", "oracle", "momentum", "guided", "search"],
+                    choices=list(ARMS))
+    ap.add_argument("--lr", type=float, help="ZO learning rate (default: the bundle's)")
+    ap.add_argument("--mu", type=float, help="ZO perturbation size (default: the bundle's)")
+    ap.add_argument("--ti-lr", type=float, default=5e-3)
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--report", type=Path, nargs="+", help="print the tables of saved --out files and exit")
+    a = ap.parse_args()
+    if a.report:
+        saved = [json.loads(path.read_text()) for path in a.report]
+        runs = [r for s in saved for r in s["runs"]]
+        print(f"Report of {' '.join(map(str, a.report))}; commands: " + "; ".join(f"`{' '.join(s['argv'])}`" for s in saved))
+        report(runs, list(dict.fromkeys(r["method"] for r in runs)), set(saved[0].get("unnamed", [])))
+        return
+
+    import torch
+
+    torch.set_num_threads(2)
+    toy = toy_model(a.model)
+    bundle, model = shipped_path(toy.bundle), shipped_path(toy.model)
+    concepts = a.concepts or CONCEPTS[a.model]
+    unnamed = [c for c in concepts if not all(toy.world.named(x) for x in parse_concept(c, toy.world))]
+    runs: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for concept in concepts:
+            color, shape = parse_concept(concept, toy.world)
+            token = f"<{concept}>"
+            photos = concept_photos(Path(tmp) / concept, color, shape, count=5, seed=0)
+            evaluate = Evaluator(bundle, photos, token, color, shape, toy.world)
+            for seed in a.seeds:
+                for method in a.methods:
+                    t = time.perf_counter()
+                    r = run_arm(method, ARMS[method], bundle, model, photos, token, seed, a.steps, a.every, evaluate,
+                                a.ti_lr, a.lr, a.mu)
+                    runs.append({"concept": concept, "l_words": evaluate.l_words, **r})
+                    f = r["curve"][-1]
+                    print(f"{concept} seed {seed} {method}: score {r['curve'][0]['score']:.2f} -> {f['score']:.2f}, "
+                          f"loss {r['curve'][0]['loss']:.4f} -> {f['loss']:.4f} ({time.perf_counter() - t:.0f} s)",
+                          file=sys.stderr, flush=True)
+                    if a.out:
+                        a.out.write_text(json.dumps({"argv": sys.argv, "machine": header(sys.argv), "unnamed": unnamed,
+                                                     "runs": runs}, indent=0))
+    print(header(sys.argv))
+    print(f"{a.model}: {len(concepts)} concepts x {len(a.seeds)} seeds, {a.steps} steps, scored every {a.every}; "
+          f"gradient TI Adam lr {a.ti_lr}; ZO lr {a.lr or 'bundle'}, mu {a.mu or 'bundle'}")
+    report(runs, a.methods, set(unnamed))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""Fewer steps: the toy-768 world, guided directions, the searched start, ``--steps auto``, bundle defaults."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from zoodip_edge.runtime.zo import ZOConfig, ZOOptimizer, guided_directions
+from zoodip_edge.toy.world import TOY64, TOY768, caption, concept_photos, training_set
+
+
+# ------------------------------------------------------------- the toy-768 world --------
+
+def test_unnamed_attributes_are_drawn_but_never_named():
+    images, scenes = training_set(600, seed=2, world=TOY768)
+    assert {"pink"} <= {s.color for s in scenes} and {"diamond"} <= {s.shape for s in scenes}
+    rng = np.random.default_rng(0)
+    for s in scenes:
+        words = caption(s, rng, TOY768).split()
+        assert "pink" not in words and "diamond" not in words
+        if s.shape == "diamond":
+            assert "shape" in words  # the generic word stands for it
+    _, plain = training_set(600, seed=2)
+    assert {s.color for s in plain} <= set(TOY64.colors) and {s.shape for s in plain} <= set(TOY64.shapes)
+    assert TOY768.words("pink", "diamond") == "shape" and TOY768.words("red", "diamond") == "red shape"
+    assert TOY768.words("pink", "ring") == "ring" and TOY64.words("purple", "ring") == "purple ring"
+
+
+def test_concept_score_reads_the_unnamed_color_and_shape():
+    from zoodip_edge.toy.score import read_image
+
+    images, scenes = training_set(500, seed=11, world=TOY768)
+    readings = [read_image(im, world=TOY768) for im in images]
+    for attr in ("pink", "diamond"):
+        hits = [(r.color if attr == "pink" else r.shape) == attr for r, s in zip(readings, scenes)
+                if attr in (s.color, s.shape)]
+        assert len(hits) > 20 and np.mean(hits) >= 0.95
+
+
+def test_toy64_photos_are_the_same_in_both_worlds(tmp_path):
+    a = concept_photos(tmp_path / "a", "purple", "ring", count=2, seed=3)
+    b = concept_photos(tmp_path / "b", "purple", "ring", count=2, seed=3)
+    assert [p.read_bytes() for p in a] == [p.read_bytes() for p in b]
+
+
+# ------------------------------------------------------------- guided directions --------
+
+def test_guided_directions_keep_the_trace_and_favour_the_subspace():
+    rng, d, k = np.random.default_rng(0), 64, 4
+    basis = np.linalg.qr(rng.standard_normal((d, k)))[0].T
+    e = guided_directions(rng.standard_normal((20000, d)), basis, 0.5, np.random.default_rng(1))
+    assert abs(np.mean(np.sum(e * e, axis=1)) / d - 1) < 0.02  # RGE's scale assumes trace d
+    along = np.mean((e @ basis.T) ** 2)  # per basis direction
+    assert along == pytest.approx(0.5 + 0.5 * d / k, rel=0.05)
+
+
+def _noisy_quadratic(seed: int):
+    target = np.random.default_rng(seed).standard_normal(128)
+
+    def loss(thetas, plan):
+        noise = np.random.default_rng(plan.noise_seed).standard_normal(128) * 0.3  # common to the n + 1 rows
+        return np.sum((thetas - target + noise) ** 2, axis=1)
+
+    return target, loss
+
+
+@pytest.mark.parametrize("cfg, kept", [(ZOConfig(mu=1e-2, lr=5e-2, guide_k=8), 0.5),
+                                       (ZOConfig(mu=1e-2, lr=5e-2, guide_momentum=True), 0.8)])
+def test_guided_levers_learn_and_resume_bit_identically(cfg, kept):
+    target, loss = _noisy_quadratic(0)
+    full = ZOOptimizer(np.zeros(128), cfg, seed=3)
+    for _ in range(400):
+        full.step(loss)
+    start = np.sum(target ** 2)
+    assert np.sum((full.theta - target) ** 2) < kept * start  # a no-op optimizer stays at start
+
+    half = ZOOptimizer(np.zeros(128), cfg, seed=3)
+    for _ in range(150):
+        half.step(loss)
+    half.propose()  # a checkpoint taken with a step proposed but not evaluated
+    resumed = ZOOptimizer(np.zeros(128), cfg, seed=3)
+    resumed.load_state_dict(half.state_dict())
+    for _ in range(250):
+        resumed.step(loss)
+    assert np.array_equal(resumed.theta, full.theta)
+
+
+def test_guided_levers_do_not_change_the_stream_of_draws():
+    plain = ZOOptimizer(np.zeros(32), ZOConfig(), seed=5)
+    guided = ZOOptimizer(np.zeros(32), ZOConfig(guide_k=4, guide_momentum=True), seed=5)
+    _, loss = _noisy_quadratic(1)
+    for _ in range(10):
+        a, b = plain.propose(), guided.propose()
+        assert (a.t, a.noise_seed) == (b.t, b.noise_seed)
+        plain.update(a, loss(np.pad(a.thetas, ((0, 0), (0, 96))), a))
+        guided.update(b, loss(np.pad(b.thetas, ((0, 0), (0, 96))), b))
+
+
+# ------------------------------------------------------------- --steps auto -------------
+
+def test_plateau_stops_after_the_curve_flattens_and_not_before():
+    from zoodip_edge.runtime.stopping import Plateau
+
+    steps = np.arange(0, 400, 10)
+    curve = 0.2 + 0.8 * np.exp(-steps / 40)  # 95% of the gain by step 40 ln 20 = 120
+    rule = Plateau(every=10, patience=3, min_gain=0.05)
+    stopped = next(s for s, v in zip(steps, curve) if rule.update(int(s), float(v)))
+    assert 120 <= stopped <= 1.3 * 120 + 10  # not while it still falls; soon after it flattens
+    flat = Plateau(every=10, patience=3)
+    assert not any(flat.update(i * 10, 1.0 + 0.01 * i) for i in range(20))  # never improved: run the budget
+
+
+# ------------------------------------------------------------- the searched start --------
+
+def test_searched_start_explains_the_photos_better_than_the_generic_word(tmp_path):
+    from zoodip_edge.demo import PROBES
+    from zoodip_edge.runtime.init_search import search_initializer
+    from zoodip_edge.runtime.personalize import Personalizer, Settings
+    from zoodip_edge.toy import shipped_path
+
+    photos = concept_photos(tmp_path, "green", "triangle", count=5)
+    p = Personalizer(shipped_path("bundle"), photos, "<gt>", "shape", settings=Settings(batch_perturbations=True), profile="cpu")
+    probes = [(int(t), 9000 + i) for i, t in enumerate(np.linspace(500, 899, 16))]
+    found = search_initializer(p, probes)
+    assert {"green", "triangle"} & set(found.label.split(" + "))
+    assert found.forwards > 0
+    before, after = p.held_out_loss(p.theta0, PROBES), p.held_out_loss(found.theta, PROBES)  # other probes
+    assert after < before - 0.25 * (before - p.held_out_loss(None, PROBES, words="green triangle"))
+
+
+# ------------------------------------------------------------- bundle defaults ----------
+
+def test_export_defaults_are_checked_before_any_work():
+    from zoodip_edge.errors import UserError
+    from zoodip_edge.families import defaults_for, parse_defaults
+
+    d = defaults_for("sd1", parse_defaults("lr=2e-2, mu=1e-2,tau=11,steps=1000"))
+    assert (d.lr, d.mu, d.tau, d.steps) == (2e-2, 1e-2, 11, 1000) and d.n == 2
+    for bad in ("lr", "lr=abc", "speed=3", "mu=nan", "tau=-4"):
+        with pytest.raises(UserError):
+            defaults_for("sd1", parse_defaults(bad))
+
+
+def test_cli_export_refuses_bad_defaults_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from zoodip_edge.cli import app
+
+    r = CliRunner().invoke(app, ["export", str(tmp_path / "nomodel"), "--out", str(tmp_path / "b"), "--defaults", "lr=fast"])
+    assert r.exit_code == 2 and "lr" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "b").exists()
+
+
+def test_toy_bundles_carry_the_defaults_that_suit_them():
+    from zoodip_edge.bundle import load_bundle
+    from zoodip_edge.toy import TOY_MODELS, shipped_path
+
+    for toy in TOY_MODELS.values():
+        if not shipped_path(toy.bundle).is_dir():
+            pytest.fail(f"{toy.name}'s bundle is not shipped")
+        d = load_bundle(shipped_path(toy.bundle), verify=False).manifest["defaults"]
+        assert d["steps"] < 30_000 and d["lr"] > 1e-2  # not SD1's: a small model wants larger steps

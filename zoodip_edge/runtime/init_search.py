@@ -1,0 +1,83 @@
+"""A better start for the token, found with forward passes only.
+
+Every candidate vocabulary token is scored by the diffusion loss it gives on the reference
+photos, over a fixed set of (t, noise) probes; then the mean of the best two and of the best
+three, rescaled to their members' mean norm (tokens that drift far from real tokens' norms
+were reported to slow textual inversion down), are scored the same way. The best of all wins.
+Candidates are ranked on a few probes first and the best few on all of them (successive
+halving); ``SearchResult.forwards`` counts the forward passes spent.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+WORD = re.compile(r"^[a-z]{2,}</w>$")  # a whole lower-case word in CLIP's BPE vocabulary
+
+
+@dataclass
+class SearchResult:
+    theta: np.ndarray
+    label: str  # the winning token, or "a + b (+ c)"
+    loss: float
+    forwards: int  # forward passes (one text encoder + U-Net evaluation each) spent
+    ranking: list[tuple[str, float]] = field(default_factory=list)  # the best few, loss ascending
+
+
+def word_candidates(p, limit: int | None = None) -> list[tuple[str, int]]:
+    """(word, id) of the vocabulary's whole words, in id order (CLIP's BPE lists common words early)."""
+    vocab = p.text.tok.get_vocab(with_added_tokens=False)
+    words = sorted((i, w.removesuffix("</w>")) for w, i in vocab.items() if WORD.match(w) and i < p.text.table.shape[0])
+    return [(w, i) for i, w in words[:limit]]
+
+
+def search_initializer(p, probes: Sequence[tuple[int, int]], candidates: Sequence[tuple[str, int]] | None = None,
+                       first: int = 8, finalists: int = 8, batch: int = 32, mixes: int = 3) -> SearchResult:
+    """The vocabulary token (or mix of the best few) with the lowest mean loss over ``probes``.
+
+    ``p`` is a Personalizer (its sessions, photos and prompt draws); ``probes`` are fixed
+    (t, noise seed) pairs, the same for every candidate (common random numbers). Successive
+    halving: every candidate on the ``first`` probes, the best ``finalists`` on all of them (one
+    probe's loss is too noisy to rank tokens by), then the mixes on all of them.
+    """
+    candidates = list(candidates) if candidates is not None else word_candidates(p)
+    table = p.text.table
+    rows = np.asarray([table[i] for _, i in candidates], dtype=np.float64)
+    labels = [w for w, _ in candidates]
+    head, rest = list(probes[:first]), list(probes[first:])
+    first_losses = _mean_losses(p, rows, head, batch)
+    forwards = len(rows) * len(head)
+    keep = np.argsort(first_losses)[:finalists]
+    rows, labels = rows[keep], [labels[i] for i in keep]
+    losses = first_losses[keep]
+    if rest:
+        losses = (losses * len(head) + _mean_losses(p, rows, rest, batch) * len(rest)) / len(probes)
+        forwards += len(rows) * len(rest)
+    order = np.argsort(losses)
+    mixed_rows, mixed_labels = [], []
+    for k in range(2, min(mixes, len(rows)) + 1):
+        members = rows[order[:k]]
+        mix = members.mean(axis=0)
+        mix *= np.linalg.norm(members, axis=1).mean() / max(np.linalg.norm(mix), 1e-12)
+        mixed_rows.append(mix)
+        mixed_labels.append(" + ".join(labels[i] for i in order[:k]))
+    if mixed_rows:
+        rows = np.concatenate([rows, np.asarray(mixed_rows)])
+        labels += mixed_labels
+        losses = np.concatenate([losses, _mean_losses(p, np.asarray(mixed_rows), probes, batch)])
+        forwards += len(mixed_rows) * len(probes)
+    best = int(np.argmin(losses))
+    ranking = [(labels[i], float(losses[i])) for i in np.argsort(losses)]
+    return SearchResult(rows[best].copy(), labels[best], float(losses[best]), forwards, ranking)
+
+
+def _mean_losses(p, rows: np.ndarray, probes: Sequence[tuple[int, int]], batch: int) -> np.ndarray:
+    out = np.zeros(len(rows))
+    for start in range(0, len(rows), batch):
+        chunk = rows[start:start + batch]
+        out[start:start + len(chunk)] = np.mean([p.losses(chunk, t, s) for t, s in probes], axis=0)
+    return out
