@@ -89,3 +89,11 @@ def bundle_copy(sd1_bundle, tmp_path) -> Path:
     dst = tmp_path / "bundle"
     shutil.copytree(sd1_bundle, dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory) -> Path:
+    """Four photos of a red ball (ball0.png ...)."""
+    from zoodip_edge.demo import draw_photos
+
+    return draw_photos(tmp_path_factory.mktemp("photos"))

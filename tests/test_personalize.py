@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
 from safetensors.numpy import load_file
 from typer.testing import CliRunner
 
@@ -24,16 +23,6 @@ from zoodip_edge.runtime.zo import replay, ZOConfig
 
 runner = CliRunner()
 TOKEN = "<red-ball>"
-
-
-@pytest.fixture(scope="session")
-def photos(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("photos")
-    for i in range(4):
-        im = Image.new("RGB", (96, 80), (250, 250, 245))
-        ImageDraw.Draw(im).ellipse((12 + 4 * i, 8, 70 + 4 * i, 66), fill=(220, 30, 30))
-        im.save(d / f"ball{i}.png")
-    return d
 
 
 def make(bundle, photos, **kw) -> Personalizer:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,19 +155,57 @@ def rewrite_graph(root: Path, manifest: dict[str, Any], graph: str, rewrite: Cal
     return info
 
 
-def publish(tmp: Path, out: Path, force: bool) -> None:
-    """Move a finished bundle from its temporary folder to ``out`` (replacing it if forced).
+def looks_like_bundle(path: Path) -> bool:
+    """A folder (not a link) whose manifest.json is a JSON object with a bundle's keys: what
+    ``export --force`` may replace. Files are not hashed: a damaged bundle is still ours."""
+    manifest = Path(path) / MANIFEST
+    if Path(path).is_symlink() or not Path(path).is_dir() or not manifest.is_file():
+        return False
+    try:
+        m = json.loads(manifest.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(m, dict) and all(k in m for k in ("format_version", "components", "recipe"))
 
-    The manifest is written last inside ``tmp``, so a folder without one was interrupted.
+
+def check_replaceable(out: Path, force: bool) -> None:
+    """Refuse in one line unless ``out`` is free, or is a bundle and ``force`` is given."""
+    if not os.path.lexists(out):
+        return
+    if not force:
+        raise UserError(f"{out} exists; pass --force to replace it")
+    if out.is_symlink():
+        raise UserError(f"{out} is a symbolic link, not a zoodip-edge bundle folder; it will not be replaced")
+    if not looks_like_bundle(out):
+        raise UserError(f"{out} is not a zoodip-edge bundle (no manifest.json of ours); it will not be replaced")
+
+
+def aside_pattern(out: Path) -> str:
+    """Names ``publish`` and export give their folders beside ``out``: ``.NAME.partial-PID-HEX``
+    (a bundle being written) and ``.NAME.old-PID-HEX`` (the replaced one, being removed)."""
+    return rf"\.{re.escape(out.name)}\.(?:partial|old)-(\d+)-[0-9a-f]{{12}}"
+
+
+def aside_name(out: Path, kind: str) -> Path:
+    return out.with_name(f".{out.name}.{kind}-{os.getpid()}-{secrets.token_hex(6)}")
+
+
+def publish(tmp: Path, out: Path, force: bool) -> None:
+    """Move a finished bundle from its temporary folder to ``out``, replacing it only if forced
+    and only if it is a bundle (checked again: it may have changed during the export).
+
+    The manifest is written last inside ``tmp``, so a folder without one was interrupted. The old
+    bundle goes aside under a name of our own, then is removed.
     """
-    if out.exists():
-        if not force:
-            raise UserError(f"{out} exists; pass --force to replace it")
-        old = out.with_name(out.name + ".old-zoodip")
-        if old.exists():
-            shutil.rmtree(old)
-        out.rename(old)
+    check_replaceable(out, force)
+    if not os.path.lexists(out):
         tmp.rename(out)
-        shutil.rmtree(old)
-    else:
+        return
+    old = aside_name(out, "old")
+    out.rename(old)
+    try:
         tmp.rename(out)
+    except BaseException:
+        old.rename(out)
+        raise
+    shutil.rmtree(old)

@@ -6,6 +6,7 @@ ONNX Runtime (e.g. the GPU out of memory) into one line and exit status 1.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -18,6 +19,7 @@ from typing import Callable, Optional
 import typer
 
 from .errors import UserError
+from .files import refuse_existing
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Backpropagation-free personalization (ZOODiP) of INT8 Stable Diffusion on devices.")
@@ -25,6 +27,15 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 def _err(msg: str) -> None:
     typer.echo(f"error: {msg}", err=True)
+
+
+def _check_out_folder(out: Path, writes: list[Path], force: bool) -> None:
+    """A command that fills the folder ``out`` refuses, before any work, when ``out`` is a file or
+    (without --force) already holds one of the files or folders it writes."""
+    if os.path.lexists(out) and not out.is_dir():
+        raise UserError(f"{out} is not a folder")
+    if not force:
+        refuse_existing(writes)
 
 
 _MAIN = False  # set by main(): only a real process (not an in-process test runner) restarts itself
@@ -94,15 +105,17 @@ def export(
     out: Path = typer.Option(..., "--out", "-o", help="bundle folder to write"),
     recipe: str = typer.Option("int8-cpu", help="int8-cpu | int8-cpu-fast | int8-gpu | fp16 | fp32 | w8a8-dynamic, w8a8-static (experiments)"),
     resolution: Optional[int] = typer.Option(None, help="image size in pixels (default: the model's)"),
-    force: bool = typer.Option(False, "--force", help="replace an existing output folder"),
+    force: bool = typer.Option(False, "--force", help="replace OUT if it is a zoodip-edge bundle (nothing else is replaced)"),
     allow_unfaithful: bool = typer.Option(False, "--allow-unfaithful", help="export even if the ZO fidelity gate fails"),
     config: Optional[str] = typer.Option(None, help="diffusers config folder or hub id for a single-file checkpoint"),
+    defaults: str = typer.Option("", help="ZOODiP defaults to record instead of the family's, e.g. 'lr=2e-2,mu=1e-2,tau=11,steps=1000'"),
 ) -> None:
     """Export a Stable Diffusion pipeline to a verified ONNX bundle (workstation)."""
     from .export import export_bundle
+    from .families import parse_defaults
 
     manifest = export_bundle(model, out, recipe=recipe, resolution=resolution, force=force,
-                             allow_unfaithful=allow_unfaithful, config=config,
+                             allow_unfaithful=allow_unfaithful, config=config, defaults=parse_defaults(defaults),
                              progress=lambda msg: typer.echo(f"[export] {msg}", err=True))
     v = manifest["verification"]
     typer.echo(f"exported {manifest['family']} ({recipe}) to {out}: ZO fidelity pearson {v['zo_fidelity']['pearson']:.4f}, "
@@ -162,21 +175,49 @@ def inspect(
     typer.echo(f"all {sum(1 for _ in b.files())} files match their sha256")
 
 
+def _jsonl_records(path: Path) -> list[tuple[str, dict]]:
+    """(line, record) pairs of a JSONL log up to its first unreadable line (a kill mid-write tears the last)."""
+    out = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    break
+                if not isinstance(rec, dict) or not line.endswith("\n"):
+                    break
+                out.append((line.rstrip("\n"), rec))
+    except (OSError, UnicodeDecodeError):
+        pass
+    return out
+
+
 class _JsonlLog:
     """Per-step records from which a run can be replayed (zoodip_edge.runtime.zo.replay)."""
 
     def __init__(self, path: Path, header: dict, resume_step: int | None):
-        kept = []
-        if resume_step is not None and path.exists():
-            # drop records past the checkpoint: the resumed run writes those steps again
-            for line in path.read_text().splitlines():
-                rec = json.loads(line)
-                if rec.get("type") == "start" or rec.get("step", 0) < resume_step:
-                    kept.append(line)
-        else:
-            kept.append(json.dumps(header))
-        path.write_text("".join(line + "\n" for line in kept))
+        """With ``resume_step``, the existing log (this run's: the caller checked its header) keeps
+        its records before that step: the resumed run writes the later ones again."""
+        from .files import write_atomic
+
+        kept = [json.dumps(header)]
+        if resume_step is not None:
+            kept += [line for line, rec in _jsonl_records(path)[1:] if rec.get("step", resume_step) < resume_step]
+        write_atomic(path, "".join(line + "\n" for line in kept).encode())
         self.f = open(path, "a")
+
+    @staticmethod
+    def is_runs(path: Path, header: dict) -> bool:
+        """Whether the log at ``path`` starts with ``header`` (was written by this run)."""
+        if not path.is_file():
+            return False
+        try:
+            with open(path, "rb") as f:
+                first = f.readline(1 << 24)  # a header is kilobytes; the file may be anything
+            return json.loads(first) == json.loads(json.dumps(header))
+        except (OSError, ValueError):
+            return False
 
     def write(self, record) -> None:
         self.f.write(json.dumps({"type": "step", "step": record.step, "t": record.t, "noise_seed": record.noise_seed,
@@ -223,70 +264,132 @@ def personalize(
     preview_every: int = typer.Option(0, help="write a preview image beside the checkpoint every K steps (0: off)"),
     log_jsonl: Optional[Path] = typer.Option(None, help="write one JSON record per step (replayable)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
-    force: bool = typer.Option(False, "--force", help="overwrite OUT if it exists"),
+    force: bool = typer.Option(False, "--force", help="replace OUT, the log, and a checkpoint of another run (never a file that is not a checkpoint)"),
 ) -> None:
     """Learn a token for the concept in IMAGES with forward passes only (device)."""
     from tqdm import tqdm
 
+    from .files import exclusive_lock
     from .profiles import resolve_profile
+    from .runtime.checkpoint import checkpoint_identity
     from .runtime.personalize import Personalizer, Settings
 
-    if out.exists() and not force and not resume:
-        raise UserError(f"{out} exists; pass --force to overwrite it")
-    if not out.parent.is_dir():
-        raise UserError(f"output folder does not exist: {out.parent}")
     if fmt not in ("diffusers", "a1111"):
         raise UserError(f"unknown --format {fmt!r} (diffusers or a1111)")
     ckpt = checkpoint or out.with_name(out.name + ".ckpt")
-    if resume and not ckpt.is_file():
-        raise UserError(f"--resume: no checkpoint at {ckpt}")
+    _check_personalize_paths(bundle, out, ckpt, log_jsonl)
     profile = resolve_profile(device)
     _restart_for(profile)
-    settings = Settings(n=n, mu=mu, lr=lr, tau=tau, nu=nu, t_low=t_low, t_high=t_high, subspace=not no_subspace,
-                        puts=not no_puts, seed=seed, templates=templates, batch_perturbations=batched)
-    warn = lambda msg: typer.echo(f"warning: {msg}", err=True)  # noqa: E731
-    start = None
-    if init_embedding is not None:
-        from .embeddings import load_embedding
+    with contextlib.ExitStack() as locks:
+        for path in (out, ckpt, log_jsonl):
+            if path is not None:
+                locks.enter_context(exclusive_lock(path))
+        # Everything that would be written over is checked here, before the first step.
+        if os.path.lexists(out) and not force and not resume:
+            raise UserError(f"{out} exists; pass --force to replace it")
+        theirs = checkpoint_identity(ckpt)
+        if os.path.lexists(ckpt) and theirs is None:
+            raise UserError(f"{ckpt} exists and is not a zoodip-edge checkpoint; it will not be replaced (choose another --checkpoint)")
+        if resume and theirs is None:
+            raise UserError(f"--resume: no checkpoint at {ckpt}")
+        if log_jsonl and os.path.lexists(log_jsonl) and not force and not resume:
+            raise UserError(f"{log_jsonl} exists; pass --force to replace it")
+        settings = Settings(n=n, mu=mu, lr=lr, tau=tau, nu=nu, t_low=t_low, t_high=t_high, subspace=not no_subspace,
+                            puts=not no_puts, seed=seed, templates=templates, batch_perturbations=batched)
+        warn = lambda msg: typer.echo(f"warning: {msg}", err=True)  # noqa: E731
+        start = None
+        if init_embedding is not None:
+            from .embeddings import load_embedding
 
-        _, start, _ = load_embedding(init_embedding)
-        if isinstance(start, dict) or len(start) != 1:
-            raise UserError(f"{init_embedding}: --init-embedding needs a single-vector SD1/SD2 embedding")
-    p = Personalizer(bundle, images, token, init, settings=settings, captions=captions, profile=profile, strict=strict,
-                     warn=warn, init_embedding=start)
-    total = steps if steps is not None else p.bundle.manifest["defaults"]["steps"]
-    if total < 1:
-        raise UserError("--steps must be at least 1")
-    if resume:
-        p.load_checkpoint(ckpt)
-    log = None
-    if log_jsonl:
-        header = {"type": "start", "token": token, "init": init, "seed": seed, "bundle": p.bundle.manifest_sha256,
-                  "config": dataclasses.asdict(p.config), "theta0": p.theta0.tolist()}
-        log = _JsonlLog(log_jsonl, header, p.step_index if resume else None)
-    bar = tqdm(total=total, initial=p.step_index, disable=quiet, unit="step", dynamic_ncols=True)
-    ema = None
-    try:
-        for rec in p.run(total):
-            loss = float(rec.losses[0])
-            ema = loss if ema is None else 0.98 * ema + 0.02 * loss
-            if log:
-                log.write(rec)
-            bar.set_postfix(loss=f"{ema:.4f}", t=rec.t, peak=f"{_peak_rss_mb():.0f}MB", refresh=False)
-            bar.update(1)
-            if checkpoint_every and p.step_index % checkpoint_every == 0:
-                p.save_checkpoint(ckpt)
-            if preview_every and p.step_index % preview_every == 0:
-                p.preview(ckpt.with_name(f"{out.stem}-preview-{p.step_index:06d}.png"))
-    except KeyboardInterrupt:
+            _, start, _ = load_embedding(init_embedding)
+            if isinstance(start, dict) or len(start) != 1:
+                raise UserError(f"{init_embedding}: --init-embedding needs a single-vector SD1/SD2 embedding")
+        p = Personalizer(bundle, images, token, init, settings=settings, captions=captions, profile=profile, strict=strict,
+                         warn=warn, init_embedding=start)
+        total = steps if steps is not None else p.bundle.manifest["defaults"]["steps"]
+        if total < 1:
+            raise UserError("--steps must be at least 1")
+        if theirs is not None:
+            diff = p.identity_differences(theirs)
+            if diff and (resume or not force):
+                raise UserError(f"checkpoint {ckpt} belongs to a different run (differs in: {', '.join(diff)})"
+                                f"{'' if resume else '; pass --force to replace it'}")
+            if not diff and not resume and not force:
+                raise UserError(f"{ckpt} is this run's checkpoint; pass --resume to continue or --force to start over")
+        if resume and os.path.lexists(out) and not force and not _embedding_of(out, p):
+            raise UserError(f"{out} exists and is not this run's embedding; pass --force to replace it")
+        if resume:
+            p.load_checkpoint(ckpt)
+        previews = [ckpt.with_name(f"{out.stem}-preview-{s:06d}.png")
+                    for s in range(p.step_index + 1, total + 1) if preview_every and s % preview_every == 0]
+        if not force and not resume:
+            refuse_existing(previews)
+        log = None
+        if log_jsonl:
+            header = {"type": "start", "token": token, "init": init, "seed": seed, "bundle": p.bundle.manifest_sha256,
+                      "config": dataclasses.asdict(p.config), "theta0": p.theta0.tolist()}
+            keep = resume and os.path.lexists(log_jsonl) and _JsonlLog.is_runs(log_jsonl, header)
+            if resume and os.path.lexists(log_jsonl) and not keep and not force:
+                raise UserError(f"{log_jsonl} is not this run's log (its start record differs); pass --force to replace it")
+            log = _JsonlLog(log_jsonl, header, p.step_index if keep else None)
+        bar = tqdm(total=total, initial=p.step_index, disable=quiet, unit="step", dynamic_ncols=True)
+        ema = None
+        try:
+            for rec in p.run(total):
+                loss = float(rec.losses[0])
+                ema = loss if ema is None else 0.98 * ema + 0.02 * loss
+                if log:
+                    log.write(rec)
+                bar.set_postfix(loss=f"{ema:.4f}", t=rec.t, peak=f"{_peak_rss_mb():.0f}MB", refresh=False)
+                bar.update(1)
+                if checkpoint_every and p.step_index % checkpoint_every == 0:
+                    p.save_checkpoint(ckpt)
+                if preview_every and p.step_index % preview_every == 0:
+                    p.preview(ckpt.with_name(f"{out.stem}-preview-{p.step_index:06d}.png"))
+        except KeyboardInterrupt:
+            bar.close()
+            p.save_checkpoint(ckpt)
+            _err(f"interrupted at step {p.step_index}; checkpoint saved to {ckpt}; continue with --resume")
+            raise typer.Exit(130) from None
         bar.close()
         p.save_checkpoint(ckpt)
-        _err(f"interrupted at step {p.step_index}; checkpoint saved to {ckpt}; continue with --resume")
-        raise typer.Exit(130) from None
-    bar.close()
-    p.save_checkpoint(ckpt)
-    p.save(out, fmt=fmt)
+        p.save(out, fmt=fmt)
     typer.echo(f"learned {token} in {p.step_index} steps (final loss {p.last_loss:.4f}, peak RSS {_peak_rss_mb():.0f} MB): {out}")
+
+
+def _check_personalize_paths(bundle: Path, out: Path, ckpt: Path, log: Path | None) -> None:
+    """Refuse output paths that are folders, that name one file twice, or that lie in the bundle."""
+    seen: dict[Path, str] = {}
+    for opt, path in {"--out": out, "--checkpoint": ckpt, "--log-jsonl": log}.items():
+        if path is None:
+            continue
+        if path.is_dir():
+            raise UserError(f"{opt} {path} is a folder; it must name a file")
+        real = path.resolve()
+        if real in seen:
+            raise UserError(f"{seen[real]} and {opt} name the same file ({path})")
+        if bundle.is_dir() and real.is_relative_to(bundle.resolve()):
+            raise UserError(f"{opt} {path} is inside the bundle folder {bundle}; write outside it")
+        seen[real] = opt
+    if out.suffix.lower() != ".safetensors":
+        raise UserError(f"embeddings are written as safetensors: name --out *.safetensors, not {out.name}")
+    if not out.parent.is_dir():
+        raise UserError(f"output folder does not exist: {out.parent}")
+
+
+def _embedding_of(path: Path, p) -> bool:
+    """Whether the embedding file at ``path`` was written by the run of ``p`` (its provenance says so)."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), "np") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError):
+        return False
+    mine = p.provenance()
+    return all(meta.get(k) == mine[k] for k in ("token", "init", "bundle_manifest_sha256", "seed", "images"))
 
 
 @app.command()
@@ -306,13 +409,17 @@ def generate(
     device: str = typer.Option("auto", help="device profile (see `zoodip-edge devices`)"),
     strict: bool = typer.Option(False, "--strict", help="refuse to fall back to CPU"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+    force: bool = typer.Option(False, "--force", help="replace images in OUT that have the names this run writes (NNNN-NN.png, grid.png)"),
 ) -> None:
     """Generate images with the bundle, optionally using learned tokens (device)."""
     from tqdm import tqdm
 
+    from .files import save_image
     from .profiles import resolve_profile
     from .runtime.generate import Generator, grid
 
+    names = [f"{seed:04d}-{i:02d}.png" for i in range(n)] + ["grid.png"]
+    _check_out_folder(out, [out / name for name in names], force)
     profile = resolve_profile(device)
     _restart_for(profile)
     warn = lambda msg: typer.echo(f"warning: {msg}", err=True)  # noqa: E731
@@ -322,9 +429,8 @@ def generate(
     images = g.generate(prompt, negative_prompt=negative_prompt, n=n, steps=steps, guidance=guidance, seed=seed,
                         scheduler=scheduler, tile=tile, progress=lambda i, total: bar.update(1))
     bar.close()
-    for i, im in enumerate(images):
-        im.save(out / f"{seed:04d}-{i:02d}.png")
-    grid(images).save(out / "grid.png")
+    for name, im in zip(names, [*images, grid(images)]):
+        save_image(im, out / name)
     typer.echo(f"wrote {len(images)} image(s) and grid.png to {out}")
 
 
@@ -335,13 +441,13 @@ def convert(
     dst: Path = typer.Argument(..., help="output .safetensors file"),
     fmt: str = typer.Option("diffusers", "--format", help="diffusers | a1111"),
     token: Optional[str] = typer.Option(None, help="token name (default: the one in SRC, or its file name)"),
-    force: bool = typer.Option(False, "--force", help="overwrite DST"),
+    force: bool = typer.Option(False, "--force", help="replace DST if it exists"),
 ) -> None:
     """Convert a learned embedding between diffusers and A1111 layouts (no pickle code is run)."""
     from .embeddings import load_embedding, save_embedding
 
-    if dst.exists() and not force:
-        raise UserError(f"{dst} exists; pass --force to overwrite it")
+    if not force:
+        refuse_existing([dst])
     name, vec, meta = load_embedding(src)
     tok = token or name or src.stem
     save_embedding(dst, tok, vec, {k: v for k, v in meta.items() if k != "name"}, fmt=fmt)
@@ -368,20 +474,23 @@ def evaluate(
     device: str = typer.Option("auto", help="--all: device profile"),
     clip: str = typer.Option("openai/clip-vit-base-patch32", help="CLIP model id or local folder (CLIP-I, CLIP-T)"),
     dino: str = typer.Option("facebook/dinov2-base", help="DINOv2 model id or local folder (DINO)"),
+    force: bool = typer.Option(False, "--force", help="replace results.json, results.md and (with --all) images/ in OUT"),
 ) -> None:
     """Score generated images with the paper's CLIP-I, CLIP-T and DINO (needs the eval extra)."""
     from .evaluate import evaluate_images, load_image_folder, write_report
+    from .files import save_image
 
-    refs = load_image_folder(references)
     if run_all == (generated is not None):
         raise UserError("give either --generated with --prompt, or --all with --bundle and --embedding")
+    if generated is not None and not prompt:
+        raise UserError("--generated needs --prompt (the prompt those images were made with)")
+    if run_all and (bundle is None or embedding is None):
+        raise UserError("--all needs --bundle and --embedding")
+    _check_out_folder(out, [out / "results.json", out / "results.md", *([out / "images"] if run_all else [])], force)
+    refs = load_image_folder(references)
     if generated is not None:
-        if not prompt:
-            raise UserError("--generated needs --prompt (the prompt those images were made with)")
         gen = {prompt: load_image_folder(generated)}
     else:
-        if bundle is None or embedding is None:
-            raise UserError("--all needs --bundle and --embedding")
         from .prompts import dreambooth_prompts
         from .runtime.generate import Generator
 
@@ -395,7 +504,7 @@ def evaluate(
                 folder = out / "images" / f"{i:02d}"
                 folder.mkdir(parents=True, exist_ok=True)
                 for j, im in enumerate(gen[p]):
-                    im.save(folder / f"{j:02d}.png")
+                    save_image(im, folder / f"{j:02d}.png")
     results = evaluate_images(gen, refs, class_word=class_word, token=token, clip=clip, dino=dino)
     out.mkdir(parents=True, exist_ok=True)
     write_report(results, out / "results.json", out / "results.md")
@@ -421,25 +530,34 @@ def devices() -> None:
 @cli_errors
 def demo(
     out: Path = typer.Option(Path("zoodip-demo"), "--out", "-o", help="folder for the photos, images, curve and embedding"),
-    steps: int = typer.Option(1000, help="personalization steps"),
+    steps: Optional[int] = typer.Option(None, help="personalization steps (default: the toy bundle's, 1000 for toy-64)"),
     seed: int = typer.Option(0, help="random seed"),
     concept: str = typer.Option("purple-ring", help="color-shape of the toy world to learn, e.g. green-triangle"),
+    model: str = typer.Option("toy-64", help="toy-64 (64-d tokens, under a minute) | toy-768 (CLIP-L-wide 768-d tokens)"),
     images: int = typer.Option(16, help="images generated before and after (the concept score's sample)"),
+    force: bool = typer.Option(False, "--force", help="replace an earlier demo's outputs in OUT (learned_embeds.safetensors, grid.png, loss.png, photos/)"),
 ) -> None:
     """Learn a concept on the shipped toy model and show it: grid.png, loss.png, one line of figures."""
     from tqdm import tqdm
 
-    from .demo import run_demo
+    from .demo import check_out, demo_steps, run_demo
 
+    check_out(out, force)  # before the progress bar draws
+    steps = steps if steps is not None else demo_steps(model)
+    if steps < 1:
+        raise UserError("--steps must be at least 1")
     with tqdm(total=steps, desc="ZOODiP", unit="step", leave=False) as bar:
         r = run_demo(out, steps=steps, seed=seed, concept=concept, images=images,
                      say=lambda msg: tqdm.write(f"[demo] {msg}", file=sys.stderr),
-                     progress=lambda i, n: bar.update(i - bar.n))
+                     progress=lambda i, n: bar.update(i - bar.n), force=force, model=model)
     b, a = r["score_before"], r["score_after"]
+    if r["gap_closed"] == r["gap_closed"]:  # not NaN: the words explain the photos better than the initializer
+        held = f"held-out loss closed {100 * r['gap_closed']:.0f}% of the gap to the words '{r['words']}'"
+    else:
+        held = f"held-out loss {r['loss_init']:.4f} -> {r['loss_after']:.4f} (the words '{r['words']}': {r['loss_words']:.4f})"
     typer.echo(f"{r['token']} ({r['concept']}): concept score {b['score']:.2f} -> {a['score']:.2f} "
                f"(color {b['color']:.2f} -> {a['color']:.2f}, shape {b['shape']:.2f} -> {a['shape']:.2f}; "
-               f"{images} images read from pixels); held-out loss closed {100 * r['gap_closed']:.0f}% of the gap "
-               f"to the words '{r['concept']}' in {r['steps']} steps ({r['seconds']:.0f} s); {r['grid']}")
+               f"{images} images read from pixels); {held} in {r['steps']} steps ({r['seconds']:.0f} s); {r['grid']}")
 
 
 def main() -> None:

@@ -18,21 +18,20 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .errors import UserError
-from .toy.world import COLORS, GENERIC, SHAPES
+from .files import refuse_existing
+from .toy.world import GENERIC, TOY64, World
 
 DEFAULT_CONCEPT = "purple-ring"
-# The toy text encoder's tokens are 64-d, not CLIP-L's 768: a larger step and perturbation
-# than the SD defaults, and an SG buffer at the paper's tau/d ratio (128/768 -> 11 of 64);
-# at tau = 128 > d, SG holds the token back (measured in docs/toy.md).
-DEMO_LR, DEMO_MU, DEMO_TAU = 2e-2, 1e-2, 11
+# Hyperparameters (lr, mu, tau, steps) come from the toy bundle's manifest, which records the
+# ones that suit its model (docs/toy.md): the 64-d toy wants a larger step than SD1's defaults.
 PROBES = [(int(t), 1000 + i) for i, t in enumerate(np.linspace(500, 899, 16))]
 
 
-def parse_concept(concept: str) -> tuple[str, str]:
+def parse_concept(concept: str, world: World = TOY64) -> tuple[str, str]:
     color, _, shape = concept.partition("-")
-    if color not in COLORS or shape not in SHAPES:
-        raise UserError(f"concept {concept!r} is not color-shape with a color of {', '.join(COLORS)} "
-                        f"and a shape of {', '.join(SHAPES)}")
+    if color not in world.colors or shape not in world.shapes:
+        raise UserError(f"concept {concept!r} is not color-shape with a color of {', '.join(world.colors)} "
+                        f"and a shape of {', '.join(world.shapes)} ({world.name})")
     return color, shape
 
 
@@ -44,21 +43,45 @@ def generate_with(p, theta: np.ndarray, n: int, seed: int, steps: int = 20, guid
     return g.generate(f"a photo of a {p.token}", n=n, steps=steps, guidance=guidance, seed=seed)
 
 
-def run_demo(out: Path, steps: int = 1000, seed: int = 0, concept: str = DEFAULT_CONCEPT, images: int = 16,
+#: What a demo writes in its folder; a rerun replaces them only when forced.
+OUTPUTS = ("learned_embeds.safetensors", "grid.png", "loss.png", "photos")
+
+
+def check_out(out: Path, force: bool) -> None:
+    """Refuse, before any work, a folder that is a file or (without ``force``) holds a demo's outputs."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is not a folder")
+    if not force:
+        refuse_existing(out / name for name in OUTPUTS)
+
+
+def demo_steps(model: str) -> int:
+    """The steps the toy bundle's manifest recommends for its model."""
+    from .bundle import load_bundle
+    from .toy import shipped_path, toy_model
+
+    return int(load_bundle(shipped_path(toy_model(model).bundle), verify=False).manifest["defaults"]["steps"])
+
+
+def run_demo(out: Path, steps: int | None = None, seed: int = 0, concept: str = DEFAULT_CONCEPT, images: int = 16,
              say: Callable[[str], None] = lambda s: None,
-             progress: Callable[[int, int], None] | None = None) -> dict:
+             progress: Callable[[int, int], None] | None = None, force: bool = False, model: str = "toy-64") -> dict:
     from .runtime.personalize import Personalizer, Settings
-    from .toy import shipped_path
+    from .toy import shipped_path, toy_model
     from .toy.score import concept_score
     from .toy.world import concept_photos
 
-    color, shape = parse_concept(concept)
+    toy = toy_model(model)
+    color, shape = parse_concept(concept, toy.world)
+    steps = steps if steps is not None else demo_steps(model)
     out = Path(out)
+    check_out(out, force)
     out.mkdir(parents=True, exist_ok=True)
     photos = concept_photos(out / "photos", color, shape, count=5, seed=seed)
     token = f"<{color}-{shape}>"
-    settings = Settings(seed=seed, lr=DEMO_LR, mu=DEMO_MU, tau=DEMO_TAU, batch_perturbations=True)  # tiny model: batching is cheap
-    p = Personalizer(shipped_path("bundle"), photos, token, GENERIC, settings=settings, profile="cpu")
+    settings = Settings(seed=seed, batch_perturbations=True)  # tiny model: batching is cheap
+    p = Personalizer(shipped_path(toy.bundle), photos, token, GENERIC, settings=settings, profile="cpu")
     say(f"generating {images} images of 'a photo of a {token}' with the token at its initializer '{GENERIC}'")
     before_images = generate_with(p, p.theta0, images, seed)
     say(f"personalizing {token} on {len(photos)} reference photos for {steps} ZOODiP steps")
@@ -74,15 +97,17 @@ def run_demo(out: Path, steps: int = 1000, seed: int = 0, concept: str = DEFAULT
             progress(done, steps)
     seconds = time.perf_counter() - start
     after_images = generate_with(p, p.theta, images, seed)
-    words_loss = p.held_out_loss(None, PROBES, words=f"{color} {shape}")
-    before, after = concept_score(before_images, color, shape), concept_score(after_images, color, shape)
+    words = toy.world.words(color, shape)  # for an unnamed attribute, the best the vocabulary can say
+    words_loss = p.held_out_loss(None, PROBES, words=words)
+    before = concept_score(before_images, color, shape, toy.world)
+    after = concept_score(after_images, color, shape, toy.world)
     p.save(out / "learned_embeds.safetensors")
     save_grid(out / "grid.png", [Image.open(x) for x in photos], before_images, after_images)
     save_curve(out / "loss.png", curve, held, words_loss)
     gap = held[0][1] - words_loss
-    return {"concept": f"{color} {shape}", "token": token, "steps": steps, "seconds": seconds,
+    return {"concept": f"{color} {shape}", "model": toy.name, "token": token, "steps": steps, "seconds": seconds,
             "score_before": before, "score_after": after, "loss_init": held[0][1], "loss_after": held[-1][1],
-            "loss_words": words_loss, "gap_closed": (held[0][1] - held[-1][1]) / gap if gap > 0 else float("nan"),
+            "words": words, "loss_words": words_loss, "gap_closed": (held[0][1] - held[-1][1]) / gap if gap > 0 else float("nan"),
             "embedding": str(out / "learned_embeds.safetensors"), "grid": str(out / "grid.png"), "curve": str(out / "loss.png")}
 
 

@@ -30,6 +30,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from .errors import UserError
+from .files import write_atomic
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 DEFAULT_DINO = "facebook/dinov2-base"
@@ -354,7 +355,7 @@ def write_report(results: dict, json_path: str | Path | None, md_path: str | Pat
     if json_path is not None:
         jp = Path(json_path)
         jp.parent.mkdir(parents=True, exist_ok=True)
-        jp.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+        write_atomic(jp, (json.dumps(results, indent=2, ensure_ascii=False) + "\n").encode())
     if md_path is None:
         return
     lines = ["# Personalization metrics", ""]
@@ -377,4 +378,4 @@ def write_report(results: dict, json_path: str | Path | None, md_path: str | Pat
     lines.append("")
     mp = Path(md_path)
     mp.parent.mkdir(parents=True, exist_ok=True)
-    mp.write_text("\n".join(lines))
+    write_atomic(mp, "\n".join(lines).encode())

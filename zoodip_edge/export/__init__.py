@@ -14,7 +14,6 @@ import gc
 import logging
 import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -86,6 +85,19 @@ def _proto_size_ok(model) -> bool:
         return False
 
 
+def _model_inside(out: Path, model: str, config: str | None) -> Path | None:
+    """The local model file or folder (or --config folder) that ``out`` is or contains, if any:
+    compared both as written and with links resolved."""
+    for given in (model, config):
+        if not given or not Path(given).expanduser().exists():
+            continue  # a hub id
+        src = Path(given).expanduser()
+        for a, b in ((out.resolve(), src.resolve()), (Path(os.path.abspath(out)), Path(os.path.abspath(src)))):
+            if a == b or a in b.parents:
+                return src
+    return None
+
+
 def export_bundle(
     model: str,
     out: str | Path,
@@ -95,12 +107,38 @@ def export_bundle(
     allow_unfaithful: bool = False,
     config: str | None = None,
     progress: Progress | None = None,
+    defaults: dict | None = None,
 ) -> dict:
     """Export ``model`` to a bundle folder at ``out``; returns the manifest.
 
     Writes into a temporary sibling folder and renames at the end, so an interrupted export
-    never leaves a folder that looks like a bundle. Raises UserError on bad input or a failed gate.
+    never leaves a folder that looks like a bundle. ``force`` replaces only an existing bundle,
+    never the model itself or a folder holding it. Holds a lock on ``out`` while it works.
+    ``defaults`` overrides the family's ZOODiP defaults that the manifest records (and the ZO
+    fidelity gate's mu), for a model that wants others (the toy models). Raises UserError on bad
+    input or a failed gate.
     """
+    from ..bundle import check_replaceable
+    from ..families import defaults_for
+    from ..files import exclusive_lock
+
+    if recipe not in RECIPES:
+        raise UserError(f"unknown recipe {recipe!r} (choose from {', '.join(RECIPES)})")
+    defaults_for("sd1", defaults)  # bad keys or values fail before the model loads
+    out = Path(os.path.abspath(out))  # "." or "x/.." would have no name for the siblings made beside it
+    src = _model_inside(out, model, config)
+    if src is not None:
+        raise UserError(f"{out} is or contains the model being exported ({src}); choose another --out")
+    if not out.parent.exists():
+        raise UserError(f"output parent folder does not exist: {out.parent}")
+    with exclusive_lock(out):
+        check_replaceable(out, force)
+        return _export(model, out, recipe, resolution, force, allow_unfaithful, config, progress or (lambda msg: None),
+                       defaults)
+
+
+def _export(model: str, out: Path, recipe: str, resolution: int | None, force: bool, allow_unfaithful: bool,
+            config: str | None, say: Progress, defaults_override: dict | None = None) -> dict:
     import numpy as np
     import onnx
     import onnxruntime
@@ -108,24 +146,16 @@ def export_bundle(
     from safetensors.numpy import save_file
 
     from .. import __version__
-    from ..bundle import FORMAT_VERSION, file_entry, publish, write_manifest
+    from ..bundle import FORMAT_VERSION, aside_name, aside_pattern, file_entry, publish, write_manifest
     from ..families import defaults_for
+    from ..files import remove_stale
     from . import verify
     from .attention import fuse_attention
     from .graphs import calibration_feeds, export_graph, graph_specs, vae_scale_factor
     from .load import load_pipeline
     from .quantize import quantize
 
-    say = progress or (lambda msg: None)
-    if recipe not in RECIPES:
-        raise UserError(f"unknown recipe {recipe!r} (choose from {', '.join(RECIPES)})")
     rec = RECIPES[recipe]
-    out = Path(out)
-    if out.exists() and not force:
-        raise UserError(f"{out} exists; pass --force to replace it")
-    if not out.parent.exists():
-        raise UserError(f"output parent folder does not exist: {out.parent}")
-
     say(f"loading {model}")
     with _quiet():
         p = load_pipeline(model, config=config)
@@ -136,7 +166,9 @@ def export_bundle(
     latent = resolution // scale
     specs = graph_specs(p, resolution)
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    remove_stale(out.parent, aside_pattern(out), folders=True)  # left by exports that were killed
+    tmp = aside_name(out, "partial")
+    tmp.mkdir()
     try:
         components, quant_info = {}, {}
         for spec in specs:
@@ -176,7 +208,7 @@ def export_bundle(
         fast.enable_padding(length=max_len, pad_id=p.tokenizer.pad_token_id, pad_token=p.tokenizer.pad_token)
         fast.save(str(tmp / "tokenizer.json"))
 
-        defaults = defaults_for(p.family).to_dict()
+        defaults = defaults_for(p.family, defaults_override).to_dict()
         say(f"verifying against torch fp32 (ZO fidelity at mu {defaults['mu']:g})")
         with _quiet():
             v = verify.run_gates(p, specs, {s.name: tmp / components[s.name]["path"] for s in specs},

@@ -44,6 +44,24 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     write_atomic(Path(path), save(arrays, metadata={"zoodip_edge_checkpoint": json.dumps(tree)}))
 
 
+def checkpoint_identity(path: Path) -> dict[str, Any] | None:
+    """The run identity a zoodip-edge checkpoint at ``path`` records ({} if it records none), or
+    None if ``path`` is not one. Reads only the file's header, whatever the file is."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), "np") as f:
+            meta = f.metadata() or {}
+        tree = json.loads(meta["zoodip_edge_checkpoint"])
+        identity = json.loads(tree["identity"]) if isinstance(tree, dict) and "identity" in tree else {}
+    except (SafetensorError, KeyError, TypeError, ValueError, OSError):
+        return None
+    return identity if isinstance(identity, dict) else {}
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():

@@ -25,9 +25,11 @@ import numpy as np
 from .. import __version__
 from ..bundle import Bundle, load_bundle
 from ..errors import UserError
+from ..files import save_image
 from .checkpoint import load_checkpoint, save_checkpoint
 from .diffusion import alphas_cumprod, noisy_and_target
 from .sessions import BundleSessions, return_free_memory
+from .stopping import Plateau, stop_probes
 from .text import TEMPLATES, PromptEncoder, mmap_safetensors
 from .zo import StepRecord, ZOConfig, ZOOptimizer
 
@@ -50,15 +52,21 @@ class Settings:
     seed: int = 0
     templates: str = "object"  # textual-inversion templates when no captions are given
     batch_perturbations: bool | None = None  # None: the device profile decides
+    guide_momentum: bool | None = None  # guided directions (zo.py); None: the bundle's default, else off
+    guide_k: int | None = None
+    guide_alpha: float | None = None
 
     def zo_config(self, defaults: dict, num_train_timesteps: int) -> ZOConfig:
-        pick = lambda k: getattr(self, k) if getattr(self, k) is not None else defaults[k]  # noqa: E731
+        base = ZOConfig()  # for what a bundle's defaults do not name (bundles before guided directions)
+        pick = lambda k: getattr(self, k) if getattr(self, k) is not None else defaults.get(k, getattr(base, k))  # noqa: E731
         t_low, t_high = (pick("t_low"), pick("t_high")) if self.puts else (0, num_train_timesteps)
         if not 0 <= t_low < t_high <= num_train_timesteps:
             raise UserError(f"timestep range [{t_low}, {t_high}) is not inside [0, {num_train_timesteps})")
         cfg = ZOConfig(n=pick("n"), mu=pick("mu"), lr=pick("lr"), tau=pick("tau"), nu=pick("nu"),
-                       t_low=t_low, t_high=t_high, subspace=self.subspace)
-        if cfg.n < 1 or cfg.mu <= 0 or cfg.lr <= 0 or cfg.tau < 2 or not 0 <= cfg.nu < 1:
+                       t_low=t_low, t_high=t_high, subspace=self.subspace, guide_momentum=bool(pick("guide_momentum")),
+                       guide_k=int(pick("guide_k")), guide_alpha=pick("guide_alpha"))
+        if (cfg.n < 1 or not 0 < cfg.mu < float("inf") or not 0 < cfg.lr < float("inf") or cfg.tau < 2
+                or not 0 <= cfg.nu < 1 or cfg.guide_k < 0 or not 0 < cfg.guide_alpha <= 1):
             raise UserError(f"invalid hyperparameters: {cfg}")
         return cfg
 
@@ -134,6 +142,7 @@ class Personalizer:
 
         self.optimizer = ZOOptimizer(theta0, self.config, settings.seed)
         self.last_loss: float | None = None
+        self.stopped_early = False  # set by run() when --steps auto stopped it
 
     # ------------------------------------------------------------------ data ----------
     def _encode(self, loaded: list[tuple[str, np.ndarray]], caps: dict[str, str] | None) -> list[Example]:
@@ -215,10 +224,18 @@ class Personalizer:
         return_free_memory()  # the step's freed activations, before the next one allocates again
         return record
 
-    def run(self, steps: int) -> Iterator[StepRecord]:
-        """Step until ``steps`` steps are done in total (counting resumed ones); stop iterating to cancel."""
+    def run(self, steps: int, stop: Plateau | None = None) -> Iterator[StepRecord]:
+        """Step until ``steps`` steps are done in total (counting resumed ones), or until ``stop``
+        (``--steps auto``) sees the held-out probes stop improving; stop iterating to cancel."""
+        probes = stop_probes(self.config.t_low, self.config.t_high) if stop else []
+        if stop and not stop.readings:
+            stop.update(self.step_index, self.held_out_loss(self.theta, probes))
         while self.optimizer.step_index < steps:
-            yield self.step()
+            record = self.step()
+            yield record
+            if stop and self.step_index % stop.every == 0 and stop.update(self.step_index, self.held_out_loss(self.theta, probes)):
+                self.stopped_early = True
+                return
 
     def preview(self, path: str | Path, steps: int = 20, seed: int = 0) -> None:
         """Render one image of the first caption/template with the current θ (sessions are shared)."""
@@ -228,7 +245,7 @@ class Personalizer:
         prompt = (self.examples[0].caption or templates[0]).replace("{}", self.token)
         g = Generator(self.bundle, profile=self.profile, sessions=self.sessions,
                       extra_tokens=[(self.token, self.theta[None])])
-        g.generate(prompt, steps=steps, seed=seed)[0].save(path)
+        save_image(g.generate(prompt, steps=steps, seed=seed)[0], Path(path))
 
     # ------------------------------------------------------------------ files ---------
     def provenance(self) -> dict[str, str]:
@@ -256,11 +273,14 @@ class Personalizer:
                                      "optimizer": self.optimizer.state_dict(), "last_loss": self.last_loss,
                                      "theta0": self.theta0})
 
+    def identity_differences(self, identity: dict[str, Any]) -> list[str]:
+        """What makes a checkpoint's recorded ``identity`` another run's (empty: this run's)."""
+        mine = self._identity()
+        return [k for k in mine if mine[k] != identity.get(k)]
+
     def load_checkpoint(self, path: str | Path) -> None:
         state = load_checkpoint(Path(path))
-        mine = self._identity()
-        theirs = json.loads(state["identity"])
-        diff = [k for k in mine if mine[k] != theirs.get(k)]
+        diff = self.identity_differences(json.loads(state["identity"]))
         if diff:
             raise UserError(f"checkpoint {path} belongs to a different run (differs in: {', '.join(diff)})")
         self.optimizer.load_state_dict(state["optimizer"])
