@@ -38,7 +38,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import header  # noqa: E402
 
 from zoodip_edge.demo import PROBES, generate_with, parse_concept  # noqa: E402
-from zoodip_edge.runtime.init_search import search_initializer  # noqa: E402
 from zoodip_edge.runtime.personalize import Personalizer, Settings  # noqa: E402
 from zoodip_edge.runtime.stopping import Plateau, stop_probes  # noqa: E402
 from zoodip_edge.runtime.zo import ZOOptimizer  # noqa: E402
@@ -47,8 +46,7 @@ from zoodip_edge.toy.score import concept_score  # noqa: E402
 from zoodip_edge.toy.world import GENERIC, concept_photos  # noqa: E402
 
 EVAL_IMAGES, EVAL_SEED = 16, 1234
-# The start's search probes: across PUTS's range, with noise seeds the evaluation's probes do not use.
-SEARCH_PROBES = [(int(t), 9000 + i) for i, t in enumerate(np.linspace(500, 899, 32))]
+PROFILE = "cpu"  # or a copy with fewer threads (--threads), so that runs can share the cores
 CONCEPTS = {
     "toy-768": ["purple-ring", "green-triangle", "blue-cross", "orange-cross", "pink-circle", "red-diamond", "pink-diamond"],
     "toy-64": ["purple-ring", "green-triangle", "blue-cross", "orange-cross"],
@@ -72,6 +70,7 @@ ARMS = {
     "search+momentum": Arm("zo", Settings(guide_momentum=True), search=True),
     "search+guided": Arm("zo", Settings(guide_k=8), search=True),
     "no-sg": Arm("zo", Settings(subspace=False)),
+    "search-lr1e-3": Arm("zo", Settings(lr=1e-3), search=True),  # smaller steps from a good start
 }
 
 
@@ -79,7 +78,7 @@ class Evaluator:
     """Scores any theta of one concept the same way (ORT, int8 bundle)."""
 
     def __init__(self, bundle: Path, photos: list[Path], token: str, color: str, shape: str, world):
-        self.p = Personalizer(bundle, photos, token, GENERIC, settings=Settings(batch_perturbations=True), profile="cpu")
+        self.p = Personalizer(bundle, photos, token, GENERIC, settings=Settings(batch_perturbations=True), profile=PROFILE)
         self.color, self.shape, self.world = color, shape, world
         self.l_init = self.p.held_out_loss(self.p.theta0, PROBES)
         words = world.words(color, shape)
@@ -121,13 +120,13 @@ class TorchLoss:
 
 def run_arm(name: str, arm: Arm, bundle: Path, model: Path, photos, token: str, seed: int, steps: int, every: int,
             evaluate: Evaluator, ti_lr: float, lr: float | None, mu: float | None) -> dict:
-    settings = replace(arm.settings, seed=seed, lr=lr, mu=mu, batch_perturbations=True)
-    p = Personalizer(bundle, photos, token, GENERIC, settings=settings, profile="cpu")
+    settings = replace(arm.settings, seed=seed, lr=arm.settings.lr if lr is None else lr,
+                       mu=arm.settings.mu if mu is None else mu, batch_perturbations=True, search_init=arm.search)
+    p = Personalizer(bundle, photos, token, GENERIC, settings=settings, profile=PROFILE)
     forwards, label = 0, GENERIC
     if arm.search:
-        found = search_initializer(p, SEARCH_PROBES)
+        found = p.search_start()
         forwards, label = found.forwards, found.label
-        p.optimizer = ZOOptimizer(found.theta, p.config, seed)
     per_step = p.config.n + 1 if arm.kind == "zo" else 3
     curve = [{"step": 0, "forwards": forwards, "seconds": 0.0, **evaluate(p.theta)}]
     train_s = 0.0
@@ -220,25 +219,29 @@ def by_step(runs: list[dict], methods: list[str]) -> str:
 
 def auto_stop(runs: list[dict], methods: list[str]) -> str:
     """``--steps auto`` replayed on each run's probe readings (read at every scored step)."""
+    every = min(c["step"] for r in runs for c in r["curve"] if c["step"] > 0)
     lines = ["| method | runs | stop step / step at 95% of the held-out gain, median [range] | within 1.3x | "
-             "score at stop - final score, mean |", "|---|---|---|---|---|"]
+             "score kept - score at the end of the budget, mean |", "|---|---|---|---|---|"]
     for m in methods:
         ratios, drops = [], []
         for r in (r for r in runs if r["method"] == m):
-            rule, stop = Plateau(), r["curve"][-1]
+            rule, stop, seen = Plateau(), r["curve"][-1], []
             for c in r["curve"]:
+                seen.append(c)
                 if rule.update(c["step"], c["stop_loss"]):
                     stop = c
                     break
+            kept = min(seen, key=lambda c: c["stop_loss"])  # the token a stopped run keeps
             losses = [c["loss"] for c in r["curve"]]
             gain = losses[0] - losses[-1]
-            at95 = next(c["step"] for c in r["curve"] if losses[0] - c["loss"] >= 0.95 * gain) if gain > 0 else 0
-            ratios.append(stop["step"] / max(at95, 1))
-            drops.append(stop["score"] - r["curve"][-1]["score"])
-        if ratios:
-            v = np.asarray(ratios)
-            lines.append(f"| {m} | {len(v)} | {np.median(v):.2f} [{v.min():.2f}–{v.max():.2f}] | {np.mean(v <= 1.3):.0%} | "
-                         f"{np.mean(drops):+.3f} |")
+            if gain > 0:  # a run that never improved on its start has no 95% step
+                at95 = next(c["step"] for c in r["curve"] if losses[0] - c["loss"] >= 0.95 * gain)
+                ratios.append(stop["step"] / max(at95, every))
+            drops.append(kept["score"] - r["curve"][-1]["score"])
+        if drops:
+            v = np.asarray(ratios) if ratios else np.full(1, np.nan)
+            lines.append(f"| {m} | {len(drops)} ({len(drops) - len(ratios)} never gained) | {np.median(v):.2f} "
+                         f"[{v.min():.2f}–{v.max():.2f}] | {np.mean(v <= 1.3):.0%} | {np.mean(drops):+.3f} |")
     return "\n".join(lines)
 
 
@@ -270,6 +273,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, help="ZO learning rate (default: the bundle's)")
     ap.add_argument("--mu", type=float, help="ZO perturbation size (default: the bundle's)")
     ap.add_argument("--ti-lr", type=float, default=5e-3)
+    ap.add_argument("--threads", type=int, default=2, help="threads for torch and ONNX Runtime (1: two runs share 2 cores)")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--report", type=Path, nargs="+", help="print the tables of saved --out files and exit")
     a = ap.parse_args()
@@ -280,9 +284,15 @@ def main() -> None:
         report(runs, list(dict.fromkeys(r["method"] for r in runs)), set(saved[0].get("unnamed", [])))
         return
 
+    import dataclasses
+
     import torch
 
-    torch.set_num_threads(2)
+    from zoodip_edge.profiles import resolve_profile
+
+    global PROFILE
+    torch.set_num_threads(a.threads)
+    PROFILE = dataclasses.replace(resolve_profile("cpu"), intra_op_threads=a.threads)
     toy = toy_model(a.model)
     bundle, model = shipped_path(toy.bundle), shipped_path(toy.model)
     concepts = a.concepts or CONCEPTS[a.model]

@@ -106,8 +106,9 @@ def test_plateau_stops_after_the_curve_flattens_and_not_before():
     rule = Plateau(every=10, patience=3, min_gain=0.05)
     stopped = next(s for s, v in zip(steps, curve) if rule.update(int(s), float(v)))
     assert 120 <= stopped <= 1.3 * 120 + 10  # not while it still falls; soon after it flattens
-    flat = Plateau(every=10, patience=3)
-    assert not any(flat.update(i * 10, 1.0 + 0.01 * i) for i in range(20))  # never improved: run the budget
+    worse = Plateau(every=10, patience=3)  # a run drifting away from a good start
+    stops = [worse.update(i * 10, 1.0 + 0.01 * i, np.full(2, i)) for i in range(20)]
+    assert stops.index(True) == 3 and worse.best_step == 0 and np.array_equal(worse.best_theta, np.zeros(2))
 
 
 # ------------------------------------------------------------- the searched start --------
@@ -126,6 +127,13 @@ def test_searched_start_explains_the_photos_better_than_the_generic_word(tmp_pat
     assert found.forwards > 0
     before, after = p.held_out_loss(p.theta0, PROBES), p.held_out_loss(found.theta, PROBES)  # other probes
     assert after < before - 0.25 * (before - p.held_out_loss(None, PROBES, words="green triangle"))
+
+    from zoodip_edge.runtime.init_search import word_candidates
+
+    every = word_candidates(p)
+    assert len(every) == 40 and ("triangle", p.text.single_token_id("triangle")) in every
+    near = word_candidates(p, limit=5)  # a large vocabulary: the words nearest the initializer
+    assert len(near) == 5 and "shape" in {w for w, _ in near}
 
 
 # ------------------------------------------------------------- bundle defaults ----------
@@ -160,3 +168,48 @@ def test_toy_bundles_carry_the_defaults_that_suit_them():
             pytest.fail(f"{toy.name}'s bundle is not shipped")
         d = load_bundle(shipped_path(toy.bundle), verify=False).manifest["defaults"]
         assert d["steps"] < 30_000 and d["lr"] > 1e-2  # not SD1's: a small model wants larger steps
+
+
+# ------------------------------------------------------------- the CLI ------------------
+
+@pytest.fixture(scope="module")
+def toy_photos(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("green-triangle")
+    concept_photos(folder, "green", "triangle", count=5)
+    return folder
+
+
+def _personalize(args, tmp_path):
+    from typer.testing import CliRunner
+
+    from zoodip_edge.cli import app
+    from zoodip_edge.toy import shipped_path
+
+    return CliRunner().invoke(app, ["personalize", str(shipped_path("bundle")), *args, "--token", "<gt>",
+                                    "--init", "shape", "--out", str(tmp_path / "gt.safetensors"), "-q"])
+
+
+def test_steps_auto_stops_on_a_plateau_within_the_budget(toy_photos, tmp_path):
+    r = _personalize([str(toy_photos), "--steps", "auto"], tmp_path)
+    assert r.exit_code == 0, r.output
+    steps = int(r.output.split("learned <gt> in ")[1].split()[0])
+    assert 0 < steps <= 1000  # the toy bundle's budget
+    if steps < 1000:
+        assert "--steps auto" in r.output
+
+
+def test_search_init_starts_from_what_the_photos_show(toy_photos, tmp_path):
+    from zoodip_edge.embeddings import load_embedding
+
+    r = _personalize([str(toy_photos), "--steps", "5", "--search-init"], tmp_path)
+    assert r.exit_code == 0, r.output
+    start = r.output.split("start: ")[1].split(" (")[0]
+    assert {"green", "triangle"} & set(start.split(" + "))
+    _, _, meta = load_embedding(tmp_path / "gt.safetensors")
+    assert meta.get("start") == start
+
+
+def test_malformed_steps_are_refused_in_one_line(toy_photos, tmp_path):
+    r = _personalize([str(toy_photos), "--steps", "many"], tmp_path)
+    assert r.exit_code == 2 and "--steps" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "gt.safetensors").exists()

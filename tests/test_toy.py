@@ -56,13 +56,17 @@ def test_concept_score_reads_color_and_shape_from_pixels(tmp_path):
 
 # ------------------------------------------------------------- shipped model ----------
 
-def test_shipped_bundle_matches_its_manifest_and_provenance():
+@pytest.mark.parametrize("toy", ["toy-64", "toy-768"])
+def test_shipped_bundle_matches_its_manifest_and_provenance(toy):
     from zoodip_edge.bundle import load_bundle
+    from zoodip_edge.toy import toy_model
 
-    b = load_bundle(shipped_path("bundle"))  # verifies every file's hash
+    t = toy_model(toy)
+    b = load_bundle(shipped_path(t.bundle))  # verifies every file's hash
     m = b.manifest
     assert m["recipe"]["name"] == "int8-cpu" and m["resolution"] == SIZE and m["family"] == "sd1"
-    prov = json.loads(shipped_path("model/provenance.json").read_text())
+    assert m["text"]["hidden_size"] == int(toy.split("-")[1])  # the token width the model is named for
+    prov = json.loads(shipped_path(f"{t.model}/provenance.json").read_text())
     for key in ("script", "seed", "steps", "final_loss", "seconds", "versions"):
         assert key in prov
     assert prov["final_loss"] < 0.5  # a trained model, not a random one (random: about 1.0)
@@ -165,6 +169,19 @@ def test_demo_runs_end_to_end_on_the_device_install(tmp_path):
     assert grid.width > 8 * SIZE and grid.height >= 3 * SIZE
     assert Image.open(out / "loss.png").size == (640, 360)
     assert (out / "learned_embeds.safetensors").exists() and len(list((out / "photos").glob("*.png"))) == 5
+
+
+def test_demo_runs_on_the_768_wide_toy_with_an_unnamed_concept(tmp_path):
+    out = tmp_path / "demo768"
+    r = run_cli_without_torch(["demo", "--model", "toy-768", "--concept", "pink-diamond", "--out", str(out),
+                               "--steps", "20", "--images", "2"])
+    assert r.returncode == 0, r.stderr
+    assert "<pink-diamond> (pink diamond): concept score" in r.stdout
+    assert "the words 'shape'" in r.stdout  # the vocabulary cannot name it: the loss is given, not a gap
+    from safetensors.numpy import load_file
+
+    (vec,) = load_file(str(out / "learned_embeds.safetensors")).values()
+    assert vec.size == 768
 
 
 def test_demo_refuses_an_unknown_concept(tmp_path):

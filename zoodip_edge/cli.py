@@ -240,7 +240,11 @@ def personalize(
     token: str = typer.Option(..., help="the new token, e.g. '<my-dog>'"),
     init: str = typer.Option(..., help="a one-token word to start from, e.g. 'dog'"),
     out: Path = typer.Option(..., "--out", "-o", help="learned embedding file (.safetensors)"),
-    steps: Optional[int] = typer.Option(None, help="total optimization steps (default: the family's, 30000 for SD1.5)"),
+    steps: Optional[str] = typer.Option(None, help="total optimization steps (default: the bundle's, 30000 for SD1.5), or "
+                                        "'auto': stop when held-out probes stop improving (at most the default)"),
+    search_init: Optional[bool] = typer.Option(None, "--search-init/--no-search-init", help="start from the vocabulary word "
+                                               "(or mix of the best three) that best explains the photos, found with "
+                                               "forward passes (default: the bundle's)"),
     seed: int = typer.Option(0, help="random seed: same seed, same result"),
     captions: Optional[Path] = typer.Option(None, help="JSON mapping image file name -> caption with {} for the token"),
     templates: str = typer.Option("object", help="textual-inversion templates when no captions: object | style"),
@@ -278,6 +282,8 @@ def personalize(
         raise UserError(f"unknown --format {fmt!r} (diffusers or a1111)")
     ckpt = checkpoint or out.with_name(out.name + ".ckpt")
     _check_personalize_paths(bundle, out, ckpt, log_jsonl)
+    if steps is not None:
+        _steps(steps, 1)  # a malformed --steps fails before anything loads
     profile = resolve_profile(device)
     _restart_for(profile)
     with contextlib.ExitStack() as locks:
@@ -295,7 +301,8 @@ def personalize(
         if log_jsonl and os.path.lexists(log_jsonl) and not force and not resume:
             raise UserError(f"{log_jsonl} exists; pass --force to replace it")
         settings = Settings(n=n, mu=mu, lr=lr, tau=tau, nu=nu, t_low=t_low, t_high=t_high, subspace=not no_subspace,
-                            puts=not no_puts, seed=seed, templates=templates, batch_perturbations=batched)
+                            puts=not no_puts, seed=seed, templates=templates, batch_perturbations=batched,
+                            search_init=search_init)
         warn = lambda msg: typer.echo(f"warning: {msg}", err=True)  # noqa: E731
         start = None
         if init_embedding is not None:
@@ -306,9 +313,7 @@ def personalize(
                 raise UserError(f"{init_embedding}: --init-embedding needs a single-vector SD1/SD2 embedding")
         p = Personalizer(bundle, images, token, init, settings=settings, captions=captions, profile=profile, strict=strict,
                          warn=warn, init_embedding=start)
-        total = steps if steps is not None else p.bundle.manifest["defaults"]["steps"]
-        if total < 1:
-            raise UserError("--steps must be at least 1")
+        total, stop = _steps(steps, p.bundle.manifest["defaults"]["steps"])
         if theirs is not None:
             diff = p.identity_differences(theirs)
             if diff and (resume or not force):
@@ -320,6 +325,9 @@ def personalize(
             raise UserError(f"{out} exists and is not this run's embedding; pass --force to replace it")
         if resume:
             p.load_checkpoint(ckpt)
+        elif p.search_init:
+            found = p.search_start()
+            typer.echo(f"start: {found.label} (held-out probe loss {found.loss:.4f}; {found.forwards} forward passes)", err=True)
         previews = [ckpt.with_name(f"{out.stem}-preview-{s:06d}.png")
                     for s in range(p.step_index + 1, total + 1) if preview_every and s % preview_every == 0]
         if not force and not resume:
@@ -335,7 +343,7 @@ def personalize(
         bar = tqdm(total=total, initial=p.step_index, disable=quiet, unit="step", dynamic_ncols=True)
         ema = None
         try:
-            for rec in p.run(total):
+            for rec in p.run(total, stop):
                 loss = float(rec.losses[0])
                 ema = loss if ema is None else 0.98 * ema + 0.02 * loss
                 if log:
@@ -354,7 +362,26 @@ def personalize(
         bar.close()
         p.save_checkpoint(ckpt)
         p.save(out, fmt=fmt)
+    if p.stopped_early:
+        typer.echo(f"--steps auto: held-out probes stopped improving at step {p.step_index} (best at {stop.best_step})", err=True)
     typer.echo(f"learned {token} in {p.step_index} steps (final loss {p.last_loss:.4f}, peak RSS {_peak_rss_mb():.0f} MB): {out}")
+
+
+def _steps(value: str | None, default: int):
+    """``--steps``: a count, or 'auto' (a Plateau rule capped at the bundle's default)."""
+    from .runtime.stopping import Plateau
+
+    if value is None:
+        return default, None
+    if value.strip().lower() == "auto":
+        return default, Plateau(every=max(10, default // 40))
+    try:
+        total = int(value)
+    except ValueError:
+        raise UserError(f"--steps wants a whole number or 'auto', got {value!r}") from None
+    if total < 1:
+        raise UserError("--steps must be at least 1")
+    return total, None
 
 
 def _check_personalize_paths(bundle: Path, out: Path, ckpt: Path, log: Path | None) -> None:

@@ -17,6 +17,7 @@ class ZOODefaults:
     t_low: int  # PUTS lower bound (inclusive)
     t_high: int  # PUTS upper bound (exclusive)
     steps: int  # iterations the paper ran
+    search_init: bool = False  # search the start among vocabulary words first (runtime/init_search.py)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -41,6 +42,12 @@ def defaults_for(family: str, overrides: dict | None = None) -> ZOODefaults:
         if key not in d.to_dict():
             raise UserError(f"unknown default {key!r} (known: {', '.join(d.to_dict())})")
         kind = type(getattr(d, key))
+        if kind is bool:
+            text = str(value).strip().lower()
+            if text not in ("true", "false", "1", "0", "yes", "no"):
+                raise UserError(f"default {key}={value!r} is not true or false")
+            d = replace(d, **{key: text in ("true", "1", "yes")})
+            continue
         try:
             value = kind(value)
         except (TypeError, ValueError):

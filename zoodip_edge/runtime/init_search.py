@@ -28,11 +28,27 @@ class SearchResult:
     ranking: list[tuple[str, float]] = field(default_factory=list)  # the best few, loss ascending
 
 
-def word_candidates(p, limit: int | None = None) -> list[tuple[str, int]]:
-    """(word, id) of the vocabulary's whole words, in id order (CLIP's BPE lists common words early)."""
+def search_probes(t_low: int, t_high: int) -> list[tuple[int, int]]:
+    """32 fixed (t, noise seed) probes over the training range; the first 8 rank every candidate."""
+    from .stopping import probe_set
+
+    return probe_set(t_low, t_high, 32, 9000)
+
+
+def word_candidates(p, limit: int = 256) -> list[tuple[str, int]]:
+    """(word, id) of the vocabulary's whole words: all of them when there are at most ``limit``
+    (a small model), else the ``limit`` nearest to the initializer by cosine (SD's 49,408-token
+    vocabulary would cost hundreds of thousands of forward passes)."""
     vocab = p.text.tok.get_vocab(with_added_tokens=False)
     words = sorted((i, w.removesuffix("</w>")) for w, i in vocab.items() if WORD.match(w) and i < p.text.table.shape[0])
-    return [(w, i) for i, w in words[:limit]]
+    if len(words) <= limit:
+        return [(w, i) for i, w in words]
+    table = p.text.table
+    rows = np.asarray(table[[i for i, _ in words]], dtype=np.float64)
+    start = np.asarray(p.theta0, dtype=np.float64)
+    cos = rows @ start / np.maximum(np.linalg.norm(rows, axis=1) * np.linalg.norm(start), 1e-12)
+    keep = np.sort(np.argsort(-cos)[:limit])
+    return [(words[k][1], words[k][0]) for k in keep]
 
 
 def search_initializer(p, probes: Sequence[tuple[int, int]], candidates: Sequence[tuple[str, int]] | None = None,

@@ -28,6 +28,7 @@ from ..errors import UserError
 from ..files import save_image
 from .checkpoint import load_checkpoint, save_checkpoint
 from .diffusion import alphas_cumprod, noisy_and_target
+from .init_search import SearchResult, search_initializer, search_probes
 from .sessions import BundleSessions, return_free_memory
 from .stopping import Plateau, stop_probes
 from .text import TEMPLATES, PromptEncoder, mmap_safetensors
@@ -55,6 +56,7 @@ class Settings:
     guide_momentum: bool | None = None  # guided directions (zo.py); None: the bundle's default, else off
     guide_k: int | None = None
     guide_alpha: float | None = None
+    search_init: bool | None = None  # search the start first (the caller runs search_start()); None: the bundle's default
 
     def zo_config(self, defaults: dict, num_train_timesteps: int) -> ZOConfig:
         base = ZOConfig()  # for what a bundle's defaults do not name (bundles before guided directions)
@@ -143,6 +145,10 @@ class Personalizer:
         self.optimizer = ZOOptimizer(theta0, self.config, settings.seed)
         self.last_loss: float | None = None
         self.stopped_early = False  # set by run() when --steps auto stopped it
+        self.start = init  # the word the token starts from, or what search_start() found
+        self.found: SearchResult | None = None
+        self.search_init = bool(settings.search_init if settings.search_init is not None
+                                else m["defaults"].get("search_init", False))
 
     # ------------------------------------------------------------------ data ----------
     def _encode(self, loaded: list[tuple[str, np.ndarray]], caps: dict[str, str] | None) -> list[Example]:
@@ -217,6 +223,17 @@ class Personalizer:
     def step_index(self) -> int:
         return self.optimizer.step_index
 
+    def search_start(self) -> SearchResult:
+        """Start from the vocabulary token (or mix of the best few) that best explains the photos,
+        found with forward passes only (init_search.py); replaces the start before any step."""
+        if self.step_index:
+            raise UserError("the start can only be searched before the first step")
+        found = search_initializer(self, search_probes(self.config.t_low, self.config.t_high))
+        self.theta0 = found.theta
+        self.optimizer = ZOOptimizer(found.theta, self.config, self.settings.seed)
+        self.start, self.found = found.label, found
+        return found
+
     def step(self) -> StepRecord:
         plan = self.optimizer.propose()
         record = self.optimizer.update(plan, self.losses(plan.thetas, plan.t, plan.noise_seed))
@@ -227,14 +244,18 @@ class Personalizer:
     def run(self, steps: int, stop: Plateau | None = None) -> Iterator[StepRecord]:
         """Step until ``steps`` steps are done in total (counting resumed ones), or until ``stop``
         (``--steps auto``) sees the held-out probes stop improving; stop iterating to cancel."""
+        if self.search_init and self.step_index == 0 and self.found is None:
+            self.search_start()
         probes = stop_probes(self.config.t_low, self.config.t_high) if stop else []
         if stop and not stop.readings:
-            stop.update(self.step_index, self.held_out_loss(self.theta, probes))
+            stop.update(self.step_index, self.held_out_loss(self.theta, probes), self.theta)
         while self.optimizer.step_index < steps:
             record = self.step()
             yield record
-            if stop and self.step_index % stop.every == 0 and stop.update(self.step_index, self.held_out_loss(self.theta, probes)):
+            if stop and self.step_index % stop.every == 0 and stop.update(
+                    self.step_index, self.held_out_loss(self.theta, probes), self.theta):
                 self.stopped_early = True
+                self.optimizer.theta = stop.best_theta.copy()  # the best reading's token is the result
                 return
 
     def preview(self, path: str | Path, steps: int = 20, seed: int = 0) -> None:
@@ -252,7 +273,7 @@ class Personalizer:
         c = self.config
         return {
             "tool": f"zoodip-edge {__version__}", "method": "ZOODiP", "token": self.token, "init": self.init,
-            "bundle_manifest_sha256": self.bundle.manifest_sha256, "family": self.bundle.family,
+            "start": self.start, "bundle_manifest_sha256": self.bundle.manifest_sha256, "family": self.bundle.family,
             "recipe": self.bundle.recipe, "steps": str(self.step_index), "seed": str(self.settings.seed),
             "hyperparameters": json.dumps(dataclasses.asdict(c)), "final_loss": f"{self.last_loss}" if self.last_loss is not None else "",
             "images": json.dumps([e.name for e in self.examples]),
@@ -266,7 +287,7 @@ class Personalizer:
     def _identity(self) -> dict[str, Any]:
         return {"bundle": self.bundle.manifest_sha256, "token": self.token, "init": self.init,
                 "config": dataclasses.asdict(self.config), "seed": self.settings.seed,
-                "images": [e.name for e in self.examples]}
+                "images": [e.name for e in self.examples], "search_init": self.search_init}
 
     def save_checkpoint(self, path: str | Path) -> None:
         save_checkpoint(Path(path), {"identity": json.dumps(self._identity(), sort_keys=True),
