@@ -281,7 +281,7 @@ def main() -> None:
         saved = [json.loads(path.read_text()) for path in a.report]
         runs = [r for s in saved for r in s["runs"]]
         print(f"Report of {' '.join(map(str, a.report))}; commands: " + "; ".join(f"`{' '.join(s['argv'])}`" for s in saved))
-        report(runs, list(dict.fromkeys(r["method"] for r in runs)), set(saved[0].get("unnamed", [])))
+        report(runs, list(dict.fromkeys(r["method"] for r in runs)), {c for s in saved for c in s.get("unnamed", [])})
         return
 
     import dataclasses

@@ -166,8 +166,10 @@ def test_toy_bundles_carry_the_defaults_that_suit_them():
     for toy in TOY_MODELS.values():
         if not shipped_path(toy.bundle).is_dir():
             pytest.fail(f"{toy.name}'s bundle is not shipped")
-        d = load_bundle(shipped_path(toy.bundle), verify=False).manifest["defaults"]
-        assert d["steps"] < 30_000 and d["lr"] > 1e-2  # not SD1's: a small model wants larger steps
+        m = load_bundle(shipped_path(toy.bundle), verify=False).manifest
+        d = m["defaults"]
+        assert d["steps"] < 30_000 and d["search_init"] is True  # a toy's budget, not SD1's 30,000
+        assert m["verification"]["zo_fidelity"]["mu"] <= d["mu"]  # trained at a mu its gate verified
 
 
 # ------------------------------------------------------------- the CLI ------------------

@@ -325,13 +325,13 @@ def personalize(
             raise UserError(f"{out} exists and is not this run's embedding; pass --force to replace it")
         if resume:
             p.load_checkpoint(ckpt)
-        elif p.search_init:
-            found = p.search_start()
-            typer.echo(f"start: {found.label} (held-out probe loss {found.loss:.4f}; {found.forwards} forward passes)", err=True)
         previews = [ckpt.with_name(f"{out.stem}-preview-{s:06d}.png")
                     for s in range(p.step_index + 1, total + 1) if preview_every and s % preview_every == 0]
         if not force and not resume:
             refuse_existing(previews)
+        if p.search_init and not resume:  # the last thing before the steps: every refusal came first
+            found = p.search_start()
+            typer.echo(f"start: {found.label} (held-out probe loss {found.loss:.4f}; {found.forwards} forward passes)", err=True)
         log = None
         if log_jsonl:
             header = {"type": "start", "token": token, "init": init, "seed": seed, "bundle": p.bundle.manifest_sha256,

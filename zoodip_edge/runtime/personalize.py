@@ -292,7 +292,7 @@ class Personalizer:
     def save_checkpoint(self, path: str | Path) -> None:
         save_checkpoint(Path(path), {"identity": json.dumps(self._identity(), sort_keys=True),
                                      "optimizer": self.optimizer.state_dict(), "last_loss": self.last_loss,
-                                     "theta0": self.theta0})
+                                     "theta0": self.theta0, "start": self.start})
 
     def identity_differences(self, identity: dict[str, Any]) -> list[str]:
         """What makes a checkpoint's recorded ``identity`` another run's (empty: this run's)."""
@@ -306,3 +306,6 @@ class Personalizer:
             raise UserError(f"checkpoint {path} belongs to a different run (differs in: {', '.join(diff)})")
         self.optimizer.load_state_dict(state["optimizer"])
         self.last_loss = state.get("last_loss")
+        if "theta0" in state:  # a searched start is the run's start: resumed logs and provenance say so
+            self.theta0 = np.asarray(state["theta0"], dtype=np.float64).reshape(self.theta0.shape)
+            self.start = str(state.get("start", self.start))
