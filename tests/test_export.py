@@ -122,7 +122,8 @@ def test_manifest_contract(sd1_bundle):
     assert [i["name"] for i in unet["inputs"]] == ["sample", "timestep", "encoder_hidden_states"]
     # int8-cpu: one sample/timestep row may serve a batch of conditions (export/prefix.py)
     assert [i["shape"][0] for i in unet["inputs"]] == ["sample_batch", "sample_batch", "batch"]
-    assert m["defaults"] == {"n": 2, "mu": 1e-3, "lr": 1e-2, "tau": 128, "nu": 1e-3, "t_low": 500, "t_high": 900, "steps": 30000}
+    assert m["defaults"] == {"n": 2, "mu": 1e-3, "lr": 1e-2, "tau": 128, "nu": 1e-3, "t_low": 500, "t_high": 900, "steps": 30000,
+                             "search_init": True}
     assert m["token_embeddings"]["dtype"] == "float16"
     assert m["source"]["kind"] == "folder"
 

@@ -147,8 +147,9 @@ class Personalizer:
         self.stopped_early = False  # set by run() when --steps auto stopped it
         self.start = init  # the word the token starts from, or what search_start() found
         self.found: SearchResult | None = None
-        self.search_init = bool(settings.search_init if settings.search_init is not None
-                                else m["defaults"].get("search_init", False))
+        # a given start embedding (continued training) is the start: nothing to search
+        self.search_init = init_embedding is None and bool(settings.search_init if settings.search_init is not None
+                                                           else m["defaults"].get("search_init", False))
 
     # ------------------------------------------------------------------ data ----------
     def _encode(self, loaded: list[tuple[str, np.ndarray]], caps: dict[str, str] | None) -> list[Example]:
