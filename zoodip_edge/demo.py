@@ -19,12 +19,13 @@ from PIL import Image, ImageDraw
 
 from .errors import UserError
 from .files import refuse_existing
+from .runtime.stopping import probe_set
 from .toy.world import GENERIC, TOY64, World
 
 DEFAULT_CONCEPT = "purple-ring"
 # Hyperparameters (lr, mu, tau, steps) come from the toy bundle's manifest, which records the
 # ones that suit its model (docs/toy.md): the 64-d toy wants a larger step than SD1's defaults.
-PROBES = [(int(t), 1000 + i) for i, t in enumerate(np.linspace(500, 899, 16))]
+PROBES = probe_set(500, 900, 16, 1000)  # the held-out (t, noise seed) probes the demo and benchmarks read
 
 
 def parse_concept(concept: str, world: World = TOY64) -> tuple[str, str]:
