@@ -10,7 +10,7 @@ probe's pearson is the gate's verdict (>= 0.95). Rows: fp32 with cuDNN TF32 on (
 and off, fp16 activations (the paper's setting), optimum-quanto int8 weights with fp16 (the
 paper's setting) and fp32 activations. One JSON line per (row, mu), then a markdown table.
 (Before the sixth session: one probe at t = 700, and before the fifth a step of mu, not
-mu * sqrt(d); results/gpu_zo_fidelity_h200_*.txt are on that older scale.)
+mu * sqrt(d); docs/results/2026-11-27-h200/torch_zo_fidelity_unit_step_*.txt are on that older scale.)
 """
 
 from __future__ import annotations

@@ -92,7 +92,7 @@ def test_shipped_profiles_say_what_the_design_asks():
 
     low = b["cuda-lowvram"]
     assert low.provider_options("CUDAExecutionProvider")["gpu_mem_limit"] == int(3.5 * GiB)
-    # Under a memory cap HEURISTIC chose conv workspaces over the cap (docs/results/gpu_cuda_ep_followups_h200_s6.md)
+    # Under a memory cap HEURISTIC chose conv workspaces over the cap (docs/results/2026-11-27-h200/cuda_ep_followups.md)
     for capped in (low, b["jetson-orin-nano"]):
         assert capped.provider_options("CUDAExecutionProvider")["cudnn_conv_algo_search"] == "DEFAULT"
     assert not low.batch_perturbations and not low.resident_sessions

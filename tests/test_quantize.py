@@ -119,7 +119,7 @@ def test_rewrites_do_not_copy_the_weights_they_keep():
     """A rewrite ends in _replace_nodes; it must drop what nothing reads without re-adding the rest.
 
     Re-adding copied every kept weight, and protobuf frees none of it until the model goes: an
-    SD1.5 export held several copies of its U-Net (15.4 GB, docs/results/export_memory_s10.md).
+    SD1.5 export held several copies of its U-Net (15.4 GB, docs/results/2026-11-28-epyc-avx512/export_memory.md).
     """
     from zoodip_edge.export.quantize import _replace_nodes
 

@@ -155,7 +155,7 @@ def drop_repeated_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
 
     onnxruntime 1.30's float16 converter inserted the same Cast twice in an SD1.5 VAE decoder,
     both defining ``val_74_cast_to_fp32``; ORT refuses a graph that defines a name twice
-    (docs/results/export_fp16_s7c.log). Two *different* nodes defining one name are a real error.
+    (docs/results/2026-11-27-h200/export_fp16_duplicate_name.log). Two *different* nodes defining one name are a real error.
     """
     def same(a: onnx.NodeProto, b: onnx.NodeProto) -> bool:
         a, b = onnx.NodeProto.FromString(a.SerializeToString()), onnx.NodeProto.FromString(b.SerializeToString())
@@ -183,7 +183,7 @@ def unique_node_names(model: onnx.ModelProto) -> onnx.ModelProto:
 
     onnxruntime 1.30's float16 converter names a Cast after the tensor it casts, so a tensor cast
     for two consumers gave two ``<tensor>_cast_to_fp32_node`` nodes: an SD1.5 fp16 export failed
-    at its gates with "two nodes with same node name" (docs/results/export_fp16_s7.log).
+    at its gates with "two nodes with same node name" (docs/results/2026-11-27-h200/export_fp16_duplicate_node.log).
     """
     seen: Counter = Counter(n.name for n in model.graph.node if n.name)
     taken = set(seen)
