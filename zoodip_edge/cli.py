@@ -587,6 +587,55 @@ def demo(
                f"{images} images read from pixels); {held} in {r['steps']} steps ({r['seconds']:.0f} s); {r['grid']}")
 
 
+@app.command("personalize-many")
+@cli_errors
+def personalize_many(
+    jobs: Path = typer.Argument(..., help="job file: one JSON object of personalize's options per line (docs/many.md)"),
+    out: Path = typer.Option(..., "--out", "-o", help="run folder: ledger.jsonl, report.md/.csv, jobs/NAME/; rerun to resume"),
+    ray: Optional[str] = typer.Option(None, "--ray", help="run on Ray: local (start one here) | auto | ADDRESS (needs the cluster extra)"),
+    parallel: Optional[int] = typer.Option(None, "--jobs", "-j", help="local pool: jobs at once (default: what cores and the memory budget allow)"),
+    threads: Optional[int] = typer.Option(None, "--threads-per-job", help="ONNX Runtime threads per job (default: cores / jobs at once; Ray: 1)"),
+    retries: int = typer.Option(2, help="times a job whose process or worker died is retried (it resumes from its checkpoint)"),
+    images: int = typer.Option(4, help="images per job in its grid.png (and scored with --evaluate)"),
+    evaluate: bool = typer.Option(False, "--evaluate", help="score each job: the toy world's concept score (job key 'concept') or "
+                                  "`zoodip-edge evaluate --all` (job key 'class_word', eval extra)"),
+    job_memory_mb: Optional[int] = typer.Option(None, help="memory planned per job (default: 1.5x the bundle + 300 MB)"),
+    device: str = typer.Option("auto", help="profile whose memory budget caps the local pool"),
+) -> None:
+    """Run many personalize jobs: a local pool or Ray, resumable, with one report (docs/many.md)."""
+    from .files import exclusive_lock
+    from .many import Ledger, prepare, run_many, write_report
+
+    for opt, v, low in (("--jobs", parallel, 1), ("--threads-per-job", threads, 1), ("--retries", retries, 0),
+                        ("--images", images, 1), ("--job-memory-mb", job_memory_mb, 1)):
+        if v is not None and v < low:
+            raise UserError(f"{opt} must be at least {low}")
+    if ray is not None and not ray.strip():
+        raise UserError("--ray wants local, auto or a cluster address")
+    if ray is not None and parallel is not None:
+        raise UserError("--jobs sets the local pool; with --ray the cluster's resources decide")
+    say = lambda msg: typer.echo(f"[many] {msg}", err=True)  # noqa: E731
+    plan = prepare(jobs, out, threads=threads, want_jobs=parallel, retries=retries, images=images, evaluate=evaluate,
+                   job_memory=job_memory_mb, ray=ray is not None, device_budget=device)
+    out.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(out / "ledger.jsonl"):
+        ledger = Ledger(out / "ledger.jsonl")
+        ledger.write(event="run", argv=sys.argv[1:], mode=f"ray {ray}" if ray else "local", jobs=len(plan.jobs),
+                     todo=len(plan.todo), threads_per_job=plan.threads)
+        try:
+            outcomes = run_many(plan, ledger, say, ray)
+        finally:
+            md, _ = write_report(plan)
+    states = [o["state"] for o in outcomes.values()]
+    if "interrupted" in states:
+        _err(f"interrupted; rerun the same command to resume (report so far: {md})")
+        raise typer.Exit(130)
+    failed = states.count("failed")
+    typer.echo(f"{len(plan.jobs) - failed} of {len(plan.jobs)} jobs done, {failed} failed: {md}")
+    if failed:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     global _MAIN
     _MAIN = True

@@ -1,0 +1,80 @@
+"""personalize-many on Ray: one Ray task per job, with the resources it declares.
+
+Ray is an optional extra (``pip install "zoodip-edge[cluster]"``) and is imported here only,
+when ``--ray`` is given: the device install never loads it.
+
+Every node must see the bundle, the photos and the run folder at the same paths (a shared
+filesystem): a task checks that the bundle's manifest there is the driver's before it starts,
+and writes its checkpoint, log and embedding into the run folder, so a retry on another node
+resumes from the same checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+from .errors import UserError
+
+
+def connect(address: str, cpus: int) -> bool:
+    """Join the Ray instance ``address`` names ("local": start one on this machine with ``cpus``
+    CPUs; "auto" or host:port: an existing cluster). Returns whether this call started Ray."""
+    try:
+        import ray
+    except ImportError:
+        raise UserError('--ray needs Ray: pip install "zoodip-edge[cluster]"') from None
+    if ray.is_initialized():  # a caller (a notebook, a test) already joined one: use it
+        return False
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR"}
+    try:
+        if address == "local":
+            ray.init(address="local", num_cpus=cpus, **kwargs)
+        else:
+            ray.init(address=address, **kwargs)
+    except (ConnectionError, ValueError, RuntimeError) as e:
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"cannot join the Ray cluster at {address!r}: {msg[:300]}") from None
+    return True
+
+
+def run_on_ray(plan, specs: dict[str, dict], started: Callable, ended: Callable, say: Callable[[str], None],
+               address: str) -> None:
+    """Submit every job left to do as a Ray task and record each as it ends. A task whose worker
+    or node dies is retried by Ray (``plan.retries`` times) and resumes from its checkpoint."""
+    import ray
+
+    from .many import cpus_here, run_job
+
+    we_started = connect(address, cpus_here())
+    try:
+        remote = ray.remote(run_job)
+        res = ray.cluster_resources()
+        say(f"{len(plan.todo)} job(s) on Ray ({address}: {res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs); "
+            f"each task declares {plan.threads} CPU(s), {plan.memory_mb} MB")
+        running: dict[Any, tuple] = {}
+        for job in plan.todo:
+            spec = specs[job.name]
+            ref = remote.options(num_cpus=plan.threads, num_gpus=1 if spec["gpu"] else 0,
+                                 memory=plan.memory_mb * 2**20, max_retries=plan.retries,
+                                 retry_exceptions=False, name=f"personalize:{job.name}").remote(spec)
+            started(job)
+            running[ref] = (job, time.time())
+        interrupted = False
+        while running:
+            ready, _ = ray.wait(list(running), num_returns=1)
+            for ref in ready:
+                job, t0 = running.pop(ref)
+                try:
+                    outcome = ray.get(ref)
+                except ray.exceptions.RayError as e:  # the worker died more often than retries allow
+                    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                    outcome = {"state": "failed", "reason": f"{type(e).__name__}: {first[:300]}"}
+                ended(job, outcome, time.time() - t0)
+                if outcome["state"] == "interrupted" and not interrupted:
+                    interrupted = True
+                    for other in running:
+                        ray.cancel(other)
+    finally:
+        if we_started:
+            ray.shutdown()
