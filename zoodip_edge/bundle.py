@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .errors import UserError
+from .families import SUPPORTED_FAMILIES
+from .schema import Bool, Int, List, Num, Obj, Optional, SchemaError, Str, check
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -82,10 +84,96 @@ def _inside(root: Path, rel: str) -> Path:
     return p
 
 
-REQUIRED_KEYS = (
-    "format_version", "family", "source", "recipe", "resolution", "scheduler", "latent_scale",
-    "components", "token_embeddings", "tokenizer", "defaults", "verification", "session",
-)
+def _dim(v: Any, where: str) -> None:
+    """A graph dimension: a size, or the name of a dynamic axis."""
+    if isinstance(v, bool) or not isinstance(v, (int, str)) or (isinstance(v, int) and v < 0):
+        raise SchemaError(f"{where}: expected a size or an axis name, got {v!r}")
+
+
+_FILE = {"path": Str(), "sha256": Str(pattern="[0-9a-f]{64}"), "bytes": Int(0)}
+_IO = List(Obj({"name": Str(), "shape": List(_dim)}, optional={"dtype": Str()}))
+
+
+def _scalar(v: Any, where: str) -> None:
+    if not isinstance(v, (str, int, float, bool)):
+        raise SchemaError(f"{where}: expected a string or number, got {v!r}"[:200])
+
+
+#: What a runtime relies on in manifest.json (docs/bundle.md); other keys are free to add.
+MANIFEST_SCHEMA = Obj({
+    "format_version": Int(FORMAT_VERSION, FORMAT_VERSION),
+    "family": Str(SUPPORTED_FAMILIES),
+    "source": Obj({}),
+    "recipe": Obj({"name": Str()}, optional={"graphs": Obj({}, extra=Obj({}, optional={"int8_matmul": Int(0)})),
+                                             "description": Str(), "experimental": Bool(), "targets": List(Str())}),
+    "resolution": Int(8, 16384),
+    "scheduler": Obj({}, optional={
+        "num_train_timesteps": Int(2, 100_000), "beta_start": Num(above=0, hi=1), "beta_end": Num(above=0, hi=1),
+        "beta_schedule": Str(("linear", "scaled_linear", "squaredcos_cap_v2")),
+        "prediction_type": Str(("epsilon", "v_prediction")), "trained_betas": Optional(List(Num(0, 1)))}),
+    "latent_scale": Num(above=0),
+    "components": Obj({c: Obj(_FILE, optional={"external_data": List(Obj(_FILE)), "inputs": _IO, "outputs": _IO})
+                       for c in COMPONENTS}),
+    "token_embeddings": Obj(_FILE, optional={"tensor": Str(), "dtype": Str(), "shape": List(Int(1), 2)}),
+    "tokenizer": Obj(_FILE),
+    "text": Obj({"max_length": Int(2, 4096), "pad_token_id": Int(0)},
+                optional={k: Int(0) for k in ("bos_token_id", "eos_token_id", "vocab_size", "hidden_size")}),
+    "defaults": Obj({"n": Int(1, 256), "mu": Num(above=0), "lr": Num(above=0), "tau": Int(2, 4096), "nu": Num(0, 1),
+                     "t_low": Int(0), "t_high": Int(1), "steps": Int(1)},
+                    optional={"search_init": Bool(), "guide_momentum": Bool(), "guide_k": Int(0),
+                              "guide_alpha": Num(above=0, hi=1)}),
+    "verification": Obj({}),
+    "session": Obj({"config_entries": Obj({}, extra=_scalar)}),
+    "latent_channels": Int(1, 64),
+    "latent_size": Int(1, 4096),
+}, optional={"created": Obj({})})
+
+
+def _inputs(manifest: dict, component: str) -> dict[str, list]:
+    return {i["name"]: i["shape"] for i in manifest["components"][component].get("inputs", [])}
+
+
+def validate_manifest(manifest: Any) -> None:
+    """Refuse (SchemaError, one line) a manifest whose fields have the wrong kinds, or that
+    contradicts itself: token ids outside the table, widths or lengths that differ between graphs."""
+    check(manifest, MANIFEST_SCHEMA)
+    text, table, d = manifest["text"], manifest["token_embeddings"].get("shape"), manifest["defaults"]
+    steps = manifest["scheduler"].get("num_train_timesteps", 1000)
+    if not d["t_low"] < d["t_high"] <= steps:
+        raise SchemaError(f"defaults: timestep range [{d['t_low']}, {d['t_high']}) is not inside [0, {steps})")
+    rows = table[0] if table else text.get("vocab_size")
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        if rows is not None and text.get(key, 0) >= rows:
+            raise SchemaError(f"text.{key}: {text[key]} is outside the token table's {rows} rows")
+    if table and text.get("vocab_size", table[0]) != table[0]:
+        raise SchemaError(f"text.vocab_size {text['vocab_size']} differs from the token table's {table[0]} rows")
+    width = table[1] if table else text.get("hidden_size")
+    embeds = _inputs(manifest, "text_encoder").get("inputs_embeds")
+    if embeds is not None and len(embeds) == 3:
+        for got, want, what in ((embeds[1], text["max_length"], "text.max_length"), (embeds[2], width, "the token width")):
+            if want is not None and isinstance(got, int) and got != want:
+                raise SchemaError(f"components.text_encoder: inputs_embeds is {got} where {what} is {want}")
+    cond = _inputs(manifest, "unet").get("encoder_hidden_states")
+    if cond is not None and len(cond) == 3 and isinstance(cond[1], int) and cond[1] != text["max_length"]:
+        raise SchemaError(f"components.unet: encoder_hidden_states has {cond[1]} tokens where text.max_length is {text['max_length']}")
+
+
+def check_graph_inputs(bundle: "Bundle", component: str, inputs: list[tuple[str, list]]) -> None:
+    """Refuse a graph whose inputs (``(name, shape)`` as ONNX Runtime reports them) are not the ones
+    the manifest describes: same names, and the same size wherever both give a number."""
+    want = _inputs(bundle.manifest, component)
+    if not want:
+        return
+    got = dict(inputs)
+    if set(got) != set(want):
+        raise UserError(f"bundle {bundle.root}: {component} graph takes {', '.join(sorted(got))}; "
+                        f"its manifest says {', '.join(sorted(want))} (re-export the bundle)")
+    for name, shape in want.items():
+        theirs = got[name]
+        if len(theirs) != len(shape) or any(isinstance(a, int) and isinstance(b, int) and a != b
+                                            for a, b in zip(shape, theirs)):
+            raise UserError(f"bundle {bundle.root}: {component} input {name} has shape {theirs}; "
+                            f"its manifest says {shape} (re-export the bundle)")
 
 
 def load_bundle(root: str | os.PathLike, verify: bool = True) -> Bundle:
@@ -107,14 +195,12 @@ def load_bundle(root: str | os.PathLike, verify: bool = True) -> Bundle:
     if not isinstance(manifest, dict):
         raise UserError(f"{mpath}: manifest is not a JSON object")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if version != FORMAT_VERSION or isinstance(version, bool):
         raise UserError(f"{mpath}: unknown bundle format_version {version!r} (this zoodip-edge reads {FORMAT_VERSION})")
-    missing = [k for k in REQUIRED_KEYS if k not in manifest]
-    if missing:
-        raise UserError(f"{mpath}: manifest lacks {', '.join(missing)}")
-    absent = [c for c in COMPONENTS if c not in manifest["components"]]
-    if absent:
-        raise UserError(f"{mpath}: manifest lacks component(s) {', '.join(absent)}")
+    try:
+        validate_manifest(manifest)
+    except SchemaError as e:
+        raise UserError(f"{mpath}: invalid manifest: {e}") from None
     bundle = Bundle(root=root, manifest=manifest, manifest_sha256=hashlib.sha256(raw).hexdigest())
     for entry in bundle.files():
         p = _inside(root, entry["path"])

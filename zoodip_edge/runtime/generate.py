@@ -17,7 +17,7 @@ from ..bundle import Bundle, load_bundle
 from ..errors import UserError
 from .schedulers import make_sampler
 from .sessions import BundleSessions
-from .text import PromptEncoder, mmap_safetensors
+from .text import PromptEncoder, bundle_prompt_encoder
 
 Warn = Callable[[str], None]
 
@@ -61,12 +61,10 @@ class Generator:
         from ..profiles import resolve_profile
 
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
-        m = self.bundle.manifest
         self.profile = resolve_profile(profile) if isinstance(profile, str) else profile
         self.sessions = sessions or BundleSessions(self.bundle, self.profile, strict, warn)
         if text is None:
-            table = mmap_safetensors(self.bundle.path("token_embeddings"), m["token_embeddings"].get("tensor", "token_embedding"))
-            text = PromptEncoder(self.bundle.path("tokenizer"), table, m["text"]["max_length"], m["text"]["pad_token_id"])
+            text = bundle_prompt_encoder(self.bundle)
         self.text = text
         for token, rows in [*load_embeddings(embeddings), *extra_tokens]:
             self.text.add_embedding(token, rows)

@@ -15,6 +15,7 @@ optimizer applies RGE -> Subspace Gradient -> ZOAdam. No torch, no gradients.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +27,13 @@ from .. import __version__
 from ..bundle import Bundle, load_bundle
 from ..errors import UserError
 from ..files import save_image
+from ..schema import Int, Num, Obj, Optional, SchemaError, Str, check
 from .checkpoint import load_checkpoint, save_checkpoint
 from .diffusion import alphas_cumprod, noisy_and_target
 from .init_search import SearchResult, search_initializer, search_probes
 from .sessions import BundleSessions, return_free_memory
 from .stopping import Plateau, stop_probes
-from .text import TEMPLATES, PromptEncoder, mmap_safetensors
+from .text import TEMPLATES, bundle_prompt_encoder
 from .zo import StepRecord, ZOConfig, ZOOptimizer
 
 Warn = Callable[[str], None]
@@ -81,6 +83,7 @@ class Example:
     mean: np.ndarray
     std: np.ndarray
     caption: str | None
+    sha256: str  # of the decoded, resized pixels: what the run depends on (a resume compares it)
 
 
 class Personalizer:
@@ -112,14 +115,15 @@ class Personalizer:
         self.batch = self.profile.batch_perturbations if settings.batch_perturbations is None else settings.batch_perturbations
         self.token, self.init = token, init
 
-        table = mmap_safetensors(self.bundle.path("token_embeddings"), m["token_embeddings"].get("tensor", "token_embedding"))
-        self.text = PromptEncoder(self.bundle.path("tokenizer"), table, m["text"]["max_length"], m["text"]["pad_token_id"])
+        self.text = bundle_prompt_encoder(self.bundle)
+        table = self.text.table
         init_id = self.text.single_token_id(init)
         self.text.add_token(token)
         theta0 = np.asarray(table[init_id], dtype=np.float64) if init_embedding is None else np.asarray(init_embedding, np.float64).reshape(-1)
         if theta0.shape != (table.shape[1],):
             raise UserError(f"initial embedding has {theta0.size} values; this bundle's tokens have {table.shape[1]}")
         self.theta0 = theta0
+        self.init_embedding = None if init_embedding is None else theta0.copy()  # part of the run's identity
 
         self.abar = alphas_cumprod(m["scheduler"])
         self.prediction_type = m["scheduler"].get("prediction_type", "epsilon")
@@ -158,7 +162,8 @@ class Personalizer:
         out = []
         for name, img in loaded:
             mean, logvar = vae.run(["mean", "logvar"], {"image": img[None].astype(np.float32)})
-            out.append(Example(name, mean[0], np.exp(0.5 * logvar[0]), caps[name] if caps else None))
+            out.append(Example(name, mean[0], np.exp(0.5 * logvar[0]), caps[name] if caps else None,
+                               hashlib.sha256(np.ascontiguousarray(img, np.float32).tobytes()).hexdigest()))
         self.sessions.release("vae_encoder")
         return out
 
@@ -286,9 +291,15 @@ class Personalizer:
         save_embedding(path, self.token, self.theta.astype(np.float32)[None], self.provenance(), fmt=fmt)
 
     def _identity(self) -> dict[str, Any]:
+        """Everything a run's result depends on, bar rounding (device, batching): a checkpoint
+        resumes only under the same identity."""
+        given = self.init_embedding
         return {"bundle": self.bundle.manifest_sha256, "token": self.token, "init": self.init,
                 "config": dataclasses.asdict(self.config), "seed": self.settings.seed,
-                "images": [e.name for e in self.examples], "search_init": self.search_init}
+                "images": [[e.name, e.sha256] for e in self.examples],
+                "captions": {e.name: e.caption for e in self.examples} if self.examples[0].caption is not None else None,
+                "templates": self.settings.templates, "search_init": self.search_init,
+                "init_embedding": None if given is None else hashlib.sha256(given.tobytes()).hexdigest()}
 
     def save_checkpoint(self, path: str | Path) -> None:
         save_checkpoint(Path(path), {"identity": json.dumps(self._identity(), sort_keys=True),
@@ -302,11 +313,41 @@ class Personalizer:
 
     def load_checkpoint(self, path: str | Path) -> None:
         state = load_checkpoint(Path(path))
-        diff = self.identity_differences(json.loads(state["identity"]))
+        try:
+            identity = json.loads(state["identity"])
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"checkpoint {path} records no run identity") from None
+        diff = self.identity_differences(identity if isinstance(identity, dict) else {})
         if diff:
             raise UserError(f"checkpoint {path} belongs to a different run (differs in: {', '.join(diff)})")
-        self.optimizer.load_state_dict(state["optimizer"])
+        d, tau = self.theta0.size, self.config.tau
+        try:
+            check(state, CHECKPOINT_SCHEMA)
+            opt = state["optimizer"]
+            shapes = {"optimizer.theta": (opt["theta"], (d,)), "optimizer.adam.m": (opt["adam"]["m"], (d,)),
+                      "optimizer.adam.v": (opt["adam"]["v"], (d,)), "optimizer.sg.buffer": (opt["sg"]["buffer"], (tau, d))}
+            for name, (value, shape) in shapes.items():
+                if not isinstance(value, np.ndarray) or value.shape != shape or not np.all(np.isfinite(value)):
+                    raise SchemaError(f"{name}: expected {shape} finite values")
+            self.optimizer.load_state_dict(opt)
+        except (SchemaError, KeyError, TypeError, ValueError) as e:
+            raise UserError(f"checkpoint {path} is malformed: {e}"[:300]) from None
         self.last_loss = state.get("last_loss")
         if "theta0" in state:  # a searched start is the run's start: resumed logs and provenance say so
             self.theta0 = np.asarray(state["theta0"], dtype=np.float64).reshape(self.theta0.shape)
             self.start = str(state.get("start", self.start))
+
+
+def _array(value: Any, where: str) -> None:
+    if not isinstance(value, np.ndarray):
+        raise SchemaError(f"{where}: expected an array, got {type(value).__name__}")
+
+
+#: The parts of a checkpoint's state a resume reads; shapes are checked against the run.
+CHECKPOINT_SCHEMA = Obj({
+    "identity": Str(),
+    "optimizer": Obj({"theta": _array, "step": Int(0), "rng": Obj({"bit_generator": Str(("PCG64",)), "state": Obj({})}),
+                      "adam": Obj({"m": _array, "v": _array, "t": Int(0)}),
+                      "sg": Obj({"buffer": _array, "count": Int(0), "p": _array})},
+                     optional={"history": _array}),
+}, optional={"last_loss": Optional(Num()), "theta0": _array, "start": Str()})

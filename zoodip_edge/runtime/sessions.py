@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable
 
 import onnxruntime as ort
 
-from ..bundle import Bundle
+from ..bundle import Bundle, check_graph_inputs
 from ..cpu import slow_int8_math
 from ..errors import UserError
 from ..profiles import (
@@ -378,6 +378,7 @@ class BundleSessions:
                 self.release_all()
             self.open[name] = create_session(self.bundle.path(name), self.profile,
                                              self.bundle.manifest["session"]["config_entries"], self.strict, self.warn)
+            check_graph_inputs(self.bundle, name, [(i.name, i.shape) for i in self.open[name].get_inputs()])
             return_free_memory()
             if self.open[name].get_providers()[0] == "CPUExecutionProvider":
                 matmuls = self.bundle.manifest["recipe"].get("graphs", {}).get(name, {}).get("int8_matmul", 0)

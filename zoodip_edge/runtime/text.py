@@ -35,23 +35,51 @@ STYLE_TEMPLATES = [
 TEMPLATES = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES}
 
 
+#: A safetensors header is kilobytes; one claiming more than this is refused unread.
+MAX_HEADER_BYTES = 100 << 20
+
+
 def mmap_safetensors(path: Path, name: str) -> np.ndarray:
-    """Memory-map one tensor of a safetensors file (read-only; pages load on access)."""
-    dtypes = {"F16": np.float16, "F32": np.float32, "BF16": None}
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-    if name not in header:
-        raise UserError(f"{path}: no tensor {name!r}")
-    info = header[name]
-    dtype = dtypes.get(info["dtype"])
-    if dtype is None:
-        raise UserError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-    start, end = info["data_offsets"]
-    shape = tuple(info["shape"])
-    if end - start != int(np.prod(shape)) * np.dtype(dtype).itemsize:
-        raise UserError(f"{path}: tensor {name} size does not match its shape")
-    return np.memmap(path, dtype=dtype, mode="r", offset=8 + n + start, shape=shape)
+    """Memory-map one tensor of a safetensors file (read-only; pages load on access). Whatever
+    the header claims (its length, shape, offsets) is checked against the file before mapping."""
+    dtypes = {"F16": np.float16, "F32": np.float32}
+    size = Path(path).stat().st_size
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 2 <= n <= min(MAX_HEADER_BYTES, size - 8):
+                raise ValueError("header length")
+            header = json.loads(f.read(n))
+        info = header[name] if isinstance(header, dict) else None
+    except (ValueError, UnicodeDecodeError):
+        raise UserError(f"{path}: not a safetensors file (unreadable header)") from None
+    except KeyError:
+        raise UserError(f"{path}: no tensor {name!r}") from None
+    if not isinstance(info, dict) or info.get("dtype") not in dtypes:
+        raise UserError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype') if isinstance(info, dict) else info!r}")
+    dtype, shape, offsets = np.dtype(dtypes[info["dtype"]]), info.get("shape"), info.get("data_offsets")
+    if (not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+            or not isinstance(offsets, list) or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1] <= size - 8 - n
+            or offsets[1] - offsets[0] != int(np.prod(shape, dtype=object)) * dtype.itemsize):
+        raise UserError(f"{path}: tensor {name} has a shape or offsets that do not match the file")
+    return np.memmap(path, dtype=dtype, mode="r", offset=8 + n + offsets[0], shape=tuple(shape))
+
+
+def bundle_prompt_encoder(bundle) -> "PromptEncoder":
+    """The bundle's tokenizer and token table, the table checked against what the manifest says."""
+    m = bundle.manifest
+    path = bundle.path("token_embeddings")
+    table = mmap_safetensors(path, m["token_embeddings"].get("tensor", "token_embedding"))
+    want = m["token_embeddings"].get("shape")
+    if table.ndim != 2 or (want is not None and list(table.shape) != want):
+        raise UserError(f"{path}: token table has shape {list(table.shape)}; the manifest says {want}")
+    text = m["text"]
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        if text.get(key, 0) >= table.shape[0]:
+            raise UserError(f"{bundle.root}: manifest text.{key} {text[key]} is outside the token table's {table.shape[0]} rows")
+    return PromptEncoder(bundle.path("tokenizer"), table, text["max_length"], text["pad_token_id"])
 
 
 class PromptEncoder:
