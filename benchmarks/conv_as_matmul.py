@@ -1,7 +1,7 @@
 """Single convolutions at SD1.5 sizes, batch 3, 2 threads: ORT Conv on int8 weights (DequantizeLinear,
 as int8-cpu stores them) against the same convolution as a MatMulNBits (float compute, accuracy
 level 0, and int8 compute, level 4). 3x3 ones at 8x8 as im2col MatMuls; 1x1 ones as the token-side
-MatMul of a transformer's proj_in (Conv -> Transpose -> Reshape). The tenth session's export pass
+MatMul of a transformer's proj_in (Conv -> Transpose -> Reshape). An export pass
 for both (conv_matmul.py, commit 61d794f) was measured and removed: docs/recipes.md says why.
 
     python benchmarks/conv_as_matmul.py

@@ -3,7 +3,7 @@
 For each recipe: export time and peak RSS, file sizes, the gates' figures, and ORT CPU-EP
 U-Net s/forward and peak RSS at batch 1 and 3, each measurement in its own process.
 
-    python benchmarks/export_bench.py --work /tmp/bench [--recipes int8-cpu,int8-gpu,fp32,fp16]
+    python benchmarks/export_bench.py --work bench-work [--recipes int8-cpu,int8-gpu,fp32,fp16]
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# zoodip-edge's CUDA EP path on a lent GPU machine, next to the torch baselines, in phases that
-# fit the device tool's calls (onnxruntime-gpu arrives in parts over several calls; see gpu_setup.sh):
+# zoodip-edge's CUDA EP path on a GPU machine without network, next to the torch baselines, in
+# phases that fit separate remote calls (onnxruntime-gpu arrives in parts over several calls; see gpu_setup.sh):
 #
 #   bash benchmarks/gpu_cuda_ep.sh start     # wheels, SD1.5-architecture pipeline (random weights),
 #                                            # then `zoodip-edge export --recipe int8-gpu` in the background

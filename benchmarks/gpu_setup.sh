@@ -1,5 +1,5 @@
-# Sourced by the GPU scripts (from the repo root) on the lent device machine: no network there,
-# packages travel as files under .whl/ (ignored by git; see docs/performance.md, "GPU"):
+# Sourced by the GPU scripts (from the repo root) on a GPU machine without network:
+# packages travel as files under .whl/ (ignored by git; see docs/performance.md, "GPU details"):
 #   .whl/py/*.whl        pure-Python wheels the machine lacks (diffusers, optimum-quanto)
 #   .whl/ort.NN + .whl/ort.sha256   onnxruntime-gpu as a split tar.xz of its installed files (its
 #                        wheel is 255 MB, over the 64 MiB a call carries, so it travels over several calls)

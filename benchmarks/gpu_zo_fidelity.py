@@ -9,7 +9,7 @@ differences stepping mu * sqrt(d) as training does (RGE's mu * e, e ~ N(0, I_d))
 probe's pearson is the gate's verdict (>= 0.95). Rows: fp32 with cuDNN TF32 on (torch's default)
 and off, fp16 activations (the paper's setting), optimum-quanto int8 weights with fp16 (the
 paper's setting) and fp32 activations. One JSON line per (row, mu), then a markdown table.
-(Before the sixth session: one probe at t = 700, and before the fifth a step of mu, not
+(Before the gate's correction: one probe at t = 700 and a step of mu, not
 mu * sqrt(d); docs/results/2026-11-27-h200/torch_zo_fidelity_unit_step_*.txt are on that older scale.)
 """
 

@@ -5,7 +5,7 @@ makes the variants it was chosen from without an export.
 
     python benchmarks/matmul_accuracy_variant.py BUNDLE OUT [--level 4] [--graphs unet] [--keep-float encoder_hidden_states]
 
-The experiment the issue asks about: W8A8 in the MatMuls only (ORT rounds each MatMul's input
+The experiment: W8A8 in the MatMuls only (ORT rounds each MatMul's input
 to int8 per block of 32 along K and multiplies in int8; convolutions stay float). The copy
 hard-links every file it does not change; the changed graphs get new sha256/bytes in the
 manifest, and the manifest's recipe says what was changed. Its verification figures are the

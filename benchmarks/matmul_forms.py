@@ -1,4 +1,4 @@
-"""One SD1.5-sized MatMul in each weight-only int8 form ORT's CPU EP can run (issue 6, dequantization cost).
+"""One SD1.5-sized MatMul in each weight-only int8 form ORT's CPU EP can run (what dequantization costs).
 
     python benchmarks/matmul_forms.py [--repeat 7] [--batch 1]
 

@@ -1,4 +1,4 @@
-"""Personalize benchmark (issue 6): zoodip-edge against the torch ways, side by side, CPU.
+"""Personalize benchmark: zoodip-edge against the torch ways, side by side, CPU.
 
     python benchmarks/personalize_bench.py BUNDLE [BUNDLE...] --torch-pipeline PIPELINE [--n 2] [--steps 3] [--ours cpu,batched]
     python benchmarks/personalize_bench.py BUNDLE [BUNDLE...] --scaling [--steps 3] [--ours batched]
@@ -41,7 +41,7 @@ OURS_ROWS = {
     "cpu-lowmem": ("one by one, `cpu-lowmem` profile (arena, memory pattern, buffer reuse off; mmap threshold 1 MiB, huge pages)",
                    ["--sequential", "--profile-levers", "--profile", "cpu-lowmem"]),
     "reuse": ("one by one, arena on, memory pattern off, buffer reuse on", ["--sequential", "--no-mem-pattern"]),
-    "batched": ("batched, `cpu` profile (as it ships since the eighth session)", ["--batched", "--profile-levers"]),
+    "batched": ("batched, `cpu` profile (as it ships)", ["--batched", "--profile-levers"]),
 }
 
 

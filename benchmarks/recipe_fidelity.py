@@ -1,6 +1,6 @@
 """ZO fidelity and conditioning per recipe on the tiny SD1/SD2 pipelines (random weights).
 
-    python benchmarks/recipe_fidelity.py --work /tmp/fidelity [--out table.md]
+    python benchmarks/recipe_fidelity.py --work fidelity-work [--out table.md]
 """
 
 from __future__ import annotations

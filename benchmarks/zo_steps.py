@@ -1,7 +1,7 @@
 """Steps to quality: zeroth-order personalization against gradient textual inversion, on a toy model.
 
-    python benchmarks/zo_steps.py --model toy-768 --steps 1500 --every 100 --out docs/results/zo_steps_768.json
-    python benchmarks/zo_steps.py --report docs/results/zo_steps_768.json
+    python benchmarks/zo_steps.py --model toy-768 --steps 1500 --every 100 --out zo_steps_768.json
+    python benchmarks/zo_steps.py --report zo_steps_768.json
 
 Every arm learns the same token from the same five photos on the same stream of draws: step k of
 seed s uses the same image, caption, t, latent sample and noise in every arm (the ZO optimizer's

@@ -77,7 +77,7 @@ def test_shipped_profiles_say_what_the_design_asks():
     b = builtin_profiles()
     cpu = b["cpu"]
     assert cpu.provider_names == ("CPUExecutionProvider",)
-    # cpu batches the perturbations: with the eighth-session export that fits 1.5 GB (docs/performance.md)
+    # cpu batches the perturbations: the int8-cpu export with the shared prefix fits 1.5 GB batched (docs/performance.md)
     assert cpu.intra_op_threads == 0 and cpu.batch_perturbations and cpu.resident_sessions
     assert cpu.recommended_recipe == "int8-cpu"
 

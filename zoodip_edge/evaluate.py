@@ -1,6 +1,6 @@
 """The paper's personalization metrics: CLIP-I, CLIP-T and DINO (DreamBooth protocol).
 
-Protocol (docs: /work/shared/ALGORITHM.md, "Evaluation protocol"; DreamBooth, Ruiz et al. 2023):
+Protocol (docs/algorithm.md, "Evaluation protocol"; DreamBooth, Ruiz et al. 2023):
 
 * CLIP-I: mean cosine similarity between the CLIP image embeddings of *every* generated image
   and *every* real reference image of the subject (all pairs, not a diagonal).

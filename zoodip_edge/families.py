@@ -1,4 +1,4 @@
-"""Model families and their ZOODiP defaults (the paper's table, ../shared/ALGORITHM.md)."""
+"""Model families and their ZOODiP defaults (the paper's table; docs/algorithm.md, "Defaults")."""
 
 from __future__ import annotations
 

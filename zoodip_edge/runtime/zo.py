@@ -1,4 +1,4 @@
-"""ZOODiP optimizer math in pure NumPy (spec: ALGORITHM.md, "One step" and Algorithm 2).
+"""ZOODiP optimizer math in pure NumPy (docs/algorithm.md: "One step" and "Building P").
 
 One token vector theta in R^d is learned from loss values alone: RGE (forward differences,
 shared base) -> Subspace Gradient projection -> ZOAdam, timesteps from PUTS. A step is split
