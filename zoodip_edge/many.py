@@ -416,6 +416,7 @@ def run_job(spec: dict) -> dict:
     retries, finish. Returns the job's outcome: state "done", "failed" (with a reason) or
     "interrupted". Permanent failures (personalize's own refusals, exit status 2) are not retried.
     """
+    began = time.time()
     d = Path(spec["dir"])
     out = Path(spec["out"])
     if spec.get("bundle_sha256") and manifest_sha256(spec["bundle"]) != spec["bundle_sha256"]:
@@ -473,7 +474,9 @@ def run_job(spec: dict) -> dict:
         if r.returncode != 0:
             return {"state": "failed", "reason": f"report step: {_error_line(r.stderr)}", **trained}
         result = json.loads((d / "result.json").read_text())
-    return {"state": "done", **trained, **result, "train_seconds": round(sum(a.get("seconds", 0) for a in attempts), 3)}
+    # seconds: this call's wall time on the worker (a Ray task's wait for resources is not in it)
+    return {"state": "done", **trained, **result, "seconds": round(time.time() - began, 3),
+            "train_seconds": round(sum(a.get("seconds", 0) for a in attempts), 3)}
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -565,6 +568,7 @@ class Plan:
     images: int
     evaluate: bool
     memory_mb: int
+    pool: int = 0  # local jobs at once (0 with Ray: the cluster's resources decide)
     todo: list[Job] = field(default_factory=list)
     finished: dict[str, dict] = field(default_factory=dict)
 
@@ -610,8 +614,7 @@ def prepare(job_file: Path, out: Path, *, threads: int | None, want_jobs: int | 
         pool, per = 0, threads or 1
     else:
         pool, per = plan_pool(len(jobs), cpus, budget, memory, want_jobs, threads)
-    plan = Plan(jobs, out, personalize_options(), per, retries, images, evaluate, memory)
-    plan.pool = pool  # type: ignore[attr-defined]
+    plan = Plan(jobs, out, personalize_options(), per, retries, images, evaluate, memory, pool)
     for job in jobs:
         rec = state.get(job.name, {})
         d = job_dir(out, job)
@@ -671,14 +674,14 @@ def run_many(plan: Plan, ledger: Ledger, say: Say, ray_address: str | None = Non
         nonlocal done, failed
         d = job_dir(plan.run, job)
         attempts = [a for a in read_jsonl(d / "attempts.jsonl") if "exit" in a]
-        outcome = {**outcome, "seconds": round(seconds, 3)}
+        outcome = {"seconds": round(seconds, 3), **outcome}
         outcomes[job.name] = outcome
         ledger.write(job=job.name, event=outcome["state"] if outcome["state"] != "done" else "done",
                      identity=job.identity(), attempts=len(attempts),
                      exits=[a["exit"] for a in attempts], **{k: v for k, v in outcome.items() if k != "state"})
         done += outcome["state"] == "done"
         failed += outcome["state"] == "failed"
-        what = (f"done in {seconds:.1f} s, held-out loss {outcome.get('held_out_loss', float('nan')):.4f}"
+        what = (f"done in {outcome['seconds']:.1f} s, held-out loss {outcome.get('held_out_loss', float('nan')):.4f}"
                 if outcome["state"] == "done" else f"{outcome['state']}: {outcome.get('reason', '')}")
         say(f"{done}/{total} done, {failed} failed: {job.name} {what}")
 
@@ -699,7 +702,7 @@ def run_many(plan: Plan, ledger: Ledger, say: Say, ray_address: str | None = Non
 def _run_local(plan: Plan, specs: dict, started, ended, say: Say) -> None:
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
-    pool = plan.pool  # type: ignore[attr-defined]
+    pool = plan.pool
     say(f"{len(plan.todo)} job(s) on a local pool: {pool} at once, {plan.threads} thread(s) each, "
         f"{plan.memory_mb} MB planned per job")
     with ThreadPoolExecutor(max_workers=pool) as ex:
@@ -726,6 +729,37 @@ def _run_local(plan: Plan, specs: dict, started, ended, say: Say) -> None:
                 ended(job, outcome, time.time() - t0)
                 if queue and not interrupted:
                     submit(queue.pop(0))
+
+
+def personalize_many(job_file: Path, out: Path, *, ray: str | None = None, parallel: int | None = None,
+                     threads: int | None = None, retries: int = 2, images: int = 4, evaluate: bool = False,
+                     job_memory_mb: int | None = None, device: str = "auto", say: Say = lambda s: None,
+                     argv: Iterable[str] = ()) -> tuple[dict[str, dict], Path, Plan]:
+    """Run (or resume) the jobs of ``job_file`` into the run folder ``out``; returns each job's
+    outcome this time (jobs finished earlier are not in it), the report's path and the plan."""
+    from .files import exclusive_lock
+
+    for opt, v, low in (("--jobs", parallel, 1), ("--threads-per-job", threads, 1), ("--retries", retries, 0),
+                        ("--images", images, 1), ("--job-memory-mb", job_memory_mb, 1)):
+        if v is not None and v < low:
+            raise UserError(f"{opt} must be at least {low}")
+    if ray is not None and not ray.strip():
+        raise UserError("--ray wants local, auto or a cluster address")
+    if ray is not None and parallel is not None:
+        raise UserError("--jobs sets the local pool; with --ray the cluster's resources decide")
+    out = Path(out).absolute()
+    plan = prepare(Path(job_file), out, threads=threads, want_jobs=parallel, retries=retries, images=images,
+                   evaluate=evaluate, job_memory=job_memory_mb, ray=ray is not None, device_budget=device)
+    out.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(out / "ledger.jsonl"):
+        ledger = Ledger(out / "ledger.jsonl")
+        ledger.write(event="run", argv=list(argv), mode=f"ray {ray}" if ray else "local", jobs=len(plan.jobs),
+                     todo=len(plan.todo), threads_per_job=plan.threads)
+        try:
+            outcomes = run_many(plan, ledger, say, ray)
+        finally:
+            md, _ = write_report(plan)
+    return outcomes, md, plan
 
 
 # ---------------------------------------------------------------------------- report ----------
