@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import typer
 
 from .errors import UserError
-from .files import refuse_existing
+from .files import check_writable, refuse_existing
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Backpropagation-free personalization (ZOODiP) of INT8 Stable Diffusion on devices.")
@@ -36,6 +36,7 @@ def _check_out_folder(out: Path, writes: list[Path], force: bool) -> None:
         raise UserError(f"{out} is not a folder")
     if not force:
         refuse_existing(writes)
+    check_writable(out / ".", "into")
 
 
 _MAIN = False  # set by main(): only a real process (not an in-process test runner) restarts itself
@@ -89,6 +90,9 @@ def cli_errors(fn: Callable) -> Callable:
         except ImportError as e:
             _err(f"{e.name or e}: missing dependency; the export stage needs `pip install \"zoodip-edge[export]\"`")
             raise typer.Exit(2) from None
+        except OSError as e:  # the disk full or gone, a file made unreadable mid-run: say which, in one line
+            _err(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}")
+            raise typer.Exit(1) from None
         except Exception as e:  # noqa: BLE001 - only ONNX Runtime's own failures are turned into a line
             if not _raised_by_onnxruntime(e):
                 raise
@@ -276,10 +280,15 @@ def personalize(
     from .files import exclusive_lock
     from .profiles import resolve_profile
     from .runtime.checkpoint import checkpoint_identity
-    from .runtime.personalize import Personalizer, Settings
+    from .runtime.personalize import NonFiniteLoss, Personalizer, Settings
 
-    if fmt not in ("diffusers", "a1111"):
-        raise UserError(f"unknown --format {fmt!r} (diffusers or a1111)")
+    from .embeddings import check_embedding_output
+    from .runtime.generate import check_seed
+
+    check_embedding_output(out, token, fmt)
+    check_seed(seed)
+    if checkpoint_every < 0 or preview_every < 0:
+        raise UserError("--checkpoint-every and --preview-every count steps: 0 (off) or more")
     ckpt = checkpoint or out.with_name(out.name + ".ckpt")
     _check_personalize_paths(bundle, out, ckpt, log_jsonl)
     if steps is not None:
@@ -341,7 +350,7 @@ def personalize(
                 raise UserError(f"{log_jsonl} is not this run's log (its start record differs); pass --force to replace it")
             log = _JsonlLog(log_jsonl, header, p.step_index if keep else None)
         bar = tqdm(total=total, initial=p.step_index, disable=quiet, unit="step", dynamic_ncols=True)
-        ema = None
+        ema, saved = None, None
         try:
             for rec in p.run(total, stop):
                 loss = float(rec.losses[0])
@@ -352,8 +361,14 @@ def personalize(
                 bar.update(1)
                 if checkpoint_every and p.step_index % checkpoint_every == 0:
                     p.save_checkpoint(ckpt)
+                    saved = p.step_index
                 if preview_every and p.step_index % preview_every == 0:
                     p.preview(ckpt.with_name(f"{out.stem}-preview-{p.step_index:06d}.png"))
+        except NonFiniteLoss as e:
+            bar.close()
+            kept = (f"the checkpoint of step {saved} is kept ({ckpt})" if saved is not None
+                    else "no checkpoint of this run was written" if not resume else f"{ckpt} is kept as it was")
+            raise UserError(f"{e}; {kept}; {out} was not written") from None
         except KeyboardInterrupt:
             bar.close()
             p.save_checkpoint(ckpt)
@@ -398,10 +413,11 @@ def _check_personalize_paths(bundle: Path, out: Path, ckpt: Path, log: Path | No
         if bundle.is_dir() and real.is_relative_to(bundle.resolve()):
             raise UserError(f"{opt} {path} is inside the bundle folder {bundle}; write outside it")
         seen[real] = opt
-    if out.suffix.lower() != ".safetensors":
-        raise UserError(f"embeddings are written as safetensors: name --out *.safetensors, not {out.name}")
-    if not out.parent.is_dir():
-        raise UserError(f"output folder does not exist: {out.parent}")
+    for opt, path in {"--out": out, "--checkpoint": ckpt, "--log-jsonl": log}.items():
+        if path is not None:
+            if not path.parent.is_dir():
+                raise UserError(f"{opt}: folder does not exist: {path.parent}")
+            check_writable(path, opt)
 
 
 def _embedding_of(path: Path, p) -> bool:
@@ -445,6 +461,9 @@ def generate(
     from .profiles import resolve_profile
     from .runtime.generate import Generator, grid
 
+    from .runtime.generate import check_generation
+
+    check_generation(n=n, steps=steps, guidance=guidance, seed=seed)  # the model's own limits are checked again
     names = [f"{seed:04d}-{i:02d}.png" for i in range(n)] + ["grid.png"]
     _check_out_folder(out, [out / name for name in names], force)
     profile = resolve_profile(device)
@@ -471,10 +490,12 @@ def convert(
     force: bool = typer.Option(False, "--force", help="replace DST if it exists"),
 ) -> None:
     """Convert a learned embedding between diffusers and A1111 layouts (no pickle code is run)."""
-    from .embeddings import load_embedding, save_embedding
+    from .embeddings import check_embedding_output, load_embedding, save_embedding
 
+    check_embedding_output(dst, token or "token", fmt)  # the format and name, before anything is read
     if not force:
         refuse_existing([dst])
+    check_writable(dst)
     name, vec, meta = load_embedding(src)
     tok = token or name or src.stem
     save_embedding(dst, tok, vec, {k: v for k, v in meta.items() if k != "name"}, fmt=fmt)
@@ -504,7 +525,7 @@ def evaluate(
     force: bool = typer.Option(False, "--force", help="replace results.json, results.md and (with --all) images/ in OUT"),
 ) -> None:
     """Score generated images with the paper's CLIP-I, CLIP-T and DINO (needs the eval extra)."""
-    from .evaluate import evaluate_images, load_image_folder, write_report
+    from .evaluate import check_model_source, evaluate_images, load_image_folder, write_report
     from .files import save_image
 
     if run_all == (generated is not None):
@@ -515,6 +536,8 @@ def evaluate(
         raise UserError("--all needs --bundle and --embedding")
     _check_out_folder(out, [out / "results.json", out / "results.md", *([out / "images"] if run_all else [])], force)
     refs = load_image_folder(references)
+    check_model_source("CLIP", clip)  # before any generation: a model that cannot load fails first
+    check_model_source("DINO", dino)
     if generated is not None:
         gen = {prompt: load_image_folder(generated)}
     else:
@@ -569,10 +592,16 @@ def demo(
 
     from .demo import check_out, demo_steps, run_demo
 
+    from .runtime.generate import check_seed
+
     check_out(out, force)  # before the progress bar draws
+    check_writable(out / "grid.png")
+    check_seed(seed)
     steps = steps if steps is not None else demo_steps(model)
     if steps < 1:
         raise UserError("--steps must be at least 1")
+    if not 1 <= images <= 256:
+        raise UserError(f"--images must be between 1 and 256, got {images}")
     with tqdm(total=steps, desc="ZOODiP", unit="step", leave=False) as bar:
         r = run_demo(out, steps=steps, seed=seed, concept=concept, images=images,
                      say=lambda msg: tqdm.write(f"[demo] {msg}", file=sys.stderr),

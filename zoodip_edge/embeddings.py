@@ -54,7 +54,7 @@ import numpy as np
 from zoodip_edge.errors import UserError
 from zoodip_edge.files import write_atomic as _write_atomic
 
-__all__ = ["save_embedding", "load_embedding", "SDXL_KEYS"]
+__all__ = ["save_embedding", "load_embedding", "check_embedding_output", "SDXL_KEYS"]
 
 #: Keys of the SDXL two-encoder layout.
 SDXL_KEYS = ("clip_l", "clip_g")
@@ -85,21 +85,13 @@ def save_embedding(
     p = Path(path)
     if fmt not in _FORMATS:
         raise ValueError(f"fmt must be one of {', '.join(_FORMATS)}, got {fmt!r}")
-    if not isinstance(token, str) or not token.strip() or token != token.strip():
-        raise UserError(f"the token must be a non-empty word without surrounding spaces, got {token!r}")
-    if p.suffix.lower() != ".safetensors":
-        raise UserError(f"embeddings are written as safetensors: name the file *.safetensors, not {p.name}")
+    check_embedding_output(p, token, fmt, sdxl=isinstance(vector, Mapping))
 
     if isinstance(vector, Mapping):
         tensors = _sdxl_tensors(vector)
     else:
         arr = _as_matrix(vector, "vector")
-        if fmt == "diffusers":
-            if token in SDXL_KEYS or token == _A1111_KEY:
-                raise UserError(f"the token {token!r} is reserved by the embedding file layouts; choose another")
-            tensors = {token: arr}
-        else:
-            tensors = {_A1111_KEY: arr}
+        tensors = {token: arr} if fmt == "diffusers" else {_A1111_KEY: arr}
 
     meta = {"name": token}
     for key, value in (metadata or {}).items():
@@ -116,6 +108,19 @@ def save_embedding(
 
     data = _st_save(tensors, metadata=meta)
     _write_atomic(p, data)
+
+
+def check_embedding_output(path: str | os.PathLike[str], token: str, fmt: str = "diffusers", sdxl: bool = False) -> None:
+    """What ``save_embedding`` would refuse about a file name, token and layout, in one line: a
+    command checks it before its work, not after."""
+    if fmt not in _FORMATS:
+        raise UserError(f"unknown format {fmt!r} (choose {' or '.join(_FORMATS)})")
+    if not isinstance(token, str) or not token.strip() or token != token.strip():
+        raise UserError(f"the token must be a non-empty word without surrounding spaces, got {token!r}")
+    if Path(path).suffix.lower() != ".safetensors":
+        raise UserError(f"embeddings are written as safetensors: name the file *.safetensors, not {Path(path).name}")
+    if fmt == "diffusers" and not sdxl and (token in SDXL_KEYS or token == _A1111_KEY):
+        raise UserError(f"the token {token!r} is reserved by the embedding file layouts; choose another")
 
 
 def _as_matrix(vector: Any, what: str, error: type[Exception] = ValueError) -> np.ndarray:

@@ -34,7 +34,6 @@ from .files import write_atomic
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 DEFAULT_DINO = "facebook/dinov2-base"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 # ---------------------------------------------------------------- metric math (NumPy only)
@@ -139,12 +138,30 @@ def _load_error(what: str, model: str, err: BaseException) -> UserError:
     )
 
 
-def _check_folder(what: str, model: str) -> None:
-    if _looks_like_path(model) and not Path(model).expanduser().is_dir():
-        raise UserError(
-            f"cannot load the {what} model {model!r}: no such folder; "
-            f"pass a local folder saved with save_pretrained (or a hub id where there is network)"
-        )
+def check_model_source(what: str, model: str, timeout: float = 3.0) -> None:
+    """Refuse in one line, before any work, a model that cannot be loaded: a folder that does not
+    exist, or a hub id neither in the local cache nor reachable (one quick connection attempt
+    instead of the hub client's retries)."""
+    if _looks_like_path(model):
+        if not Path(model).expanduser().is_dir():
+            raise UserError(f"cannot load the {what} model {model!r}: no such folder; "
+                            f"pass a local folder saved with save_pretrained (or a hub id where there is network)")
+        return
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(model, "config.json"), str) or os.environ.get("HF_HUB_OFFLINE") == "1":
+        return  # cached (or offline by choice: the loader then says what is missing)
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or (443 if endpoint.scheme == "https" else 80)),
+                                 timeout=timeout).close()
+    except OSError:
+        raise UserError(f"cannot load the {what} model {model!r}: it is not in the local cache and the model hub "
+                        f"({endpoint.hostname}) cannot be reached; pass a local folder saved with save_pretrained") from None
 
 
 def _pick_device(device: str | None) -> str:
@@ -185,7 +202,7 @@ class ClipScorer:
     """CLIP image and text embeddings (L2-normalized) for CLIP-I and CLIP-T."""
 
     def __init__(self, model: str = DEFAULT_CLIP, device: str | None = None, batch_size: int = 16):
-        _check_folder("CLIP", model)
+        check_model_source("CLIP", model)
         self.name = str(model)
         self.batch_size = max(1, int(batch_size))
         try:
@@ -233,7 +250,7 @@ class DinoScorer:
     """DINOv2 [CLS] embeddings (last_hidden_state[:, 0], L2-normalized) for the DINO metric."""
 
     def __init__(self, model: str = DEFAULT_DINO, device: str | None = None, batch_size: int = 16):
-        _check_folder("DINO", model)
+        check_model_source("DINO", model)
         self.name = str(model)
         self.batch_size = max(1, int(batch_size))
         try:
@@ -265,20 +282,13 @@ class DinoScorer:
 # ---------------------------------------------------------------- evaluation + report
 
 def load_image_folder(folder: str | Path) -> list:
-    """All images in ``folder`` (sorted by name), as RGB PIL images."""
-    from PIL import Image
+    """All images in ``folder`` (sorted by name), as RGB PIL images: personalize's loader, so a
+    file it refuses (empty, truncated, too large, not a regular file) is refused here in one line."""
+    from .runtime.images import load_rgb_images
 
-    folder = Path(folder)
-    if not folder.is_dir():
+    if not Path(folder).is_dir():
         raise UserError(f"image folder not found: {folder}")
-    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not paths:
-        raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
-    images = []
-    for p in paths:
-        with Image.open(p) as im:
-            images.append(im.convert("RGB"))
-    return images
+    return [im for _, im in load_rgb_images(folder)]
 
 
 def evaluate_images(

@@ -124,6 +124,24 @@ def refuse_existing(paths: Iterable[Path]) -> None:
         raise UserError(f"{found[0]} exists{more}; pass --force to replace it")
 
 
+def check_writable(target: Path, what: str = "output") -> None:
+    """Refuse, before any work, an output whose folder (or nearest existing ancestor, for folders
+    still to be made) is not a folder or cannot be written: tried with a file of our own, since
+    permission bits say nothing about read-only file systems or root."""
+    folder = Path(target).parent
+    while not os.path.lexists(folder) and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UserError(f"cannot write {what} {target}: {folder} is not a folder")
+    probe = folder / f".zoodip-write-test-{os.getpid()}-{secrets.token_hex(6)}"
+    try:
+        fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except OSError as e:
+        raise UserError(f"cannot write {what} {target}: {folder}: {e.strerror}") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
 def lock_path(target: Path) -> Path:
     return Path(target).parent / f".{Path(target).name}.lock"
 

@@ -125,12 +125,17 @@ def export_bundle(
     if recipe not in RECIPES:
         raise UserError(f"unknown recipe {recipe!r} (choose from {', '.join(RECIPES)})")
     defaults_for("sd1", defaults)  # bad keys or values fail before the model loads
+    if resolution is not None and not 8 <= resolution <= 4096:  # the model's own multiple is checked once it loads
+        raise UserError(f"--resolution must be from 8 to 4096 pixels, got {resolution}")
     out = Path(os.path.abspath(out))  # "." or "x/.." would have no name for the siblings made beside it
     src = _model_inside(out, model, config)
     if src is not None:
         raise UserError(f"{out} is or contains the model being exported ({src}); choose another --out")
     if not out.parent.exists():
         raise UserError(f"output parent folder does not exist: {out.parent}")
+    from ..files import check_writable
+
+    check_writable(out, "the bundle")
     with exclusive_lock(out):
         check_replaceable(out, force)
         return _export(model, out, recipe, resolution, force, allow_unfaithful, config, progress or (lambda msg: None),

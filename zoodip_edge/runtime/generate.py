@@ -7,6 +7,8 @@ classifier-free guidance and a NumPy sampler. No torch.
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -33,6 +35,26 @@ def load_embeddings(paths: Iterable[str | Path]) -> list[tuple[str, np.ndarray]]
             raise UserError(f"{path} is an SDXL embedding; this bundle family takes one text encoder")
         out.append((token or Path(path).stem, vec))
     return out
+
+
+#: Most images one call generates: they are sampled as one batch.
+MAX_IMAGES = 256
+
+
+def check_generation(*, n: int, steps: int, guidance: float, seed: int, train_steps: int = 1000) -> None:
+    """Refuse, in one line, numbers no generation can use (before any model work)."""
+    if not 1 <= n <= MAX_IMAGES:
+        raise UserError(f"the number of images must be between 1 and {MAX_IMAGES}, got {n}")
+    if not 1 <= steps <= train_steps:
+        raise UserError(f"sampling steps must be between 1 and {train_steps} (the model's timesteps), got {steps}")
+    if not math.isfinite(guidance) or guidance < 0:
+        raise UserError(f"the guidance scale must be a finite number >= 0, got {guidance}")
+    check_seed(seed)
+
+
+def check_seed(seed: int) -> None:
+    if not 0 <= seed < 2**63:
+        raise UserError(f"a seed is a whole number from 0 to 2**63 - 1, got {seed}")
 
 
 def to_pil(images: np.ndarray) -> list[Image.Image]:
@@ -66,8 +88,10 @@ class Generator:
         if text is None:
             text = bundle_prompt_encoder(self.bundle)
         self.text = text
-        for token, rows in [*load_embeddings(embeddings), *extra_tokens]:
+        files = load_embeddings(embeddings)
+        for token, rows in [*files, *extra_tokens]:
             self.text.add_embedding(token, rows)
+        self.loaded, self.warn = [token for token, _ in files], warn  # tokens from files: a prompt without them is a mistake
 
     def encode_prompts(self, prompts: Sequence[str]) -> np.ndarray:
         te = self.sessions.get("text_encoder")
@@ -78,9 +102,12 @@ class Generator:
                  seed: int = 0, scheduler: str = "ddim", tile: int | None = None,
                  progress: Callable[[int, int], None] | None = None) -> list[Image.Image]:
         """``n`` images of ``prompt`` with classifier-free guidance (``guidance`` 1 disables it)."""
-        if n < 1 or steps < 1:
-            raise UserError("need at least one image and one step")
         m = self.bundle.manifest
+        check_generation(n=n, steps=steps, guidance=guidance, seed=seed,
+                         train_steps=m["scheduler"].get("num_train_timesteps", 1000))
+        unused = [tok for tok in self.loaded if tok not in prompt and tok not in negative_prompt]
+        if unused and self.warn:
+            self.warn(f"{', '.join(unused)} not in the prompt: the embedding(s) loaded for it have no effect")
         cfg = guidance != 1.0
         cond = self.encode_prompts([negative_prompt, prompt] if cfg else [prompt])
         if not self.profile.resident_sessions:

@@ -26,8 +26,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +37,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from zoodip_edge.errors import UserError
 
-__all__ = ["IMAGE_EXTENSIONS", "MAX_PIXELS", "load_images", "load_captions"]
+__all__ = ["IMAGE_EXTENSIONS", "MAX_PIXELS", "load_images", "load_rgb_images", "load_captions"]
 
 #: File name endings taken from a folder (compared case-insensitively).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
@@ -71,14 +73,25 @@ def load_images(
     if isinstance(resolution, bool) or not isinstance(resolution, (int, np.integer)) or resolution < 1:
         raise ValueError(f"resolution must be a positive integer, got {resolution!r}")
     resolution = int(resolution)
+    return _read_all(source, lambda rgb: _square(rgb, resolution), max_pixels)
 
+
+def load_rgb_images(
+    source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *, max_pixels: int = MAX_PIXELS
+) -> list[tuple[str, Image.Image]]:
+    """The same files, checks and messages as :func:`load_images`, as upright RGB PIL images at
+    their own size (what ``evaluate`` scores)."""
+    return _read_all(source, lambda rgb: rgb.copy(), max_pixels)
+
+
+def _read_all(source, finish, max_pixels: int) -> list:
     where, files = _list_sources(source)
 
     bad: list[str] = []
-    out: list[tuple[str, np.ndarray]] = []
+    out: list = []
     for label, path in files:
         try:
-            out.append((path.name, _load_one(path, resolution, max_pixels)))
+            out.append((path.name, _load_one(path, finish, max_pixels)))
         except _Bad as e:
             bad.append(f"{label} ({e})")
     if bad:
@@ -186,14 +199,19 @@ def _list_sources(source) -> tuple[str, list[tuple[str, Path]]]:
     return "", [(str(p), p) for p in paths]
 
 
-def _load_one(path: Path, resolution: int, max_pixels: int) -> np.ndarray:
+def _load_one(path: Path, finish: Callable[[Image.Image], Any], max_pixels: int) -> Any:
     try:
-        if path.stat().st_size == 0:
-            raise _Bad("empty file")
+        st = path.stat()
     except FileNotFoundError:
         raise _Bad("missing") from None
     except PermissionError:
         raise _Bad("permission denied") from None
+    except OSError as e:  # a symbolic link loop, a name too long, an I/O error
+        raise _Bad((e.strerror or type(e).__name__).lower()) from None
+    if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
+        raise _Bad("not a regular file")
+    if st.st_size == 0:
+        raise _Bad("empty file")
 
     # Pillow warns above Image.MAX_IMAGE_PIXELS and raises above twice that; turn the warning
     # into an error for this call only (catch_warnings restores the filters on exit).
@@ -211,7 +229,7 @@ def _load_one(path: Path, resolution: int, max_pixels: int) -> np.ndarray:
                 except Exception as e:  # noqa: BLE001 - any decoder failure is a bad file
                     raise _Bad(_decode_reason(e)) from e
                 # crop and resize before the file closes: closing frees the decoded pixels
-                return _square(_to_rgb(_upright(img)), resolution)
+                return finish(_to_rgb(_upright(img)))
         except _Bad:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:

@@ -30,6 +30,7 @@ from ..files import save_image
 from ..schema import Int, Num, Obj, Optional, SchemaError, Str, check
 from .checkpoint import load_checkpoint, save_checkpoint
 from .diffusion import alphas_cumprod, noisy_and_target
+from .generate import check_seed
 from .init_search import SearchResult, search_initializer, search_probes
 from .sessions import BundleSessions, return_free_memory
 from .stopping import Plateau, stop_probes
@@ -69,10 +70,20 @@ class Settings:
         cfg = ZOConfig(n=pick("n"), mu=pick("mu"), lr=pick("lr"), tau=pick("tau"), nu=pick("nu"),
                        t_low=t_low, t_high=t_high, subspace=self.subspace, guide_momentum=bool(pick("guide_momentum")),
                        guide_k=int(pick("guide_k")), guide_alpha=pick("guide_alpha"))
-        if (cfg.n < 1 or not 0 < cfg.mu < float("inf") or not 0 < cfg.lr < float("inf") or cfg.tau < 2
-                or not 0 <= cfg.nu < 1 or cfg.guide_k < 0 or not 0 < cfg.guide_alpha <= 1):
-            raise UserError(f"invalid hyperparameters: {cfg}")
+        bad = {"n": not 1 <= cfg.n <= 256, "mu": not 0 < cfg.mu < float("inf"), "lr": not 0 < cfg.lr < float("inf"),
+               "tau": not 2 <= cfg.tau <= 4096, "nu": not 0 <= cfg.nu < 1, "guide_k": not 0 <= cfg.guide_k <= 256,
+               "guide_alpha": not 0 < cfg.guide_alpha <= 1}
+        ranges = {"n": "1..256", "mu": "a finite number > 0", "lr": "a finite number > 0", "tau": "2..4096",
+                  "nu": "in [0, 1)", "guide_k": "0..256", "guide_alpha": "in (0, 1]"}
+        for key, wrong in bad.items():
+            if wrong:
+                raise UserError(f"{key} must be {ranges[key]}, got {getattr(cfg, key)}")
+        check_seed(self.seed)
         return cfg
+
+
+class NonFiniteLoss(UserError):
+    """Training diverged: the step that produced NaN or infinity was not applied."""
 
 
 @dataclass
@@ -241,8 +252,18 @@ class Personalizer:
         return found
 
     def step(self) -> StepRecord:
+        """One ZO step; NonFiniteLoss (nothing changed) if a loss or the new token is not finite."""
         plan = self.optimizer.propose()
-        record = self.optimizer.update(plan, self.losses(plan.thetas, plan.t, plan.noise_seed))
+        fits = np.all(np.abs(plan.thetas) <= np.finfo(np.float32).max)  # the graphs compute in float32
+        losses = self.losses(plan.thetas, plan.t, plan.noise_seed) if fits else np.array([np.inf])
+        if not np.all(np.isfinite(losses)):
+            raise NonFiniteLoss(f"the loss became non-finite at step {plan.step + 1} (t={plan.t}); "
+                                f"a smaller --lr (now {self.config.lr:g}) or --mu (now {self.config.mu:g}) may help")
+        state = self.optimizer.state_dict()
+        record = self.optimizer.update(plan, losses)
+        if not np.all(np.isfinite(self.theta)):
+            self.optimizer.load_state_dict(state)
+            raise NonFiniteLoss(f"the token became non-finite at step {plan.step + 1}; a smaller --lr (now {self.config.lr:g}) may help")
         self.last_loss = float(record.losses[0])
         return_free_memory()  # the step's freed activations, before the next one allocates again
         return record
