@@ -173,7 +173,7 @@ def test_local_pool_equals_plain_personalize_and_isolates_bad_jobs(world, local_
         assert np.array_equal(tensor(job / "learned_embeds.safetensors"), reference(world, name, threads_of(job))), name
         assert (job / "grid.png").is_file()
     assert "image path not found" in last(run, "missing")["reason"]
-    assert "invalid hyperparameters" in last(run, "badlr")["reason"]
+    assert "lr" in last(run, "badlr")["reason"] and "-1" in last(run, "badlr")["reason"]  # personalize's refusal
     assert last(run, "missing")["event"] == last(run, "badlr")["event"] == "failed"
     csv = (run / "report.csv").read_text().splitlines()
     assert len(csv) == 7 and csv[0].startswith("job,state,attempts,steps,seconds,peak_rss_mb,final_loss")
@@ -274,6 +274,24 @@ def test_a_killed_driver_leaves_no_worker_and_a_rerun_resumes(world, tmp_path):
     assert r.returncode == 0, r.stderr
     assert [a["resume"] for a in read_jsonl(job / "attempts.jsonl") if "resume" in a] == [False, True]
     assert np.array_equal(tensor(job / "learned_embeds.safetensors"), reference(world, "long", 1, LONG))
+
+
+def test_the_local_pool_imports_neither_ray_nor_torch(world, tmp_path):
+    """The device install has no Ray and no torch: the local pool's driver imports neither (its personalize
+    processes are the runtime's, which other tests check)."""
+    from conftest import BLOCK_TORCH
+
+    jobs = tmp_path / "one.jsonl"
+    jobs.write_text(json.dumps({"bundle": BUNDLE, "images": str(world / "purple-ring"), "token": "<ring>",
+                                "init": "shape", "steps": 3}) + "\n")
+    code = BLOCK_TORCH.replace("('torch', 'diffusers', 'transformers')", "('torch', 'diffusers', 'transformers', 'ray')") + (
+        "from zoodip_edge.many import personalize_many\n"
+        f"outcomes, _, _ = personalize_many({str(jobs)!r}, {str(tmp_path / 'run')!r})\n"
+        "assert outcomes['job1']['state'] == 'done', outcomes\n"
+        "assert not [m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'transformers', 'ray')]\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "run" / "jobs" / "job1" / "grid.png").is_file()
 
 
 # -------------------------------------------------------------------------------- Ray ----------

@@ -12,9 +12,12 @@ resumes from the same checkpoint.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from .many import Plan
 
 
 def connect(address: str, cpus: int) -> bool:
@@ -38,7 +41,7 @@ def connect(address: str, cpus: int) -> bool:
     return True
 
 
-def run_on_ray(plan, specs: dict[str, dict], started: Callable, ended: Callable, say: Callable[[str], None],
+def run_on_ray(plan: Plan, specs: dict[str, dict], started: Callable, ended: Callable, say: Callable[[str], None],
                address: str) -> None:
     """Submit every job left to do as a Ray task and record each as it ends. A task whose worker
     or node dies is retried by Ray (``plan.retries`` times) and resumes from its checkpoint."""

@@ -747,6 +747,11 @@ def personalize_many(job_file: Path, out: Path, *, ray: str | None = None, paral
         raise UserError("--ray wants local, auto or a cluster address")
     if ray is not None and parallel is not None:
         raise UserError("--jobs sets the local pool; with --ray the cluster's resources decide")
+    if ray is not None:
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:  # before anything is written
+            raise UserError('--ray needs Ray: pip install "zoodip-edge[cluster]"')
     out = Path(out).absolute()
     plan = prepare(Path(job_file), out, threads=threads, want_jobs=parallel, retries=retries, images=images,
                    evaluate=evaluate, job_memory=job_memory_mb, ray=ray is not None, device_budget=device)
