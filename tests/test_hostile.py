@@ -3,7 +3,6 @@ what it says, runs on one output exclude each other, and killed writers' leftove
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -17,68 +16,20 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file
-from typer.testing import CliRunner
 
 from zoodip_edge.bundle import load_bundle
-from zoodip_edge.cli import app
 from zoodip_edge.embeddings import save_embedding
 from zoodip_edge.errors import UserError
 from zoodip_edge.files import exclusive_lock, lock_path, write_atomic
 from zoodip_edge.runtime.zo import ZOConfig, replay
 
-runner = CliRunner()
-TOKEN = "<red-ball>"
-
-
-def snapshot(*roots: Path) -> dict[str, str]:
-    """Every path under ``roots`` (links not followed): sha256 of files, link targets, folders."""
-    snap = {}
-    for root in map(Path, roots):
-        if root.is_symlink() or root.is_file():
-            entries = [root]
-        else:
-            entries = [root] if root.is_dir() else []
-            for folder, dirs, files in os.walk(root):
-                entries += [Path(folder) / n for n in dirs + files]
-        for p in entries:
-            if p.is_symlink():
-                snap[str(p)] = "link -> " + os.readlink(p)
-            elif p.is_dir():
-                snap[str(p)] = "folder"
-            else:
-                snap[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return snap
-
-
-def refused(args: list, *roots: Path, match: str) -> str:
-    """Run the CLI; it must exit 2 with one ``error:`` line on stderr containing ``match``, no
-    traceback, and leave everything under ``roots`` as it was (nothing changed, added or removed)."""
-    before = snapshot(*roots)
-    r = runner.invoke(app, [str(a) for a in args])
-    after = snapshot(*roots)
-    lines = r.stderr.strip().splitlines()
-    assert r.exit_code == 2, (r.exit_code, r.output, r.exception)
-    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
-    assert "Traceback" not in r.output and match in lines[0], lines[0]
-    assert after == before, {k: (before.get(k), after.get(k)) for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
-    return lines[0]
-
-
-def ok(args: list) -> None:
-    r = runner.invoke(app, [str(a) for a in args])
-    assert r.exit_code == 0, (r.output, r.exception)
+from cli_checks import TOKEN, ok, personalize_args, refused, snapshot, write
 
 
 def dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
     return proc.pid
-
-
-def write(path: Path, text: str = "the user's own notes") -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    return path
 
 
 # ----------------------------------------------------------------------------- export --
@@ -146,9 +97,7 @@ def test_export_takes_a_lock_on_its_output(sd1_pipeline, tmp_path):
 
 # ------------------------------------------------------------------------ personalize --
 
-def _cli(bundle, photos, out, *extra) -> list:
-    return ["personalize", bundle, photos, "--token", TOKEN, "--init", "dog", "--out", out, "--device", "cpu",
-            "--quiet", *extra]
+_cli = personalize_args
 
 
 def _meta(path: Path) -> dict:

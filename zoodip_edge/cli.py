@@ -26,7 +26,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 
 def _err(msg: str) -> None:
-    typer.echo(f"error: {msg}", err=True)
+    """One line, whatever a name read from a file holds (newlines, terminal escapes)."""
+    clean = "".join(c if c.isprintable() else repr(c)[1:-1] for c in msg)
+    typer.echo(f"error: {clean}", err=True)
 
 
 def _check_out_folder(out: Path, writes: list[Path], force: bool) -> None:
@@ -208,6 +210,9 @@ class _JsonlLog:
         kept = [json.dumps(header)]
         if resume_step is not None:
             kept += [line for line, rec in _jsonl_records(path)[1:] if rec.get("step", resume_step) < resume_step]
+            if len(kept) - 1 != resume_step:  # records lost (torn by a kill, or cut): a replay would skip steps
+                raise UserError(f"{path} holds {len(kept) - 1} of the {resume_step} steps before the checkpoint (its end "
+                                "was lost); it cannot be continued: resume with another --log-jsonl or without one")
         write_atomic(path, "".join(line + "\n" for line in kept).encode())
         self.f = open(path, "a")
 
@@ -470,11 +475,11 @@ def generate(
     _restart_for(profile)
     warn = lambda msg: typer.echo(f"warning: {msg}", err=True)  # noqa: E731
     g = Generator(bundle, profile=profile, strict=strict, warn=warn, embeddings=embedding)
-    out.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=steps, disable=quiet, unit="step")
     images = g.generate(prompt, negative_prompt=negative_prompt, n=n, steps=steps, guidance=guidance, seed=seed,
                         scheduler=scheduler, tile=tile, progress=lambda i, total: bar.update(1))
     bar.close()
+    out.mkdir(parents=True, exist_ok=True)  # only now: a run that fails leaves no folder behind
     for name, im in zip(names, [*images, grid(images)]):
         save_image(im, out / name)
     typer.echo(f"wrote {len(images)} image(s) and grid.png to {out}")
@@ -536,25 +541,24 @@ def evaluate(
         raise UserError("--all needs --bundle and --embedding")
     _check_out_folder(out, [out / "results.json", out / "results.md", *([out / "images"] if run_all else [])], force)
     refs = load_image_folder(references)
+    gen = {prompt: load_image_folder(generated)} if generated is not None else {}
     check_model_source("CLIP", clip)  # before any generation: a model that cannot load fails first
     check_model_source("DINO", dino)
-    if generated is not None:
-        gen = {prompt: load_image_folder(generated)}
-    else:
+    if generated is None:
         from .prompts import dreambooth_prompts
         from .runtime.generate import Generator
 
         g = Generator(bundle, profile=device, embeddings=[embedding],
                       warn=lambda msg: typer.echo(f"warning: {msg}", err=True))
-        gen = {}
         prompts = dreambooth_prompts(kind, token, class_word)
         with typer.progressbar(prompts, label="generating") as bar:
             for i, p in enumerate(bar):
                 gen[p] = g.generate(p, n=n, steps=steps, guidance=guidance, scheduler=scheduler, seed=i)
-                folder = out / "images" / f"{i:02d}"
-                folder.mkdir(parents=True, exist_ok=True)
-                for j, im in enumerate(gen[p]):
-                    save_image(im, folder / f"{j:02d}.png")
+        for i, images in enumerate(gen.values()):  # written once all are made: a failed run leaves none
+            folder = out / "images" / f"{i:02d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for j, im in enumerate(images):
+                save_image(im, folder / f"{j:02d}.png")
     results = evaluate_images(gen, refs, class_word=class_word, token=token, clip=clip, dino=dino)
     out.mkdir(parents=True, exist_ok=True)
     write_report(results, out / "results.json", out / "results.md")

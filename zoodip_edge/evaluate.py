@@ -153,8 +153,11 @@ def check_model_source(what: str, model: str, timeout: float = 3.0) -> None:
 
     from huggingface_hub import try_to_load_from_cache
 
-    if isinstance(try_to_load_from_cache(model, "config.json"), str) or os.environ.get("HF_HUB_OFFLINE") == "1":
-        return  # cached (or offline by choice: the loader then says what is missing)
+    if isinstance(try_to_load_from_cache(model, "config.json"), str):
+        return
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise UserError(f"cannot load the {what} model {model!r}: it is not in the local cache and HF_HUB_OFFLINE is set; "
+                        f"pass a local folder saved with save_pretrained")
     endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
     try:
         socket.create_connection((endpoint.hostname, endpoint.port or (443 if endpoint.scheme == "https" else 80)),

@@ -86,6 +86,11 @@ class NonFiniteLoss(UserError):
     """Training diverged: the step that produced NaN or infinity was not applied."""
 
 
+def _fits(theta: np.ndarray) -> bool:
+    """Finite and inside float32, the precision every graph computes in."""
+    return bool(np.all(np.abs(theta) <= np.finfo(np.float32).max))  # NaN compares False
+
+
 @dataclass
 class Example:
     """One training image, VAE-encoded once: latents are sampled from N(mean, std²) per step."""
@@ -254,16 +259,16 @@ class Personalizer:
     def step(self) -> StepRecord:
         """One ZO step; NonFiniteLoss (nothing changed) if a loss or the new token is not finite."""
         plan = self.optimizer.propose()
-        fits = np.all(np.abs(plan.thetas) <= np.finfo(np.float32).max)  # the graphs compute in float32
-        losses = self.losses(plan.thetas, plan.t, plan.noise_seed) if fits else np.array([np.inf])
+        losses = self.losses(plan.thetas, plan.t, plan.noise_seed) if _fits(plan.thetas) else np.array([np.inf])
         if not np.all(np.isfinite(losses)):
             raise NonFiniteLoss(f"the loss became non-finite at step {plan.step + 1} (t={plan.t}); "
                                 f"a smaller --lr (now {self.config.lr:g}) or --mu (now {self.config.mu:g}) may help")
         state = self.optimizer.state_dict()
         record = self.optimizer.update(plan, losses)
-        if not np.all(np.isfinite(self.theta)):
+        if not _fits(self.theta):  # a token the graphs cannot take would only fail at the next step
             self.optimizer.load_state_dict(state)
-            raise NonFiniteLoss(f"the token became non-finite at step {plan.step + 1}; a smaller --lr (now {self.config.lr:g}) may help")
+            raise NonFiniteLoss(f"the token left the float32 range at step {plan.step + 1}; "
+                                f"a smaller --lr (now {self.config.lr:g}) may help")
         self.last_loss = float(record.losses[0])
         return_free_memory()  # the step's freed activations, before the next one allocates again
         return record

@@ -56,14 +56,14 @@ def mmap_safetensors(path: Path, name: str) -> np.ndarray:
     except KeyError:
         raise UserError(f"{path}: no tensor {name!r}") from None
     if not isinstance(info, dict) or info.get("dtype") not in dtypes:
-        raise UserError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype') if isinstance(info, dict) else info!r}")
+        raise UserError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype') if isinstance(info, dict) else info!r}")
     dtype, shape, offsets = np.dtype(dtypes[info["dtype"]]), info.get("shape"), info.get("data_offsets")
     if (not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
             or not isinstance(offsets, list) or len(offsets) != 2
             or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
             or not 0 <= offsets[0] <= offsets[1] <= size - 8 - n
             or offsets[1] - offsets[0] != int(np.prod(shape, dtype=object)) * dtype.itemsize):
-        raise UserError(f"{path}: tensor {name} has a shape or offsets that do not match the file")
+        raise UserError(f"{path}: tensor {name!r} has a shape or offsets that do not match the file")
     return np.memmap(path, dtype=dtype, mode="r", offset=8 + n + offsets[0], shape=tuple(shape))
 
 
