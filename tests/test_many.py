@@ -131,10 +131,15 @@ def test_a_bad_job_file_is_one_error_line(tmp_path, content, message):
     (["--jobs", "0"], "--jobs must be at least 1"),
     (["--ray", "local", "--jobs", "2"], "--jobs sets the local pool"),
     (["--retries", "-1"], "--retries must be at least 0"),
+    (["--ray", "127.0.0.1:1"], "cannot reach the Ray cluster at 127.0.0.1:1"),  # Ray itself would retry without end
+    (["--ray", "nonsense"], "want local, auto, HOST:PORT"),
 ])
 def test_bad_options_are_one_error_line(world, tmp_path, argv, message):
+    if "--ray" in argv and "--jobs" not in argv:
+        pytest.importorskip("ray")
     r = cli("personalize-many", str(world / "jobs.jsonl"), "--out", str(tmp_path / "run"), *argv)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and message in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_grid_line_expands_to_named_jobs(tmp_path):
@@ -310,26 +315,60 @@ def test_ray_local_runs_the_jobs_bit_equal(world):
 
 
 @pytest.fixture(scope="module")
-def ray_instance():
+def cluster():
+    """Two Ray nodes of 1 CPU on this machine (the head runs no tasks), so a node can die mid-job."""
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    yield ray
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    nodes = [c.add_node(num_cpus=1) for _ in range(2)]
+    ray.init(address=c.address, log_to_driver=False, logging_level="ERROR")
+    c.wait_for_nodes()
+    yield c, nodes
     ray.shutdown()
+    c.shutdown()
 
 
-def test_a_killed_ray_worker_is_retried_and_resumes(world, tmp_path, ray_instance):
-    run = tmp_path / "run"
-    job = run / "jobs" / "long"
+def _run_in_thread(jobs: Path, run: Path) -> tuple[threading.Thread, dict]:
     result: dict = {}
-    t = threading.Thread(target=lambda: result.update(out=personalize_many(world / "long.jsonl", run, ray="auto")))
+    t = threading.Thread(target=lambda: result.update(out=personalize_many(jobs, run, ray="auto")))
     t.start()
-    _wait_for(lambda: _checkpointed(job), what="the first checkpoint")
-    worker = read_jsonl(job / "attempts.jsonl")[0]["worker_pid"]
-    assert worker != os.getpid()
-    os.kill(worker, signal.SIGKILL)  # the Ray worker process running the task, and with it its personalize
+    return t, result
+
+
+def _ended_on_ray(world: Path, run: Path, t: threading.Thread, result: dict) -> list[dict]:
     t.join(timeout=180)
     outcomes, _, _ = result["out"]
     assert outcomes["long"]["state"] == "done", outcomes
+    job = run / "jobs" / "long"
     starts = [a for a in read_jsonl(job / "attempts.jsonl") if "resume" in a]
-    assert [a["resume"] for a in starts] == [False, True] and starts[1]["worker_pid"] != worker
+    assert [a["resume"] for a in starts] == [False, True]
     assert np.array_equal(tensor(job / "learned_embeds.safetensors"), reference(world, "long", 1, LONG))
+    return starts
+
+
+def test_a_killed_ray_worker_is_retried_and_resumes(world, tmp_path, cluster):
+    run = tmp_path / "run"
+    t, result = _run_in_thread(world / "long.jsonl", run)
+    _wait_for(lambda: _checkpointed(run / "jobs" / "long"), what="the first checkpoint")
+    worker = read_jsonl(run / "jobs" / "long" / "attempts.jsonl")[0]["worker_pid"]
+    assert worker != os.getpid()
+    os.kill(worker, signal.SIGKILL)  # the Ray worker process running the task, and with it its personalize
+    starts = _ended_on_ray(world, run, t, result)
+    assert starts[1]["worker_pid"] != worker
+
+
+def test_a_dead_ray_node_is_survived(world, tmp_path, cluster):
+    """The node running a job dies (its raylet and workers stop): Ray runs the task on the other node."""
+    import psutil
+
+    c, nodes = cluster
+    run = tmp_path / "run"
+    t, result = _run_in_thread(world / "long.jsonl", run)
+    _wait_for(lambda: _checkpointed(run / "jobs" / "long"), what="the first checkpoint")
+    worker = read_jsonl(run / "jobs" / "long" / "attempts.jsonl")[0]["worker_pid"]
+    above = {p.pid for p in psutil.Process(worker).parents()}
+    victim = [n for n in nodes if n.all_processes["raylet"][0].process.pid in above]
+    assert len(victim) == 1
+    c.remove_node(victim[0])
+    _ended_on_ray(world, run, t, result)

@@ -29,6 +29,8 @@ def connect(address: str, cpus: int) -> bool:
         raise UserError('--ray needs Ray: pip install "zoodip-edge[cluster]"') from None
     if ray.is_initialized():  # a caller (a notebook, a test) already joined one: use it
         return False
+    if address not in ("local", "auto"):
+        _reachable(address)
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR"}
     try:
         if address == "local":
@@ -39,6 +41,20 @@ def connect(address: str, cpus: int) -> bool:
         msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UserError(f"cannot join the Ray cluster at {address!r}: {msg[:300]}") from None
     return True
+
+
+def _reachable(address: str, timeout: float = 5.0) -> None:
+    """Refuse an address nothing answers at: ray.init retries an unreachable one without end."""
+    import socket
+
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        raise UserError(f"--ray {address!r}: want local, auto, HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise UserError(f"cannot reach the Ray cluster at {hostport}: {e.strerror or e}") from None
 
 
 def run_on_ray(plan: Plan, specs: dict[str, dict], started: Callable, ended: Callable, say: Callable[[str], None],

@@ -755,15 +755,26 @@ def personalize_many(job_file: Path, out: Path, *, ray: str | None = None, paral
     out = Path(out).absolute()
     plan = prepare(Path(job_file), out, threads=threads, want_jobs=parallel, retries=retries, images=images,
                    evaluate=evaluate, job_memory=job_memory_mb, ray=ray is not None, device_budget=device)
-    out.mkdir(parents=True, exist_ok=True)
-    with exclusive_lock(out / "ledger.jsonl"):
-        ledger = Ledger(out / "ledger.jsonl")
-        ledger.write(event="run", argv=list(argv), mode=f"ray {ray}" if ray else "local", jobs=len(plan.jobs),
-                     todo=len(plan.todo), threads_per_job=plan.threads)
-        try:
-            outcomes = run_many(plan, ledger, say, ray)
-        finally:
-            md, _ = write_report(plan)
+    started_ray = False
+    if ray is not None and plan.todo:  # joined before anything is written: an unreachable cluster leaves no folder
+        from .cluster import connect
+
+        started_ray = connect(ray, cpus_here())
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with exclusive_lock(out / "ledger.jsonl"):
+            ledger = Ledger(out / "ledger.jsonl")
+            ledger.write(event="run", argv=list(argv), mode=f"ray {ray}" if ray else "local", jobs=len(plan.jobs),
+                         todo=len(plan.todo), threads_per_job=plan.threads)
+            try:
+                outcomes = run_many(plan, ledger, say, ray)
+            finally:
+                md, _ = write_report(plan)
+    finally:
+        if started_ray:
+            import ray as ray_module
+
+            ray_module.shutdown()
     return outcomes, md, plan
 
 
