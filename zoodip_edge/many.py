@@ -426,7 +426,7 @@ def run_job(spec: dict) -> dict:
     trained = json.loads(trained_file.read_text()) if trained_file.is_file() else None
     if trained is not None and not (out.is_file() and _sha256(out) == trained.get("sha256")):
         trained = None  # the embedding went missing or changed: personalize --resume writes it again
-    attempts = read_jsonl(d / "attempts.jsonl")
+    attempts = [a for a in read_jsonl(d / "attempts.jsonl") if "resume" in a]  # each try's start record
     tries = 0
     while trained is None:
         tries += 1
@@ -439,12 +439,17 @@ def run_job(spec: dict) -> dict:
         with open(d / "personalize.log", "ab") as log:
             log.write(f"--- attempt {len(attempts) + 1} on {socket.gethostname()}: {' '.join(cmd[3:])}\n".encode())
             log.flush()
-            child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_die_with_parent)
+            offset = log.tell()
+            # stderr straight to the log, so a killed try leaves what it said; stdout is the one result line
+            child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, preexec_fn=_die_with_parent)
             record = {"attempt": len(attempts) + 1, "host": socket.gethostname(), "worker_pid": os.getpid(),
                       "pid": child.pid, "resume": resume, "started": start}
             _append_jsonl(d / "attempts.jsonl", record)
-            stdout, stderr = child.communicate()
-            log.write(stderr + stdout)
+            stdout, _ = child.communicate()
+            log.write(stdout)
+        with open(d / "personalize.log", "rb") as log:
+            log.seek(offset)
+            stderr = log.read()
         record.update(ended=time.time(), seconds=round(time.time() - start, 3), exit=child.returncode)
         attempts.append(record)
         _append_jsonl(d / "attempts.jsonl", {"attempt": record["attempt"], "ended": record["ended"],
@@ -475,8 +480,9 @@ def run_job(spec: dict) -> dict:
             return {"state": "failed", "reason": f"report step: {_error_line(r.stderr)}", **trained}
         result = json.loads((d / "result.json").read_text())
     # seconds: this call's wall time on the worker (a Ray task's wait for resources is not in it)
+    ended = [a for a in read_jsonl(d / "attempts.jsonl") if "exit" in a]  # every run's tries that ended
     return {"state": "done", **trained, **result, "seconds": round(time.time() - began, 3),
-            "train_seconds": round(sum(a.get("seconds", 0) for a in attempts), 3)}
+            "train_seconds": round(sum(a["seconds"] for a in ended), 3)}
 
 
 def _write_json(path: Path, data: dict) -> None:
