@@ -180,7 +180,7 @@ def test_personalize_output_refusals(bundle_copy, photos, tmp_path):
     refused(_cli(bundle_copy, photos, out, "--log-jsonl", out), tmp_path, match="name the same file")
     refused(_cli(bundle_copy, photos, bundle_copy / "token_embeddings.safetensors", "--force"), bundle_copy, tmp_path,
             match="inside the bundle folder")
-    refused(_cli(bundle_copy, photos, tmp_path / "e.bin"), tmp_path, match="name --out *.safetensors")
+    refused(_cli(bundle_copy, photos, tmp_path / "e.bin"), tmp_path, match="name the file *.safetensors")
     write(out, "keep me")
     refused(_cli(bundle_copy, photos, out), tmp_path, match="pass --force to replace it")
     previews = tmp_path / "p.safetensors"
