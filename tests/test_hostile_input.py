@@ -251,16 +251,20 @@ def test_numbers_no_run_can_use_are_refused_before_any_work(sd1_bundle, sd1_pipe
         (p("--seed", "-1"), "a seed is a whole number"), (p("--seed", str(2**64)), "a seed"),
         (p("--checkpoint-every", "-1"), "--checkpoint-every"), (p("--preview-every", "-5"), "--preview-every"),
         (p("--t-low", "-1"), "timestep range"), (p("--t-high", "5000"), "timestep range"),
-        (cli(sd1_bundle, photos, out, "--steps", "0"), "--steps must be at least 1"),
+        (cli(sd1_bundle, photos, out, "--steps", "0"), "--steps must be from 1 to 10**9"),
+        (cli(sd1_bundle, photos, out, "--steps", str(10**30)), "--steps must be from 1 to 10**9"),
         (cli(sd1_bundle, photos, out, "--steps", "nan"), "--steps wants a whole number"),
         (p("--format", "ckpt"), "unknown format 'ckpt'"),
-        (g("--guidance", "nan"), "guidance scale must be a finite number"), (g("--guidance", "inf"), "guidance"),
-        (g("--guidance", "-2"), "guidance"), (g("--seed", "-1"), "a seed"), (g("-n", "0"), "number of images"),
+        (g("--guidance", "nan"), "guidance scale must be a number from 0 to 100"), (g("--guidance", "inf"), "guidance"),
+        (g("--guidance", "-2"), "guidance"), (g("--guidance", "1e308"), "guidance"), (g("--seed", "-1"), "a seed"), (g("-n", "0"), "number of images"),
         (g("-n", "100000"), "number of images"), (g("--steps", "0"), "sampling steps"),
         (g("--steps", "100000"), "sampling steps"), (g("--tile", "0"), "--tile"),
         (["demo", "--out", tmp_path / "d", "--seed", "-3"], "a seed"),
         (["demo", "--out", tmp_path / "d", "--images", "0"], "--images"),
         (["demo", "--out", tmp_path / "d", "--steps", "0"], "--steps"),
+        (["demo", "--out", tmp_path / "d", "--concept", "plaid-blob"], "is not color-shape"),
+        (["export", tmp_path / "no-model", "--out", tmp_path / "b"], "model not found"),
+        (["export", write(tmp_path / "model.bin", "weights"), "--out", tmp_path / "b"], "must be .safetensors or .ckpt"),
         (["export", sd1_pipeline, "--out", tmp_path / "b", "--resolution", "-64"], "--resolution"),
         (["export", sd1_pipeline, "--out", tmp_path / "b", "--resolution", "0"], "--resolution"),
         (["export", sd1_pipeline, "--out", tmp_path / "b", "--defaults", "lr=nan"], "positive finite"),
@@ -361,6 +365,14 @@ def test_paths_that_are_not_what_they_seem(sd1_bundle, my_photos, tmp_path):
     (my_photos / "loop2.png").unlink()
     os.mkfifo(my_photos / "pipe.png")
     refused(cli(sd1_bundle, my_photos, out, "--steps", "2"), tmp_path, match="pipe.png (not a regular file)")
+    os.unlink(my_photos / "pipe.png")
+    pipe = tmp_path / "pipe.safetensors"
+    os.mkfifo(pipe)  # reading any of these would block for ever
+    refused(cli(sd1_bundle, my_photos, out, "--captions", pipe), tmp_path, match="is not a regular file")
+    refused(cli(sd1_bundle, my_photos, out, "--init-embedding", pipe), tmp_path, match="is not a regular file")
+    refused(["convert", pipe, tmp_path / "c.safetensors"], tmp_path, match="is not a regular file")
+    refused(["generate", sd1_bundle, "--prompt", "a dog", "--embedding", pipe, "--out", tmp_path / "g", "--steps", "2"],
+            tmp_path, match="is not a regular file")
 
 
 def test_evaluate_reads_images_as_personalize_does(photos, my_photos, tmp_path):

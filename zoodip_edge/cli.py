@@ -399,8 +399,8 @@ def _steps(value: str | None, default: int):
         total = int(value)
     except ValueError:
         raise UserError(f"--steps wants a whole number or 'auto', got {value!r}") from None
-    if total < 1:
-        raise UserError("--steps must be at least 1")
+    if not 1 <= total <= 10**9:
+        raise UserError(f"--steps must be from 1 to 10**9, got {total}")
     return total, None
 
 
@@ -598,9 +598,13 @@ def demo(
 
     from .runtime.generate import check_seed
 
+    from .demo import parse_concept
+    from .toy import toy_model
+
     check_out(out, force)  # before the progress bar draws
     check_writable(out / "grid.png")
     check_seed(seed)
+    parse_concept(concept, toy_model(model).world)
     steps = steps if steps is not None else demo_steps(model)
     if steps < 1:
         raise UserError("--steps must be at least 1")

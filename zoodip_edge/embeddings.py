@@ -199,6 +199,10 @@ def load_embedding(path: str | os.PathLike[str]) -> tuple[str | None, Vector, di
     tensors without an obvious token, a shape other than ``[d]``/``[k, d]``, or NaN/inf.
     """
     p = Path(path)
+    if p.exists() and not p.is_dir():
+        from .files import check_regular_file
+
+        check_regular_file(p, "embedding file")
     try:
         with open(p, "rb") as f:
             head = f.read(8)

@@ -124,6 +124,21 @@ def refuse_existing(paths: Iterable[Path]) -> None:
         raise UserError(f"{found[0]} exists{more}; pass --force to replace it")
 
 
+def check_regular_file(path: Path, what: str) -> None:
+    """Refuse in one line a path to read that is missing, a folder, or not a regular file (a FIFO
+    or device would block the read, or never end)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise UserError(f"{what} not found: {path}") from None
+    except OSError as e:
+        raise UserError(f"cannot read {what} {path}: {(e.strerror or type(e).__name__).lower()}") from None
+    if stat.S_ISDIR(mode):
+        raise UserError(f"{what} {path} is a folder, not a file")
+    if not stat.S_ISREG(mode):
+        raise UserError(f"{what} {path} is not a regular file")
+
+
 def check_writable(target: Path, what: str = "output") -> None:
     """Refuse, before any work, an output whose folder (or nearest existing ancestor, for folders
     still to be made) is not a folder or cannot be written: tried with a file of our own, since

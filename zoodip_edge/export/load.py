@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,23 @@ def _looks_like_hub_id(model: str) -> bool:
     return len(parts) == 2 and all(parts) and not model.startswith((".", "/", "~"))
 
 
+def model_kind(model: str) -> str:
+    """"single_file", "folder" or "hub" for what ``model`` names, or UserError in one line; cheap
+    (no torch), so an export refuses a wrong path before it loads anything."""
+    path = Path(model).expanduser()
+    if path.is_file():
+        if path.suffix not in (".safetensors", ".ckpt"):
+            raise UserError(f"{model}: single-file checkpoints must be .safetensors or .ckpt")
+        return "single_file"
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise UserError(f"{model} is not a diffusers pipeline folder (no model_index.json)")
+        return "folder"
+    if os.path.lexists(path) or not _looks_like_hub_id(model):
+        raise UserError(f"model not found: {model} (not a folder, a checkpoint file or a hub id)")
+    return "hub"
+
+
 def load_pipeline(model: str, config: str | None = None) -> LoadedPipeline:
     """Load the frozen fp32 components of a Stable Diffusion pipeline.
 
@@ -70,25 +88,20 @@ def load_pipeline(model: str, config: str | None = None) -> LoadedPipeline:
     quiet_hf()
     path = Path(model).expanduser()
     source: dict[str, Any] = {"model": model}
+    kind = model_kind(model)
     try:
-        if path.is_file():
-            if path.suffix not in (".safetensors", ".ckpt"):
-                raise UserError(f"{model}: single-file checkpoints must be .safetensors or .ckpt")
+        if kind == "single_file":
             source.update(kind="single_file", sha256=sha256_file(path))
             # .ckpt is a pickle: diffusers loads it with torch.load(weights_only=True), which
             # refuses arbitrary code; prefer .safetensors.
             kwargs = {"config": config} if config else {}
             pipe = StableDiffusionPipeline.from_single_file(str(path), torch_dtype=torch.float32, **kwargs)
-        elif path.is_dir():
-            if not (path / "model_index.json").is_file():
-                raise UserError(f"{model} is not a diffusers pipeline folder (no model_index.json)")
+        elif kind == "folder":
             source.update(kind="folder")
             pipe = DiffusionPipeline.from_pretrained(str(path), torch_dtype=torch.float32, safety_checker=None)
-        elif _looks_like_hub_id(model):
+        else:
             source.update(kind="hub")
             pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=torch.float32, safety_checker=None)
-        else:
-            raise UserError(f"model not found: {model} (not a folder, a checkpoint file or a hub id)")
     except UserError:
         raise
     except (OSError, ValueError, EnvironmentError) as e:

@@ -7,7 +7,6 @@ classifier-free guidance and a NumPy sampler. No torch.
 
 from __future__ import annotations
 
-import math
 
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -39,6 +38,8 @@ def load_embeddings(paths: Iterable[str | Path]) -> list[tuple[str, np.ndarray]]
 
 #: Most images one call generates: they are sampled as one batch.
 MAX_IMAGES = 256
+#: Guidance beyond this only amplifies numerical noise (useful scales are 1 to about 20).
+MAX_GUIDANCE = 100.0
 
 
 def check_generation(*, n: int, steps: int, guidance: float, seed: int, train_steps: int = 1000) -> None:
@@ -47,8 +48,8 @@ def check_generation(*, n: int, steps: int, guidance: float, seed: int, train_st
         raise UserError(f"the number of images must be between 1 and {MAX_IMAGES}, got {n}")
     if not 1 <= steps <= train_steps:
         raise UserError(f"sampling steps must be between 1 and {train_steps} (the model's timesteps), got {steps}")
-    if not math.isfinite(guidance) or guidance < 0:
-        raise UserError(f"the guidance scale must be a finite number >= 0, got {guidance}")
+    if not 0 <= guidance <= MAX_GUIDANCE:  # NaN fails too
+        raise UserError(f"the guidance scale must be a number from 0 to {MAX_GUIDANCE:g}, got {guidance}")
     check_seed(seed)
 
 

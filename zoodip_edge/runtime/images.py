@@ -46,6 +46,9 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", "
 #: a photo never needs more, and a small file claiming more is a decompression bomb.
 MAX_PIXELS = 8192 * 8192
 
+#: A captions file is a few lines per photo; one larger than this is not one.
+MAX_CAPTIONS_BYTES = 16 << 20
+
 _PIL_SIZE = re.compile(r"\((\d+) pixels\)")
 
 
@@ -117,6 +120,12 @@ def load_captions(path: str | os.PathLike[str], image_names: Sequence[str]) -> d
     when images have no caption (all of them named).
     """
     p = Path(path)
+    if p.exists() and not p.is_dir():
+        from ..files import check_regular_file
+
+        check_regular_file(p, "captions file")
+        if p.stat().st_size > MAX_CAPTIONS_BYTES:
+            raise UserError(f"captions file {p} is {p.stat().st_size} bytes; a captions file is at most {MAX_CAPTIONS_BYTES}")
     try:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
