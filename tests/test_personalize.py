@@ -373,3 +373,17 @@ def test_a_bundle_that_failed_its_fidelity_gate_is_warned(bundle_copy, photos):
     said: list[str] = []
     Personalizer(bundle_copy, photos, TOKEN, "dog", settings=Settings(), profile="cpu", warn=said.append)
     assert any("failed its ZO fidelity gate (pearson 0.20" in s for s in said)
+
+
+def test_the_api_imports_from_the_runtime_package_and_starts_nothing_early():
+    """The module docstring's example works, and a light module of the package does not load ORT."""
+    import subprocess
+    import sys
+
+    from zoodip_edge.runtime import Generator, Personalizer, Settings
+    from zoodip_edge.runtime.generate import Generator as G
+    from zoodip_edge.runtime.personalize import Personalizer as P, Settings as S
+
+    assert (Personalizer, Settings, Generator) == (P, S, G)
+    code = "import sys, zoodip_edge.runtime.images; print('onnxruntime' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"

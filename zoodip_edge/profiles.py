@@ -54,13 +54,7 @@ from typing import Any, Iterable
 
 from .errors import UserError
 
-try:  # Python 3.11+
-    import tomllib as _toml
-except ModuleNotFoundError:  # pragma: no cover - Python 3.10 with tomli installed
-    try:
-        import tomli as _toml  # type: ignore[no-redef]
-    except ModuleNotFoundError:
-        _toml = None  # type: ignore[assignment]
+import tomllib as _toml
 
 __all__ = [
     "DeviceProfile",
@@ -312,8 +306,6 @@ def parse_profile(data: dict[str, Any], source: str) -> DeviceProfile:
 
 
 def _parse_toml(text: str, src: str) -> dict[str, Any]:
-    if _toml is None:  # pragma: no cover
-        raise UserError("reading device profiles needs Python 3.11+ (tomllib) or the 'tomli' package")
     try:
         return _toml.loads(text)
     except _toml.TOMLDecodeError as e:

@@ -6,7 +6,7 @@
         ...                                   # progress, cancellation: just stop iterating
     p.save("learned_embeds.safetensors")
 
-The loop per step (ALGORITHM.md): the optimizer proposes t (PUTS) and n perturbed tokens;
+The loop per step (docs/algorithm.md): the optimizer proposes t (PUTS) and n perturbed tokens;
 one image, caption, latent sample and noise ε are drawn from the step's noise seed and
 shared by all n + 1 evaluations; the text encoder and U-Net give n + 1 losses; the
 optimizer applies RGE -> Subspace Gradient -> ZOAdam. No torch, no gradients.
@@ -42,7 +42,7 @@ Warn = Callable[[str], None]
 
 @dataclass(frozen=True)
 class Settings:
-    """What a user may override; ``None`` means the bundle family's default (ALGORITHM.md)."""
+    """What a user may override; ``None`` means the bundle family's default (docs/algorithm.md)."""
 
     n: int | None = None
     mu: float | None = None
