@@ -7,7 +7,6 @@ ONNX Runtime (e.g. the GPU out of memory) into one line and exit status 1.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import json
 import os
@@ -139,7 +138,7 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="print the manifest as JSON"),
 ) -> None:
     """Summarize a bundle and verify every file's hash."""
-    from .bundle import load_bundle
+    from .bundle import FEATURES, compatibility, load_bundle
     from .cpu import slow_int8_math
 
     b = load_bundle(bundle, verify=True)
@@ -156,18 +155,22 @@ def inspect(
         size = c["bytes"] + sum(e["bytes"] for e in c.get("external_data", []))
         ins = ", ".join(f"{i['name']}{i['shape']}" for i in c["inputs"])
         typer.echo(f"{name:<12}{_mb(size):>10}  {ins}")
-    for name, info in m["recipe"].get("graphs", {}).items():
-        if "winograd_convs" in info:
-            sizes = info["winograd_convs"]
-            said = ", ".join(f"{n} at {k.removeprefix('Conv ')}" for k, n in sizes.items()) or "none at 16x16 or larger"
-            typer.echo(f"winograd    {name}: {sum(sizes.values())} 3x3 convolutions rewritten ({said})")
-        if info.get("shared_prefix_nodes"):
-            typer.echo(f"prefix      {name}: {info['shared_prefix_nodes']} nodes run once for a batch of text conditions")
-        if info.get("int8_matmul"):
-            typer.echo(f"int8 math   {name}: {info['int8_matmul']} MatMuls compute in int8 (inputs rounded per block of 32)")
-            reason = slow_int8_math()
-            if reason:
-                typer.echo(f"            note: {reason}")
+    created = m.get("created", {})
+    typer.echo(f"exporter    {created.get('tool', 'unknown')}, {created.get('date', 'undated')}")
+    inferred = "" if "requires" in m else " (inferred from recipe.graphs: exported before manifests listed them)"
+    typer.echo(f"requires    {', '.join(b.features) or 'no graph features'}{inferred}")
+    for name, feature in FEATURES.items():  # each pass that ran, with its counts per graph (0 too)
+        counts = {g: info[feature.key] for g, info in m["recipe"].get("graphs", {}).items() if feature.key in info}
+        if not counts:
+            continue
+        said = ", ".join(f"{g} {sum(c.values())} ({', '.join(f'{n} {k}' for k, n in c.items())})" if isinstance(c, dict) and c
+                         else f"{g} {sum(c.values()) if isinstance(c, dict) else c}" for g, c in counts.items())
+        typer.echo(f"feature     {name}: {said}")
+        reason = slow_int8_math() if name == "int8-matmul" else None
+        if reason:
+            typer.echo(f"            note: {reason}")
+    for msg in compatibility(b):
+        typer.echo(f"warning: {msg}", err=True)
     v = m["verification"]
     f = v["zo_fidelity"]
     step = f" (step {f['step_norm']:.2g})" if "step_norm" in f else " (unit step: exported before zoodip-edge measured training's step)"
@@ -179,60 +182,6 @@ def inspect(
     typer.echo(f"defaults    n={d['n']} mu={d['mu']:g} lr={d['lr']:g} tau={d['tau']} nu={d['nu']:g} "
                f"PUTS=[{d['t_low']},{d['t_high']}) steps={d['steps']}")
     typer.echo(f"all {sum(1 for _ in b.files())} files match their sha256")
-
-
-def _jsonl_records(path: Path) -> list[tuple[str, dict]]:
-    """(line, record) pairs of a JSONL log up to its first unreadable line (a kill mid-write tears the last)."""
-    out = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    break
-                if not isinstance(rec, dict) or not line.endswith("\n"):
-                    break
-                out.append((line.rstrip("\n"), rec))
-    except (OSError, UnicodeDecodeError):
-        pass
-    return out
-
-
-class _JsonlLog:
-    """Per-step records from which a run can be replayed (zoodip_edge.runtime.zo.replay)."""
-
-    def __init__(self, path: Path, header: dict, resume_step: int | None):
-        """With ``resume_step``, the existing log (this run's: the caller checked its header) keeps
-        its records before that step: the resumed run writes the later ones again."""
-        from .files import write_atomic
-
-        kept = [json.dumps(header)]
-        if resume_step is not None:
-            kept += [line for line, rec in _jsonl_records(path)[1:] if rec.get("step", resume_step) < resume_step]
-            if len(kept) - 1 != resume_step:  # records lost (torn by a kill, or cut): a replay would skip steps
-                raise UserError(f"{path} holds {len(kept) - 1} of the {resume_step} steps before the checkpoint (its end "
-                                "was lost); it cannot be continued: resume with another --log-jsonl or without one")
-        write_atomic(path, "".join(line + "\n" for line in kept).encode())
-        self.f = open(path, "a")
-
-    @staticmethod
-    def is_runs(path: Path, header: dict) -> bool:
-        """Whether the log at ``path`` starts with ``header`` (was written by this run)."""
-        if not path.is_file():
-            return False
-        try:
-            with open(path, "rb") as f:
-                first = f.readline(1 << 24)  # a header is kilobytes; the file may be anything
-            return json.loads(first) == json.loads(json.dumps(header))
-        except (OSError, ValueError):
-            return False
-
-    def write(self, record) -> None:
-        self.f.write(json.dumps({"type": "step", "step": record.step, "t": record.t, "noise_seed": record.noise_seed,
-                                 "loss": float(record.losses[0]), "losses": record.losses.tolist(),
-                                 "g": record.g.tolist()}) + "\n")
-        self.f.flush()
 
 
 def _peak_rss_mb() -> float:
@@ -284,8 +233,9 @@ def personalize(
 
     from .files import exclusive_lock
     from .profiles import resolve_profile
-    from .runtime.checkpoint import checkpoint_identity
+    from .runtime.checkpoint import check_checkpoint_path
     from .runtime.personalize import NonFiniteLoss, Personalizer, Settings
+    from .runtime.runlog import check_log_path
 
     from .embeddings import check_embedding_output
     from .runtime.generate import check_seed
@@ -304,16 +254,12 @@ def personalize(
         for path in (out, ckpt, log_jsonl):
             if path is not None:
                 locks.enter_context(exclusive_lock(path))
-        # Everything that would be written over is checked here, before the first step.
+        # What would be written over is checked before anything loads; train() checks it all again.
         if os.path.lexists(out) and not force and not resume:
             raise UserError(f"{out} exists; pass --force to replace it")
-        theirs = checkpoint_identity(ckpt)
-        if os.path.lexists(ckpt) and theirs is None:
-            raise UserError(f"{ckpt} exists and is not a zoodip-edge checkpoint; it will not be replaced (choose another --checkpoint)")
-        if resume and theirs is None:
-            raise UserError(f"--resume: no checkpoint at {ckpt}")
-        if log_jsonl and os.path.lexists(log_jsonl) and not force and not resume:
-            raise UserError(f"{log_jsonl} exists; pass --force to replace it")
+        check_checkpoint_path(ckpt, resume)
+        if log_jsonl:
+            check_log_path(log_jsonl, resume, force)
         settings = Settings(n=n, mu=mu, lr=lr, tau=tau, nu=nu, t_low=t_low, t_high=t_high, subspace=not no_subspace,
                             puts=not no_puts, seed=seed, templates=templates, batch_perturbations=batched,
                             search_init=search_init)
@@ -328,59 +274,32 @@ def personalize(
         p = Personalizer(bundle, images, token, init, settings=settings, captions=captions, profile=profile, strict=strict,
                          warn=warn, init_embedding=start)
         total, stop = _steps(steps, p.bundle.manifest["defaults"]["steps"])
-        if theirs is not None:
-            diff = p.identity_differences(theirs)
-            if diff and (resume or not force):
-                raise UserError(f"checkpoint {ckpt} belongs to a different run (differs in: {', '.join(diff)})"
-                                f"{'' if resume else '; pass --force to replace it'}")
-            if not diff and not resume and not force:
-                raise UserError(f"{ckpt} is this run's checkpoint; pass --resume to continue or --force to start over")
+        p.check_checkpoint(ckpt, resume, force)
         if resume and os.path.lexists(out) and not force and not _embedding_of(out, p):
             raise UserError(f"{out} exists and is not this run's embedding; pass --force to replace it")
-        if resume:
-            p.load_checkpoint(ckpt)
-        previews = [ckpt.with_name(f"{out.stem}-preview-{s:06d}.png")
-                    for s in range(p.step_index + 1, total + 1) if preview_every and s % preview_every == 0]
-        if not force and not resume:
-            refuse_existing(previews)
-        if p.search_init and not resume:  # the last thing before the steps: every refusal came first
-            found = p.search_start()
-            typer.echo(f"start: {found.label} (held-out probe loss {found.loss:.4f}; {found.forwards} forward passes)", err=True)
-        log = None
-        if log_jsonl:
-            header = {"type": "start", "token": token, "init": init, "seed": seed, "bundle": p.bundle.manifest_sha256,
-                      "config": dataclasses.asdict(p.config), "theta0": p.theta0.tolist()}
-            keep = resume and os.path.lexists(log_jsonl) and _JsonlLog.is_runs(log_jsonl, header)
-            if resume and os.path.lexists(log_jsonl) and not keep and not force:
-                raise UserError(f"{log_jsonl} is not this run's log (its start record differs); pass --force to replace it")
-            log = _JsonlLog(log_jsonl, header, p.step_index if keep else None)
-        bar = tqdm(total=total, initial=p.step_index, disable=quiet, unit="step", dynamic_ncols=True)
-        ema, saved = None, None
+        bar = tqdm(total=total, disable=quiet, unit="step", dynamic_ncols=True)
+        ema = None
+
+        def on_step(rec) -> None:
+            nonlocal ema
+            loss = float(rec.losses[0])
+            ema = loss if ema is None else 0.98 * ema + 0.02 * loss
+            bar.n = p.step_index - 1  # a resumed run starts where its checkpoint was
+            bar.set_postfix(loss=f"{ema:.4f}", t=rec.t, peak=f"{_peak_rss_mb():.0f}MB", refresh=False)
+            bar.update(1)
+
         try:
-            for rec in p.run(total, stop):
-                loss = float(rec.losses[0])
-                ema = loss if ema is None else 0.98 * ema + 0.02 * loss
-                if log:
-                    log.write(rec)
-                bar.set_postfix(loss=f"{ema:.4f}", t=rec.t, peak=f"{_peak_rss_mb():.0f}MB", refresh=False)
-                bar.update(1)
-                if checkpoint_every and p.step_index % checkpoint_every == 0:
-                    p.save_checkpoint(ckpt)
-                    saved = p.step_index
-                if preview_every and p.step_index % preview_every == 0:
-                    p.preview(ckpt.with_name(f"{out.stem}-preview-{p.step_index:06d}.png"))
+            p.train(total, stop=stop, checkpoint=ckpt, checkpoint_every=checkpoint_every, resume=resume, force=force,
+                    log=log_jsonl, preview_every=preview_every, preview_prefix=ckpt.with_name(f"{out.stem}-preview"),
+                    on_step=on_step, say=lambda msg: typer.echo(msg, err=True))
         except NonFiniteLoss as e:
             bar.close()
-            kept = (f"the checkpoint of step {saved} is kept ({ckpt})" if saved is not None
-                    else "no checkpoint of this run was written" if not resume else f"{ckpt} is kept as it was")
-            raise UserError(f"{e}; {kept}; {out} was not written") from None
+            raise UserError(f"{e}; {out} was not written") from None
         except KeyboardInterrupt:
             bar.close()
-            p.save_checkpoint(ckpt)
             _err(f"interrupted at step {p.step_index}; checkpoint saved to {ckpt}; continue with --resume")
             raise typer.Exit(130) from None
         bar.close()
-        p.save_checkpoint(ckpt)
         p.save(out, fmt=fmt)
     if p.stopped_early:
         typer.echo(f"--steps auto: held-out probes stopped improving at step {p.step_index} (best at {stop.best_step})", err=True)

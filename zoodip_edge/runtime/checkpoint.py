@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,17 @@ def checkpoint_identity(path: Path) -> dict[str, Any] | None:
     except (SafetensorError, KeyError, TypeError, ValueError, OSError, RecursionError):
         return None
     return identity if isinstance(identity, dict) else {}
+
+
+def check_checkpoint_path(path: Path, resume: bool) -> dict[str, Any] | None:
+    """Before any work: a checkpoint path may hold nothing or a zoodip-edge checkpoint (never a
+    file of the user's), and must hold one to resume. Returns that checkpoint's identity."""
+    theirs = checkpoint_identity(path)
+    if os.path.lexists(path) and theirs is None:
+        raise UserError(f"{path} exists and is not a zoodip-edge checkpoint; it will not be replaced (choose another --checkpoint)")
+    if resume and theirs is None:
+        raise UserError(f"--resume: no checkpoint at {path}")
+    return theirs
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -26,12 +26,13 @@ import numpy as np
 from .. import __version__
 from ..bundle import Bundle, load_bundle
 from ..errors import UserError
-from ..files import save_image
+from ..files import refuse_existing, save_image
 from ..schema import Int, Num, Obj, Optional, SchemaError, Str, check
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import check_checkpoint_path, load_checkpoint, save_checkpoint
 from .diffusion import alphas_cumprod, noisy_and_target
 from .generate import check_seed
 from .init_search import SearchResult, search_initializer, search_probes
+from .runlog import RunLog, check_log_path
 from .sessions import BundleSessions, return_free_memory
 from .stopping import Plateau, stop_probes
 from .text import TEMPLATES, bundle_prompt_encoder
@@ -289,6 +290,95 @@ class Personalizer:
                 self.stopped_early = True
                 self.optimizer.theta = stop.best_theta.copy()  # the best reading's token is the result
                 return
+
+    def check_checkpoint(self, checkpoint: Path | None, resume: bool, force: bool) -> None:
+        """Refuse what ``train`` may not do at ``checkpoint``: write over anything but a checkpoint,
+        over another run's without ``force``, over this run's without ``resume`` or ``force``, or
+        resume another run's."""
+        if checkpoint is None:
+            if resume:
+                raise UserError("resume needs the checkpoint to resume from")
+            return
+        theirs = check_checkpoint_path(checkpoint, resume)
+        diff = self.identity_differences(theirs) if theirs is not None else []
+        if diff and (resume or not force):
+            raise UserError(f"checkpoint {checkpoint} belongs to a different run (differs in: {', '.join(diff)})"
+                            f"{'' if resume else '; pass --force to replace it'}")
+        if theirs is not None and not diff and not resume and not force:
+            raise UserError(f"{checkpoint} is this run's checkpoint; pass --resume to continue or --force to start over")
+
+    def train(
+        self,
+        steps: int,
+        *,
+        stop: Plateau | None = None,
+        checkpoint: str | Path | None = None,
+        checkpoint_every: int = 100,
+        resume: bool = False,
+        force: bool = False,
+        log: str | Path | None = None,
+        preview_every: int = 0,
+        preview_prefix: str | Path | None = None,
+        on_step: Callable[[StepRecord], None] | None = None,
+        say: Callable[[str], None] | None = None,
+    ) -> None:
+        """The whole training run, as ``zoodip-edge personalize`` runs it.
+
+        Everything that would be written over is checked first (a ``checkpoint`` path holding
+        another run's checkpoint needs ``force``, anything else there is refused; ``resume``
+        continues this run's), then the start is searched if the bundle says so, then the steps
+        run: each is logged to ``log`` (JSONL, replayable), a checkpoint is written every
+        ``checkpoint_every`` steps and at the end, a preview image ``{preview_prefix}-NNNNNN.png``
+        every ``preview_every`` steps. On Ctrl-C the checkpoint is written before
+        KeyboardInterrupt goes on; a loss that becomes non-finite raises NonFiniteLoss saying
+        which checkpoint is kept. ``on_step`` sees every StepRecord (progress bars, stopping).
+        """
+        ckpt = Path(checkpoint) if checkpoint is not None else None
+        self.check_checkpoint(ckpt, resume, force)
+        if log is not None:
+            check_log_path(Path(log), resume, force)
+        if resume:
+            self.load_checkpoint(ckpt)
+        prefix = str(preview_prefix) if preview_prefix is not None else None
+        previews = [Path(f"{prefix}-{s:06d}.png") for s in range(self.step_index + 1, steps + 1)
+                    if prefix and preview_every and s % preview_every == 0]
+        if not force and not resume:
+            refuse_existing(previews)
+        if self.search_init and not resume:  # the last thing before the steps: every refusal came first
+            found = self.search_start()
+            if say:
+                say(f"start: {found.label} (held-out probe loss {found.loss:.4f}; {found.forwards} forward passes)")
+        runlog = None
+        if log is not None:
+            header = {"type": "start", "token": self.token, "init": self.init, "seed": self.settings.seed,
+                      "bundle": self.bundle.manifest_sha256, "config": dataclasses.asdict(self.config),
+                      "theta0": self.theta0.tolist()}
+            runlog = RunLog.open(Path(log), header, step=self.step_index, resume=resume, force=force)
+        saved = None
+        try:
+            for record in self.run(steps, stop):
+                if runlog:
+                    runlog.write(record)
+                if on_step:
+                    on_step(record)
+                if ckpt is not None and checkpoint_every and self.step_index % checkpoint_every == 0:
+                    self.save_checkpoint(ckpt)
+                    saved = self.step_index
+                if prefix and preview_every and self.step_index % preview_every == 0:
+                    self.preview(f"{prefix}-{self.step_index:06d}.png")
+        except NonFiniteLoss as e:
+            kept = (f"the checkpoint of step {saved} is kept ({ckpt})" if saved is not None
+                    else f"{ckpt} is kept as it was" if resume else "no checkpoint of this run was written")
+            raise NonFiniteLoss(f"{e}; {kept}") from None
+        except KeyboardInterrupt:
+            if ckpt is not None:
+                self.save_checkpoint(ckpt)
+            raise
+        finally:
+            if runlog:
+                runlog.close()
+        if ckpt is not None:
+            self.save_checkpoint(ckpt)
 
     def preview(self, path: str | Path, steps: int = 20, seed: int = 0) -> None:
         """Render one image of the first caption/template with the current θ (sessions are shared)."""
