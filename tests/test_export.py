@@ -89,7 +89,8 @@ def test_int8_cpu_fast_computes_unet_matmuls_in_int8_but_not_where_the_condition
     assert set(levels("text_encoder")[0].values()) == {0}  # the perturbed token passes through all of it
     assert m["session"]["config_entries"] == {"session.qdq_matmulnbits_accuracy_level": "0"}
     r = runner.invoke(app, ["inspect", str(tmp_path / "b")])
-    assert r.exit_code == 0 and f"int8 math   unet: {len(unet) - len(reads_condition)} MatMuls" in r.output
+    assert r.exit_code == 0 and f"feature     int8-matmul: unet {len(unet) - len(reads_condition)}\n" in r.output
+    assert "int8-matmul" in m["requires"] and "dequantized-matmul" not in m["requires"]
 
 
 def test_sd2_v_prediction_exports(sd2_pipeline, work):
@@ -205,8 +206,10 @@ def test_interrupted_export_leaves_no_bundle(sd1_pipeline, tmp_path, monkeypatch
 def test_inspect_verifies_hashes(bundle_copy):
     r = runner.invoke(app, ["inspect", str(bundle_copy)])
     assert r.exit_code == 0
-    assert "winograd    unet: 0 3x3 convolutions rewritten (none at 16x16 or larger)" in r.output  # tiny U-Net: 8x8 latents
-    assert re.search(r"prefix      unet: \d+ nodes run once for a batch of text conditions", r.output)
+    assert "feature     winograd: unet 0\n" in r.output  # tiny U-Net: 8x8 latents, nothing to rewrite
+    assert re.search(r"feature     shared-prefix: unet [1-9]\d*\n", r.output)
+    requires = re.search(r"^requires    (.*)$", r.output, re.M).group(1).split(", ")
+    assert "shared-prefix" in requires and "winograd" not in requires
     unet = bundle_copy / "unet" / "model.onnx"
     data = bytearray(unet.read_bytes())
     data[len(data) // 2] ^= 0xFF

@@ -4,4 +4,6 @@ Importing this package (or ``zoodip_edge.runtime``) never imports torch, diffuse
 transformers; only ``zoodip_edge.export`` does.
 """
 
-__version__ = "0.1.0"
+# The one place the version is written: pyproject.toml reads it from here. A version per behaviour
+# change; exports record it in the manifest (created.tool) and CHANGELOG.md heads its entries.
+__version__ = "0.8.0"

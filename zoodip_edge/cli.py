@@ -131,6 +131,14 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
 
 
+def _count(graph: str, count) -> str:
+    """``unet 14``; counts by kind (Winograd's, by size and tile) also name each kind."""
+    if not isinstance(count, dict):
+        return f"{graph} {count}"
+    kinds = ", ".join(f"{n} at {k.removeprefix('Conv ')}" for k, n in count.items())
+    return f"{graph} {sum(count.values())}" + (f" ({kinds})" if kinds else "")
+
+
 @app.command()
 @cli_errors
 def inspect(
@@ -160,13 +168,10 @@ def inspect(
     inferred = "" if "requires" in m else " (inferred from recipe.graphs: exported before manifests listed them)"
     typer.echo(f"requires    {', '.join(b.features) or 'no graph features'}{inferred}")
     for name, feature in FEATURES.items():  # each pass that ran, with its counts per graph (0 too)
-        counts = {g: info[feature.key] for g, info in m["recipe"].get("graphs", {}).items() if feature.key in info}
-        if not counts:
-            continue
-        said = ", ".join(f"{g} {sum(c.values())} ({', '.join(f'{n} {k}' for k, n in c.items())})" if isinstance(c, dict) and c
-                         else f"{g} {sum(c.values()) if isinstance(c, dict) else c}" for g, c in counts.items())
-        typer.echo(f"feature     {name}: {said}")
-        reason = slow_int8_math() if name == "int8-matmul" else None
+        counts = [(g, info[feature.key]) for g, info in m["recipe"].get("graphs", {}).items() if feature.key in info]
+        if counts:
+            typer.echo(f"feature     {name}: {', '.join(_count(g, c) for g, c in counts)}")
+        reason = slow_int8_math() if counts and name == "int8-matmul" else None
         if reason:
             typer.echo(f"            note: {reason}")
     for msg in compatibility(b):

@@ -154,7 +154,7 @@ def _export(model: str, out: Path, recipe: str, resolution: int | None, force: b
     from safetensors.numpy import save_file
 
     from .. import __version__
-    from ..bundle import FORMAT_VERSION, aside_name, aside_pattern, file_entry, publish, write_manifest
+    from ..bundle import FORMAT_VERSION, aside_name, aside_pattern, file_entry, graph_features, publish, write_manifest
     from ..families import defaults_for
     from ..files import remove_stale
     from . import verify
@@ -232,6 +232,7 @@ def _export(model: str, out: Path, recipe: str, resolution: int | None, force: b
             "source": p.source,
             "recipe": {"name": recipe, "description": rec.description, "experimental": rec.experimental,
                        "targets": list(rec.targets), "graphs": quant_info},
+            "requires": graph_features(quant_info),  # what a runtime must understand (bundle.FEATURES)
             "resolution": resolution,
             "latent_size": latent,
             "latent_channels": int(p.vae.config.latent_channels),

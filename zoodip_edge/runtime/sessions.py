@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable
 
 import onnxruntime as ort
 
-from ..bundle import Bundle, check_graph_inputs
+from ..bundle import Bundle, check_graph_inputs, compatibility
 from ..cpu import slow_int8_math
 from ..errors import UserError
 from ..profiles import (
@@ -371,6 +371,8 @@ class BundleSessions:
                 warn(msg)
 
         self.warn = warn_once
+        for msg in compatibility(bundle):  # exported before a feature its recipe has now
+            self.warn(msg)
 
     def get(self, name: str):
         if name not in self.open:
