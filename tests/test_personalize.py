@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from conftest import run_cli_without_torch
 
 from zoodip_edge.cli import app
+from zoodip_edge.errors import UserError
 from zoodip_edge.runtime.personalize import Personalizer, Settings
 from zoodip_edge.runtime.zo import replay, ZOConfig
 
@@ -387,3 +388,34 @@ def test_the_api_imports_from_the_runtime_package_and_starts_nothing_early():
     assert (Personalizer, Settings, Generator) == (P, S, G)
     code = "import sys, zoodip_edge.runtime.images; print('onnxruntime' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_train_is_the_whole_run_for_an_app(photos, tmp_path):
+    """An app gets what the CLI gets from Personalizer.train: Ctrl-C writes the checkpoint, a resume
+    continues it and its log, and the result equals an uninterrupted run's, replay included."""
+    from zoodip_edge.toy import shipped_path
+
+    def make():
+        return Personalizer(shipped_path("bundle"), photos, "<red-ball>", "shape", settings=Settings(search_init=False),
+                            profile="cpu")
+
+    whole = make()
+    whole.train(6, checkpoint=tmp_path / "whole.ckpt")
+
+    def interrupt(record):
+        if record.step == 2:
+            raise KeyboardInterrupt
+
+    ckpt, log = tmp_path / "run.ckpt", tmp_path / "run.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        make().train(6, checkpoint=ckpt, checkpoint_every=0, log=log, on_step=interrupt)
+    with pytest.raises(UserError, match="pass --resume to continue"):
+        make().train(6, checkpoint=ckpt, log=log)
+    resumed = make()
+    resumed.train(6, checkpoint=ckpt, log=log, resume=True)
+    assert resumed.step_index == 6
+    np.testing.assert_array_equal(resumed.theta, whole.theta)
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    assert [r["step"] for r in lines[1:]] == list(range(6))
+    np.testing.assert_array_equal(replay(np.array(lines[0]["theta0"]), ZOConfig(**lines[0]["config"]), lines[1:]),
+                                  resumed.theta)
