@@ -116,12 +116,12 @@ def _rss_mb() -> float:
 
 @pytest.mark.skipif(sys.platform != "linux", reason="reads RSS from /proc")
 def test_rewrites_do_not_copy_the_weights_they_keep():
-    """A rewrite ends in _replace_nodes; it must drop what nothing reads without re-adding the rest.
+    """A rewrite ends in replace_nodes; it must drop what nothing reads without re-adding the rest.
 
     Re-adding copied every kept weight, and protobuf frees none of it until the model goes: an
     SD1.5 export held several copies of its U-Net (15.4 GB, docs/results/2026-11-28-epyc-avx512/export_memory.md).
     """
-    from zoodip_edge.export.quantize import _replace_nodes
+    from zoodip_edge.export.graph_ops import replace_nodes
 
     big = numpy_helper.from_array(np.ones((64, 1024, 1024), np.float32), "big")  # 256 MiB
     small = numpy_helper.from_array(np.ones(4, np.float32), "unread")
@@ -132,7 +132,7 @@ def test_rewrites_do_not_copy_the_weights_they_keep():
     del big, graph
     before = _rss_mb()
     for _ in range(3):
-        model = _replace_nodes(model, list(model.graph.node))
+        model = replace_nodes(model, list(model.graph.node))
     assert [i.name for i in model.graph.initializer] == ["big"]
     assert _rss_mb() - before < 128  # three copies would be 768 MiB
 

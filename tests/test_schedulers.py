@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from zoodip_edge.errors import UserError
-from zoodip_edge.runtime.diffusion import alphas_cumprod
+from zoodip_edge.schedule import alphas_cumprod
 from conftest import BLOCK_TORCH
 
 from zoodip_edge.runtime.schedulers import SAMPLERS, make_sampler

@@ -12,7 +12,7 @@ from conftest import run_cli_without_torch
 
 from zoodip_edge.toy import shipped_path
 from zoodip_edge.toy.score import concept_score, read_image
-from zoodip_edge.toy.world import HELD_OUT, SIZE, caption, concept_photos, random_scene, render, training_set
+from zoodip_edge.toy.world import HELD_OUT, SIZE, caption, concept_photos, random_scene, training_set
 
 
 def test_world_is_deterministic_from_its_seed():

@@ -420,9 +420,9 @@ def auto_profile_name(
     - ``is_jetson``: default: ``/etc/nv_tegra_release`` exists.
     """
     if available_providers is None:
-        from .runtime.sessions import available_providers as _avail
+        import onnxruntime
 
-        available_providers = _avail()
+        available_providers = onnxruntime.get_available_providers()
     avail = set(available_providers)
     if is_jetson is None:
         is_jetson = TEGRA_RELEASE.exists()

@@ -18,13 +18,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-
-def tensor_shapes(model: onnx.ModelProto) -> dict[str, list]:
-    """Dims (int, or the symbol's name) of every tensor the graph declares a shape for."""
-    out = {}
-    for v in [*model.graph.value_info, *model.graph.input, *model.graph.output]:
-        out[v.name] = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in v.type.tensor_type.shape.dim]
-    return out
+from .graph_ops import tensor_shapes
 
 
 def _fusable(node: onnx.NodeProto, shapes: dict[str, list]) -> tuple[int, int, dict] | None:

@@ -132,7 +132,7 @@ CALIBRATION_PROMPTS = ("a photo of a dog", "a painting of a red car on the beach
 def calibration_feeds(spec: GraphSpec, p: LoadedPipeline, latent: int) -> list[dict]:
     """U-Net inputs like those it sees in training and generation: noised unit-variance latents
     at t from 50 to 950, conditioned on real prompts through the torch text encoder."""
-    from ..runtime.diffusion import alphas_cumprod, noisy_and_target
+    from ..schedule import alphas_cumprod, noisy_and_target
 
     if spec.name != "unet":
         raise ValueError(f"no calibration inputs for {spec.name}")

@@ -15,6 +15,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .graph_ops import replace_nodes, tensor_shapes
+
 
 def _split_parts(split: onnx.NodeProto, inits: dict, features: int, rank: int | None) -> int | None:
     """How many equal parts ``split`` cuts a [..., features] tensor into along its last axis, or None."""
@@ -37,8 +39,6 @@ def split_projections(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     Only where W (and the bias) are initializers and the Split is the projection's only reader.
     Returns the model and how many projections were split.
     """
-    from .attention import tensor_shapes
-    from .quantize import _replace_nodes
 
     g = model.graph
     inits = {i.name: i for i in g.initializer}
@@ -91,4 +91,4 @@ def split_projections(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         elif id(n) not in gone:
             nodes.append(n)
     g.initializer.extend(new_inits)
-    return _replace_nodes(model, nodes), len(replace)
+    return replace_nodes(model, nodes), len(replace)

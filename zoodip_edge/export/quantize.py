@@ -35,6 +35,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .graph_ops import replace_nodes
 from .prefix import CONDITION, broadcast_sample  # CONDITION: where the perturbed token enters the U-Net
 
 # Session config every int8 bundle asks for. Without it ORT fuses DQ(int8 W) -> MatMul into
@@ -255,7 +256,7 @@ def weight_only_qdq(model: onnx.ModelProto, op_types: tuple[str, ...]) -> tuple[
     # that visits a node's inputs highest index first, so a DQ listed *after* the activation's
     # producer can run long before its consumer (on a SD1.5 U-Net two 56 MiB fp32 weights were
     # held for seconds, docs/performance.md). Listed first, each runs right before its consumer.
-    return _replace_nodes(model, dq_nodes + new_nodes), counts
+    return replace_nodes(model, dq_nodes + new_nodes), counts
 
 
 def matmul_nbits8(model: onnx.ModelProto, block_size: int = 32) -> tuple[onnx.ModelProto, Counter]:
@@ -324,7 +325,7 @@ def dequantized_matmuls(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         nodes.append(helper.make_node("MatMul", [node.input[0], f"{p}.weight"], list(node.output), name=node.name))
         count += 1
     if count:
-        _replace_nodes(model, nodes)
+        replace_nodes(model, nodes)
     return model, count
 
 
@@ -451,20 +452,4 @@ def static_w8a8(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], marg
         counts[node.op_type] += 1
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    return _replace_nodes(model, new_nodes), counts
-
-
-def _replace_nodes(model: onnx.ModelProto, nodes: list) -> onnx.ModelProto:
-    """Swap in the new node list and drop initializers nothing reads any more.
-
-    The unread ones are deleted in place: re-adding the kept ones would copy every weight, and
-    protobuf keeps a message's memory until the whole model is freed, so each such pass left
-    another copy of the U-Net's weights behind (an SD1.5 export peaked at 15.4 GB; docs/performance.md).
-    """
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
-    inits = model.graph.initializer
-    for k in reversed([k for k, i in enumerate(inits) if i.name not in used]):
-        del inits[k]
-    return model
+    return replace_nodes(model, new_nodes), counts

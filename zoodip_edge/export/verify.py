@@ -14,7 +14,7 @@ import onnxruntime as ort
 import torch
 
 from ..errors import UserError
-from ..runtime.diffusion import alphas_cumprod, noisy_and_target
+from ..schedule import alphas_cumprod, noisy_and_target
 from .graphs import GraphSpec, TextEncoderFromEmbeddings, UNetWrapper, dummy_inputs
 from .load import LoadedPipeline
 

@@ -37,7 +37,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .attention import tensor_shapes
+from .graph_ops import replace_nodes, tensor_shapes
 
 # Lavin & Gray's B^T, G and A^T per output tile side m (F(m x m, 3 x 3)).
 _TILES = {
@@ -118,7 +118,6 @@ def winograd_convs(model: onnx.ModelProto, min_size: int = 16, min_channels: int
     each float U (weights), ``max_input_transform_mb`` each input transform per image.
     Returns the model and a count per spatial size and tile.
     """
-    from .quantize import _replace_nodes
 
     inits = {i.name: i for i in model.graph.initializer}
     producer = {o: n for n in model.graph.node for o in n.output}
@@ -219,4 +218,4 @@ def winograd_convs(model: onnx.ModelProto, min_size: int = 16, min_channels: int
     # ORT's execution order then runs each right before its product; listed after the activation
     # chain, all of them ran at the start of the forward and their float U's (1 GB on a SD1.5
     # U-Net) were alive at once.
-    return _replace_nodes(model, weight_nodes + nodes), counts
+    return replace_nodes(model, weight_nodes + nodes), counts

@@ -27,9 +27,9 @@ from .. import __version__
 from ..bundle import Bundle, load_bundle
 from ..errors import UserError
 from ..files import refuse_existing, save_image
+from ..schedule import alphas_cumprod, noisy_and_target
 from ..schema import Int, Num, Obj, Optional, SchemaError, Str, check
 from .checkpoint import check_checkpoint_path, load_checkpoint, save_checkpoint
-from .diffusion import alphas_cumprod, noisy_and_target
 from .generate import check_seed
 from .init_search import SearchResult, search_initializer, search_probes
 from .runlog import RunLog, check_log_path

@@ -51,7 +51,7 @@ import math
 import numpy as np
 
 from zoodip_edge.errors import UserError
-from zoodip_edge.runtime.diffusion import alphas_cumprod
+from ..schedule import alphas_cumprod
 
 SAMPLERS = ("ddim", "dpm++", "euler")
 _OFF = (False, None)  # values of an unsupported on/off option that leave it off

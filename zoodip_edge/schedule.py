@@ -1,4 +1,5 @@
-"""Noise-schedule arithmetic shared by export checks and the device loop (NumPy only)."""
+"""Noise-schedule arithmetic shared by the export's checks and the device loop (NumPy only): it
+lives outside runtime/ so that the workstation stage does not import the device package."""
 
 from __future__ import annotations
 
