@@ -1,8 +1,8 @@
 """Save an SD1.5-architecture pipeline with random weights (weights change neither memory nor speed).
 
-    python benchmarks/build_sd15.py OUT
+    python -m benchmarks.build_sd15 OUT
 
-Used by the GPU scripts on a machine without network or model hub.
+The pipeline the side-by-side and fidelity benchmarks run on, on a machine without network or model hub.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import torch
 
 from zoodip_edge.export.tiny import build_sd15_architecture
 
+if len(sys.argv) != 2 or sys.argv[1].startswith("-"):
+    sys.exit(__doc__)
 out = Path(sys.argv[1])
 t = time.perf_counter()
 try:

@@ -3,7 +3,7 @@
 For each recipe: export time and peak RSS, file sizes, the gates' figures, and ORT CPU-EP
 U-Net s/forward and peak RSS at batch 1 and 3, each measurement in its own process.
 
-    python benchmarks/export_bench.py --work bench-work [--recipes int8-cpu,int8-gpu,fp32,fp16]
+    python -m benchmarks.export_bench --work bench-work [--recipes int8-cpu,int8-gpu,fp32,fp16]
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import header, run_measured  # noqa: E402
+from benchmarks.common import header, run_measured
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--work", type=Path, required=True)
@@ -50,7 +49,7 @@ for recipe in a.recipes.split(","):
            "pearson": v["zo_fidelity"]["pearson"], "fid_passed": v["zo_fidelity"]["passed"],
            "cond": v["conditioning_sensitivity"]["ratio"], "unet_rel": v["parity"]["unet"]["out_sample"]["rel"]}
     for b in a.batches.split(","):
-        r = run_measured([sys.executable, str(Path(__file__).parent / "unet_forward.py"), str(bundle), "--batch", b])
+        r = run_measured([sys.executable, "-m", "benchmarks.unet_forward", str(bundle), "--batch", b])
         res = r["result"] or {}
         row[f"b{b}_s"] = res.get("s_per_forward", float("nan"))
         row[f"b{b}_mb"] = res.get("peak_rss_mb", float("nan"))

@@ -1,6 +1,6 @@
 """ZO fidelity of bundles' text encoder + U-Net at several μ (the export gate's measurement, swept).
 
-    python benchmarks/fidelity_by_mu.py PIPELINE BUNDLE [BUNDLE ...] --mu 1e-3,1e-2,3e-2
+    python -m benchmarks.fidelity_by_mu PIPELINE BUNDLE [BUNDLE ...] --mu 1e-3,1e-2,3e-2
 
 The export gate measures fidelity at the bundle's training μ only; this sweeps μ to find where
 a recipe's finite differences start to follow the true derivatives. μ as in training (a step
@@ -19,14 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import header  # noqa: E402
-
-from zoodip_edge.bundle import load_bundle  # noqa: E402
-from zoodip_edge.export import verify  # noqa: E402
-from zoodip_edge.export.load import load_pipeline  # noqa: E402
-from zoodip_edge.profiles import resolve_profile  # noqa: E402
-from zoodip_edge.runtime.sessions import create_session  # noqa: E402
+from benchmarks.common import header
+from zoodip_edge.bundle import load_bundle
+from zoodip_edge.export import verify
+from zoodip_edge.export.load import load_pipeline
+from zoodip_edge.profiles import resolve_profile
+from zoodip_edge.runtime.sessions import create_session
 
 ap = argparse.ArgumentParser()
 ap.add_argument("pipeline", help="the diffusers folder the bundles were exported from (true derivatives)")

@@ -1,6 +1,6 @@
 """Toy jobs per hour: one at a time, the local pool, and Ray on this machine (personalize-many).
 
-    python benchmarks/many_throughput.py --jobs 8 --steps 200 --out many-throughput
+    python -m benchmarks.many_throughput --jobs 8 --steps 200 --out many-throughput
 
 Writes N toy jobs (the shipped toy-64 bundle, a different color x shape concept each, five photos,
 ``--steps`` steps) and runs them four ways, each into its own run folder, one after another:

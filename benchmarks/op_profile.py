@@ -1,6 +1,6 @@
 """Where a U-Net forward's time goes: ORT's profiler, summed by kind of work, with the multiply-adds.
 
-    python benchmarks/op_profile.py BUNDLE [BUNDLE ...] [--batch 3] [--one-sample] [--runs 2] [--top 15]
+    python -m benchmarks.op_profile BUNDLE [BUNDLE ...] [--batch 3] [--one-sample] [--runs 2] [--top 15]
 
 Each bundle's U-Net runs ``--runs`` profiled forwards after one warm-up (the bundles in turns,
 so drift reaches them alike), with the bundle's session config. Node times are summed into the
@@ -30,10 +30,8 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import header, median_s, profiling_options, unet_feed  # noqa: E402
-
-from zoodip_edge.bundle import load_bundle  # noqa: E402
+from benchmarks.common import header, median_s, profiling_options, unet_feed
+from zoodip_edge.bundle import load_bundle
 
 # suffixes of the node names export/winograd.py gives each Winograd convolution's parts
 WINOGRAD_PARTS = {

@@ -1,7 +1,7 @@
 """Personalize benchmark: zoodip-edge against the torch ways, side by side, CPU.
 
-    python benchmarks/personalize_bench.py BUNDLE [BUNDLE...] --torch-pipeline PIPELINE [--n 2] [--steps 3] [--ours cpu,batched]
-    python benchmarks/personalize_bench.py BUNDLE [BUNDLE...] --scaling [--steps 3] [--ours batched]
+    python -m benchmarks.personalize_bench BUNDLE [BUNDLE...] --torch-pipeline PIPELINE [--n 2] [--steps 3] [--ours cpu,batched]
+    python -m benchmarks.personalize_bench BUNDLE [BUNDLE...] --scaling [--steps 3] [--ours batched]
 
 Rows, each in its own process so peaks do not mix:
 1. zoodip-edge on each bundle: perturbations one by one with the ``cpu`` profile's memory settings
@@ -26,12 +26,11 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import header, run_measured  # noqa: E402
+from benchmarks.common import header, run_measured
 
-HERE = Path(__file__).parent
-OURS = str(HERE / "personalize_steps.py")
-TORCH = str(HERE / "torch_steps.py")
+# each measured run is its own process, started from the repository root
+OURS = [sys.executable, "-m", "benchmarks.personalize_steps"]
+TORCH = [sys.executable, "-m", "benchmarks.torch_steps"]
 
 
 # --ours rows: label, personalize_steps.py flags
@@ -71,7 +70,7 @@ def compare(a: argparse.Namespace) -> list[str]:
                     + (", shared prefix" if shared else ""))
             if len(a.bundles) > 1:
                 name += f" (`{Path(bundle).name}`)"
-            configs.append((f"{name}, {what}", "zo", [sys.executable, OURS, bundle, "--steps", steps, "--n", n, *flags]))
+            configs.append((f"{name}, {what}", "zo", [*OURS, bundle, "--steps", steps, "--n", n, *flags]))
     baselines = {}
     if a.torch_pipeline:
         torch_rows = [("quanto", "(2) torch + optimum-quanto int8 weights, forward-only ZO (paper)"),
@@ -80,7 +79,7 @@ def compare(a: argparse.Namespace) -> list[str]:
             print("optimum-quanto not installed (pip install '.[bench]'): no row (2)", file=sys.stderr)
             torch_rows = torch_rows[1:]
         for mode, label in torch_rows:
-            configs.append((label, mode, [sys.executable, TORCH, a.torch_pipeline, "--mode", mode, "--steps", steps, "--n", n]))
+            configs.append((label, mode, [*TORCH, a.torch_pipeline, "--mode", mode, "--steps", steps, "--n", n]))
     results = []
     for label, mode, cmd in configs:
         res = measure(cmd)
@@ -110,7 +109,7 @@ def scaling(a: argparse.Namespace) -> list[str]:
         for bundle in a.bundles:
             res_px = json.loads((Path(bundle) / "manifest.json").read_text())["resolution"]
             for n in (1, 2, 4):
-                r = measure([sys.executable, OURS, bundle, "--steps", str(a.steps), "--n", str(n), *flags])
+                r = measure([*OURS, bundle, "--steps", str(a.steps), "--n", str(n), *flags])
                 rows.append(f"| {what} | {res_px} | {n} | {r} |||" if isinstance(r, str) else
                             f"| {what} | {res_px} | {n} | {r['s_per_step']:.2f} | {r['s_per_step'] / (n + 1):.2f} | {r['peak_rss_mb']:.0f} |")
                 print(rows[-1], file=sys.stderr, flush=True)

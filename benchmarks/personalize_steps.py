@@ -1,6 +1,6 @@
 """One process: a few personalize steps on a bundle; print s/step and peak RSS as JSON.
 
-    python benchmarks/personalize_steps.py BUNDLE --steps 3 --batched|--sequential [--profile-levers]
+    python -m benchmarks.personalize_steps BUNDLE --steps 3 --batched|--sequential [--profile-levers]
 
 ORT's arena, memory pattern and buffer reuse are on unless --no-arena / --no-mem-pattern /
 --no-mem-reuse say otherwise (arena shrinkage and huge pages off unless --arena-shrink / --hugetlb);
@@ -26,13 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import GpuMemoryPeak, nvml_used_mb, peak_rss_mb  # noqa: E402
-
-from zoodip_edge.demo import draw_photos  # noqa: E402
-from zoodip_edge.profiles import resolve_profile  # noqa: E402
-from zoodip_edge.runtime.personalize import Personalizer, Settings  # noqa: E402
-from zoodip_edge.runtime.sessions import hugetlb_restart_env  # noqa: E402
+from benchmarks.common import GpuMemoryPeak, nvml_used_mb, peak_rss_mb
+from zoodip_edge.demo import draw_photos
+from zoodip_edge.profiles import resolve_profile
+from zoodip_edge.runtime.personalize import Personalizer, Settings
+from zoodip_edge.runtime.sessions import hugetlb_restart_env
 
 ap = argparse.ArgumentParser()
 ap.add_argument("bundle")
@@ -66,7 +64,7 @@ if a.arena_shrink:
     profile = dataclasses.replace(profile, enable_cpu_mem_arena=True, arena_shrinkage=True)
 env = hugetlb_restart_env(profile)
 if env is not None:  # as the CLI does: glibc reads the tunable only at process start
-    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    os.execve(sys.executable, [sys.executable, "-m", __spec__.name, *sys.argv[1:]], env)
 photos = draw_photos(Path(tempfile.mkdtemp()) / "photos")
 gpu = profile.provider_names[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 sampler = GpuMemoryPeak() if gpu else None

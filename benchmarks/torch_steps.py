@@ -1,6 +1,6 @@
 """One process: torch baselines for a personalize step on a diffusers pipeline folder (CPU or CUDA).
 
-    python benchmarks/torch_steps.py PIPELINE --mode zo|grad|quanto --steps 3 [--n 2]
+    python -m benchmarks.torch_steps PIPELINE --mode zo|grad|quanto --steps 3 [--n 2]
                                      [--device cpu|cuda] [--dtype fp32|fp16] [--warmup K]
 
 - zo:   forward-only ZO step as the paper's PyTorch code does it: n + 1 text-encoder + U-Net passes
@@ -24,18 +24,14 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import nvml_used_mb, peak_rss_mb  # noqa: E402
-
-from zoodip_edge.export.graphs import TextEncoderFromEmbeddings  # noqa: E402
-from zoodip_edge.export.load import load_pipeline  # noqa: E402
+from benchmarks.common import nvml_used_mb, peak_rss_mb
+from zoodip_edge.export.graphs import TextEncoderFromEmbeddings
+from zoodip_edge.export.load import load_pipeline
 
 ap = argparse.ArgumentParser()
 ap.add_argument("pipeline")

@@ -1,7 +1,7 @@
 """Quality on the toy world: ZOODiP (and its ablations) on the shipped INT8 bundle vs gradient
 textual inversion in torch fp32, same photos, same step budget, same evaluator.
 
-    python benchmarks/toy_quality.py --steps 2000 --seeds 0 1 2 --out docs/toy_quality.json
+    python -m benchmarks.toy_quality --steps 2000 --seeds 0 1 2 --out docs/toy_quality.json
 
 Methods: zoodip (SG + PUTS), no-sg, no-puts, naive (both off) — ORT, int8-cpu bundle, NumPy
 optimizer — and gradient-ti (torch fp32 autograd on one embedding row, Adam, t ~ U{0..999}).
@@ -24,15 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import header  # noqa: E402
-
-from zoodip_edge.demo import PROBES, generate_with, parse_concept  # noqa: E402
-from zoodip_edge.runtime.personalize import Personalizer, Settings  # noqa: E402
-from zoodip_edge.runtime.text import OBJECT_TEMPLATES  # noqa: E402
-from zoodip_edge.toy import shipped_path  # noqa: E402
-from zoodip_edge.toy.score import concept_score  # noqa: E402
-from zoodip_edge.toy.world import GENERIC, concept_photos  # noqa: E402
+from benchmarks.common import header
+from zoodip_edge.demo import PROBES, generate_with, parse_concept
+from zoodip_edge.runtime.personalize import Personalizer, Settings
+from zoodip_edge.runtime.text import OBJECT_TEMPLATES
+from zoodip_edge.toy import shipped_path
+from zoodip_edge.toy.score import concept_score
+from zoodip_edge.toy.world import GENERIC, concept_photos
 
 ZO_METHODS = {"zoodip": (True, True), "no-sg": (False, True), "no-puts": (True, False), "naive": (False, False)}
 EVAL_IMAGES, EVAL_SEED = 16, 1234

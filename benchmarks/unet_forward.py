@@ -1,6 +1,6 @@
 """One process: load a bundle's U-Net on CPU EP, time forwards at a batch size, print JSON.
 
-    python benchmarks/unet_forward.py BUNDLE --batch 1 --repeat 2 [--arena on|off] [--mem-pattern on|off]
+    python -m benchmarks.unet_forward BUNDLE --batch 1 --repeat 2 [--arena on|off] [--mem-pattern on|off]
                                       [--mem-reuse on|off] [--mmap-threshold-kb N] [--config KEY=VALUE ...]
                                       [--one-sample]
 
@@ -13,18 +13,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import peak_rss_mb, unet_feed  # noqa: E402
-
-from zoodip_edge.bundle import load_bundle  # noqa: E402
-from zoodip_edge.profiles import resolve_profile  # noqa: E402
-from zoodip_edge.runtime.sessions import create_session  # noqa: E402
+from benchmarks.common import peak_rss_mb, unet_feed
+from zoodip_edge.bundle import load_bundle
+from zoodip_edge.profiles import resolve_profile
+from zoodip_edge.runtime.sessions import create_session
 
 ap = argparse.ArgumentParser()
 ap.add_argument("bundle")

@@ -1,7 +1,7 @@
 """Steps to quality: zeroth-order personalization against gradient textual inversion, on a toy model.
 
-    python benchmarks/zo_steps.py --model toy-768 --steps 1500 --every 100 --out zo_steps_768.json
-    python benchmarks/zo_steps.py --report zo_steps_768.json
+    python -m benchmarks.zo_steps --model toy-768 --steps 1500 --every 100 --out zo_steps_768.json
+    python -m benchmarks.zo_steps --report zo_steps_768.json
 
 Every arm learns the same token from the same five photos on the same stream of draws: step k of
 seed s uses the same image, caption, t, latent sample and noise in every arm (the ZO optimizer's
@@ -34,16 +34,13 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import header  # noqa: E402
-
-from zoodip_edge.demo import PROBES, generate_with, parse_concept  # noqa: E402
-from zoodip_edge.runtime.personalize import Personalizer, Settings  # noqa: E402
-from zoodip_edge.runtime.stopping import Plateau, stop_probes  # noqa: E402
-from zoodip_edge.runtime.zo import ZOOptimizer  # noqa: E402
-from zoodip_edge.toy import shipped_path, toy_model  # noqa: E402
-from zoodip_edge.toy.score import concept_score  # noqa: E402
-from zoodip_edge.toy.world import GENERIC, concept_photos  # noqa: E402
+from benchmarks.common import header
+from zoodip_edge.demo import PROBES, generate_with, parse_concept
+from zoodip_edge.runtime.personalize import Personalizer, Settings
+from zoodip_edge.runtime.stopping import Plateau, stop_probes
+from zoodip_edge.toy import shipped_path, toy_model
+from zoodip_edge.toy.score import concept_score
+from zoodip_edge.toy.world import GENERIC, concept_photos
 
 EVAL_IMAGES, EVAL_SEED = 16, 1234
 PROFILE = "cpu"  # or a copy with fewer threads (--threads), so that runs can share the cores

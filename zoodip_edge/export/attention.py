@@ -3,7 +3,7 @@
 ORT's CPU kernel for ``Attention`` materializes the full score matrix (8 x 4096^2 fp32 =
 512 MB for SD1.5's largest self-attention at 512 px); its ``MultiHeadAttention`` kernel
 has a flash-attention path (MLAS) that holds a tile at a time: measured +47 MB instead of
-+534 MB, and 0.16 s instead of 0.29 s (benchmarks/attention_memory.py). CUDA EP runs the
++534 MB, and 0.16 s instead of 0.29 s (benchmarks/experiments/attention_memory.py). CUDA EP runs the
 same contrib op with its own fused kernels.
 
 The exporter emits Attention on 4-D tensors ``[B, heads, S, dim]``, each made by a

@@ -300,7 +300,7 @@ def dequantized_matmuls(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     The same int8 weights and scales, in the same bytes: each run dequantizes a weight whole (a
     transient float copy, at most 26 MB in SD1.5) and a plain float GEMM multiplies it. ORT's
     MatMulNBits float path took 1.2-2.2x a float MatMul's time at a batched step's sizes on an
-    AVX2 CPU (benchmarks/matmul_forms.py --batch 3); the SD1.5 U-Net forward 0.93x as long for
+    AVX2 CPU (benchmarks/experiments/matmul_forms.py --batch 3); the SD1.5 U-Net forward 0.93x as long for
     +32 MB (docs/recipes.md). Needs KEEP_DEQUANTIZED in the bundle's session config.
     """
     if next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0) < 21:

@@ -130,7 +130,7 @@ def fidelity_probes(p: LoadedPipeline, latent: int, t_low: int, t_high: int) -> 
     """One probe at each end and the middle of the PUTS range, each with its own (z, ε).
 
     One probe is not enough: on the toy world a w8a8-static graph read pearson 0.97 at t = 700 and
-    0.20-0.96 at 20 other (t, ε) draws (benchmarks/fidelity_by_t.py), and learned a quarter of
+    0.20-0.96 at 20 other (t, ε) draws (benchmarks/experiments/fidelity_by_t.py), and learned a quarter of
     what int8-cpu learns at that μ.
     """
     ts = (t_low, (t_low + t_high - 1) // 2, t_high - 1)

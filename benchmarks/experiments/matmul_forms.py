@@ -1,6 +1,6 @@
 """One SD1.5-sized MatMul in each weight-only int8 form ORT's CPU EP can run (what dequantization costs).
 
-    python benchmarks/matmul_forms.py [--repeat 7] [--batch 1]
+    python -m benchmarks.experiments.matmul_forms [--repeat 7] [--batch 1]
 
 Forms, at the U-Net's token counts (64² = 4096 ... 16² = 256 tokens) and its projection shapes:
 - fp32 ``MatMul`` (constant fp32 weight: the speed float compute can reach, at 4x the weight memory);
@@ -25,8 +25,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import header, median_s  # noqa: E402
+from benchmarks.common import header, median_s
 
 # (tokens, K, N): self-attention projections and GEGLU feed-forward in/out per U-Net level.
 SHAPES = ((4096, 320, 320), (4096, 320, 2560), (4096, 1280, 320), (1024, 640, 5120), (1024, 2560, 640),

@@ -1,6 +1,6 @@
 """One SD1.5-sized 3x3 convolution on ORT's CPU EP, in each form an export could give it.
 
-    python benchmarks/conv_kernels.py [--shapes 320x64,640x32,1280x16] [--repeat 5]
+    python -m benchmarks.experiments.conv_kernels [--shapes 320x64,640x32,1280x16] [--repeat 5]
 
 Prints ms, GMAC/s and the relative error against fp32 for: fp32 Conv (constant weights),
 DequantizeLinear + Conv (what int8-cpu runs), ConvInteger (what ORT's dynamic quantization
@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -21,8 +20,7 @@ from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import header  # noqa: E402
+from benchmarks.common import header
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--shapes", default="320x64,640x32,1280x16", help="channels x spatial size, comma separated")

@@ -1,5 +1,5 @@
 /* LD_PRELOAD logger of large allocations (>= 256 KiB) between mlog_start() and mlog_stop().
-   Built and driven by benchmarks/malloc_log.py; one line per event: op time ptr bytes caller. */
+   Built and driven by benchmarks/experiments/malloc_log.py; one line per event: op time ptr bytes caller. */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <stdio.h>

@@ -1,6 +1,6 @@
 """Does the paper's torch way keep the finite-difference signal? ZO fidelity in torch, per precision.
 
-    python benchmarks/gpu_zo_fidelity.py PIPELINE [--device cuda] [--k 8] [--mu 1e-3,1e-2]
+    python -m benchmarks.experiments.gpu_zo_fidelity PIPELINE [--device cuda] [--k 8] [--mu 1e-3,1e-2]
 
 The export gate's measurement (zoodip_edge/export/verify.py) done in torch on a GPU instead of in
 ORT: the gate's three probes (t = 500, 699, 899: SD1's PUTS range, each its own z and ε), its
@@ -18,18 +18,14 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from zoodip_edge.export.graphs import TextEncoderFromEmbeddings, UNetWrapper  # noqa: E402
-from zoodip_edge.export.load import load_pipeline  # noqa: E402
-from zoodip_edge.export.verify import (fidelity_probes, perturbed_embeddings, rel_err, training_step,  # noqa: E402
-                                       true_derivatives)
-from zoodip_edge.families import defaults_for  # noqa: E402
+from zoodip_edge.export.graphs import TextEncoderFromEmbeddings, UNetWrapper
+from zoodip_edge.export.load import load_pipeline
+from zoodip_edge.export.verify import fidelity_probes, perturbed_embeddings, rel_err, training_step, true_derivatives
+from zoodip_edge.families import defaults_for
 
 ap = argparse.ArgumentParser()
 ap.add_argument("pipeline")

@@ -1,6 +1,6 @@
 """Which tensors are alive together during one U-Net forward, from ORT's own execution order.
 
-    python benchmarks/live_tensors.py BUNDLE [--batch 3] [--one-sample] [--top 12]
+    python -m benchmarks.experiments.live_tensors BUNDLE [--batch 3] [--one-sample] [--top 12]
 
 Runs one forward with ORT's profiler (the ``cpu`` profile's buffer settings: no memory pattern,
 no buffer reuse) and saves the optimized graph beside it; the optimized graph's node order is the
@@ -17,16 +17,13 @@ import argparse
 import json
 import sys
 import tempfile
-from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import profiling_options, unet_feed  # noqa: E402
-
-from zoodip_edge.bundle import load_bundle  # noqa: E402
+from benchmarks.common import profiling_options, unet_feed
+from zoodip_edge.bundle import load_bundle
 
 ap = argparse.ArgumentParser()
 ap.add_argument("bundle")

@@ -1,6 +1,6 @@
 """Does ORT's CPU kernel for the ONNX Attention op (opset 23) hold the full score matrix?
 
-    python benchmarks/attention_memory.py [--length 4096] [--heads 8] [--dim 40]
+    python -m benchmarks.experiments.attention_memory [--length 4096] [--heads 8] [--dim 40]
 
 One graph per variant (the Attention op; MatMul-Softmax-MatMul; com.microsoft's
 MultiHeadAttention, whose CPU kernel has a flash-attention path), each in its own process:
@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import header, run_measured  # noqa: E402
+from benchmarks.common import header, run_measured
 
 CHILD = r"""
 import json, resource, sys, time

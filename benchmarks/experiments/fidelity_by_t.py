@@ -1,6 +1,6 @@
 """ZO fidelity at many (t, ε) draws: how much one probe of the export gate can be trusted.
 
-    python benchmarks/fidelity_by_t.py PIPELINE BUNDLE [BUNDLE ...] --mu 1e-2 [--t 500,600,700,800,899] [--draws 4]
+    python -m benchmarks.experiments.fidelity_by_t PIPELINE BUNDLE [BUNDLE ...] --mu 1e-2 [--t 500,600,700,800,899] [--draws 4]
 
 For each timestep and draw (``verify.make_probe`` with seed 100 + draw: its own z and ε),
 central differences at training's step along 16 unit directions vs torch fp32 autograd, as
@@ -15,14 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import header  # noqa: E402
-
-from zoodip_edge.bundle import load_bundle  # noqa: E402
-from zoodip_edge.export import verify  # noqa: E402
-from zoodip_edge.export.load import load_pipeline  # noqa: E402
-from zoodip_edge.profiles import resolve_profile  # noqa: E402
-from zoodip_edge.runtime.sessions import create_session  # noqa: E402
+from benchmarks.common import header
+from zoodip_edge.bundle import load_bundle
+from zoodip_edge.export import verify
+from zoodip_edge.export.load import load_pipeline
+from zoodip_edge.profiles import resolve_profile
+from zoodip_edge.runtime.sessions import create_session
 
 ap = argparse.ArgumentParser()
 ap.add_argument("pipeline", help="the diffusers folder the bundles were exported from (true derivatives)")

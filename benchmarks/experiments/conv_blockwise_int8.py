@@ -1,6 +1,6 @@
 """SD1.5-sized convolutions as im2col + MatMulNBits (int8 compute, block-wise dynamic activations) on ORT's CPU EP.
 
-    python benchmarks/conv_blockwise_int8.py [--shapes 320x64,640x32,1280x16] [--batches 1,3] [--repeat 7]
+    python -m benchmarks.experiments.conv_blockwise_int8 [--shapes 320x64,640x32,1280x16] [--batches 1,3] [--repeat 7]
                                              [--radii 1e-4,1e-3] [--directions 8] [--threads 2]
 
 A shape is ``CxS`` (C→C 3×3, pad 1, at S×S) or ``CxSk1`` (C→C 1×1). Every form has a bias. Forms:
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -30,8 +29,7 @@ from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import header  # noqa: E402
+from benchmarks.common import header
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--shapes", default="320x64,640x32,1280x16", help="CxS (3×3) or CxSk1 (1×1), comma separated")

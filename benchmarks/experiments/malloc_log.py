@@ -1,6 +1,6 @@
 """Which large buffers live during one U-Net forward, and for how long (glibc/Linux, needs gcc).
 
-    python benchmarks/malloc_log.py BUNDLE [--mem-reuse on|off] [--min-life 1.0]
+    python -m benchmarks.experiments.malloc_log BUNDLE [--mem-reuse on|off] [--min-life 1.0]
 
 Builds ``malloc_log.c`` into an LD_PRELOAD library, runs one warm U-Net forward under it with the
 ``cpu`` profile (``--mem-reuse`` overrides the profile's ORT buffer reuse), and prints the peak of
@@ -20,8 +20,7 @@ from pathlib import Path
 HERE = Path(__file__).parent
 CHILD = """
 import ctypes, dataclasses, sys
-sys.path.insert(0, sys.argv[5])
-from common import unet_feed
+from benchmarks.common import unet_feed
 from zoodip_edge.bundle import load_bundle
 from zoodip_edge.profiles import resolve_profile
 from zoodip_edge.runtime.sessions import create_session
@@ -45,7 +44,7 @@ a = ap.parse_args()
 with tempfile.TemporaryDirectory() as d:
     lib, out = Path(d) / "malloc_log.so", Path(d) / "log.txt"
     subprocess.run(["gcc", "-O2", "-shared", "-fPIC", "-o", str(lib), str(HERE / "malloc_log.c"), "-ldl"], check=True)
-    subprocess.run([sys.executable, "-c", CHILD, a.bundle, a.mem_reuse, str(lib), str(out), str(HERE)], check=True,
+    subprocess.run([sys.executable, "-c", CHILD, a.bundle, a.mem_reuse, str(lib), str(out)], check=True,
                    env={**os.environ, "LD_PRELOAD": str(lib)})
     events = [line.split() for line in out.read_text().splitlines()]
 t0 = float(events[0][1])

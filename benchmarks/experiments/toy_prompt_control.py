@@ -1,6 +1,6 @@
 """Does the shipped toy model follow its prompts? Every color x shape, scored from pixels.
 
-    python benchmarks/toy_prompt_control.py [--bundle B] [--images 8] [--guidance 4] [--sheet out.png]
+    python -m benchmarks.experiments.toy_prompt_control [--bundle B] [--images 8] [--guidance 4] [--sheet out.png]
 
 Generates "a photo of a {color} {shape}" for all 30 pairs (orange cross was never in the
 training data) and "a photo of a shape", and prints a markdown table of concept scores.
@@ -15,13 +15,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import header  # noqa: E402
-
-from zoodip_edge.runtime.generate import Generator  # noqa: E402
-from zoodip_edge.toy import shipped_path  # noqa: E402
-from zoodip_edge.toy.score import concept_score, read_image  # noqa: E402
-from zoodip_edge.toy.world import COLORS, GENERIC, HELD_OUT, SHAPES  # noqa: E402
+from benchmarks.common import header
+from zoodip_edge.runtime.generate import Generator
+from zoodip_edge.toy import shipped_path
+from zoodip_edge.toy.score import concept_score, read_image
+from zoodip_edge.toy.world import COLORS, GENERIC, HELD_OUT, SHAPES
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--bundle", default=str(shipped_path("bundle")))

@@ -1,6 +1,6 @@
 """One process per ORT session lever: peak RSS and s/forward of a bundle's U-Net, batch 1, CPU EP.
 
-    python benchmarks/unet_memory_levers.py BUNDLE [--levers default no-arena ...]
+    python -m benchmarks.experiments.unet_memory_levers BUNDLE [--levers default no-arena ...]
 
 Each lever runs in its own child process so peaks do not mix; prints a markdown table.
 """
@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import header, run_measured  # noqa: E402
+from benchmarks.common import header, run_measured
 
 # Each lever spelled as unet_forward.py flags; "default" is ORT's defaults, not the cpu profile's.
 ON = ["--arena", "on", "--mem-pattern", "on"]
@@ -24,7 +22,7 @@ LEVERS = {
     "no-prepacking": [*ON, "--config", "session.disable_prepacking=1"],
     "no-arena+no-prepacking": ["--arena", "off", "--mem-pattern", "on", "--config", "session.disable_prepacking=1"],
 }
-CHILD = str(Path(__file__).parent / "unet_forward.py")
+CHILD = [sys.executable, "-m", "benchmarks.unet_forward"]
 
 
 def main() -> None:
@@ -35,7 +33,7 @@ def main() -> None:
     a = ap.parse_args()
     rows = []
     for name in a.levers:
-        r = run_measured([sys.executable, CHILD, a.bundle, "--repeat", str(a.repeat), *LEVERS[name]])
+        r = run_measured([*CHILD, a.bundle, "--repeat", str(a.repeat), *LEVERS[name]])
         if r["rc"] != 0:
             rows.append(f"| {name} | failed: {r['stderr'].strip().splitlines()[-1] if r['stderr'].strip() else r['rc']} | | | |")
             continue

@@ -3,7 +3,7 @@
 The ``int8-cpu-fast`` recipe is this with ``--keep-float encoder_hidden_states``; the script
 makes the variants it was chosen from without an export.
 
-    python benchmarks/matmul_accuracy_variant.py BUNDLE OUT [--level 4] [--graphs unet] [--keep-float encoder_hidden_states]
+    python -m benchmarks.experiments.matmul_accuracy_variant BUNDLE OUT [--level 4] [--graphs unet] [--keep-float encoder_hidden_states]
 
 The experiment: W8A8 in the MatMuls only (ORT rounds each MatMul's input
 to int8 per block of 32 along K and multiplies in int8; convolutions stay float). The copy
@@ -39,7 +39,7 @@ def main() -> None:
     changed = {graph: rewrite_graph(a.out, manifest, graph, lambda m: int8_matmul_compute(m, keep_float, a.level))
                for graph in a.graphs.split(",")}
     manifest["recipe"]["variant"] = (f"MatMulNBits accuracy_level {a.level} in {changed}, "
-                                     f"except readers of {a.keep_float or 'nothing'} (benchmarks/matmul_accuracy_variant.py); "
+                                     f"except readers of {a.keep_float or 'nothing'} (benchmarks/experiments/matmul_accuracy_variant.py); "
                                      "verification figures are the source bundle's")
     write_manifest(a.out, manifest)
     print(json.dumps({"out": str(a.out), "matmulnbits_changed": changed}))

@@ -1,6 +1,6 @@
 """Per-convolution time inside a U-Net forward: direct (DequantizeLinear + Conv) vs Winograd.
 
-    python benchmarks/winograd_profile.py DIRECT_BUNDLE WINOGRAD_BUNDLE [--runs 3]
+    python -m benchmarks.experiments.winograd_profile DIRECT_BUNDLE WINOGRAD_BUNDLE [--runs 3]
 
 Both bundles are int8-cpu exports of the same model, one from before the Winograd rewrite (or
 with it undone): ORT's profiler times every node over ``--runs`` warm forwards at batch 1 with
@@ -21,11 +21,9 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import header, profiling_options, unet_feed  # noqa: E402
-
-from zoodip_edge.bundle import load_bundle  # noqa: E402
-from zoodip_edge.export.winograd import spatial_sizes  # noqa: E402
+from benchmarks.common import header, profiling_options, unet_feed
+from zoodip_edge.bundle import load_bundle
+from zoodip_edge.export.winograd import spatial_sizes
 
 
 def node_ms(bundles: list[str], runs: int) -> list[Counter]:

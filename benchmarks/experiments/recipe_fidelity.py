@@ -1,6 +1,6 @@
 """ZO fidelity and conditioning per recipe on the tiny SD1/SD2 pipelines (random weights).
 
-    python benchmarks/recipe_fidelity.py --work fidelity-work [--out table.md]
+    python -m benchmarks.experiments.recipe_fidelity --work fidelity-work [--out table.md]
 """
 
 from __future__ import annotations
@@ -9,11 +9,9 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import header  # noqa: E402
-
-from zoodip_edge.export import RECIPES, export_bundle  # noqa: E402
-from zoodip_edge.export.tiny import build_tiny_pipeline  # noqa: E402
+from benchmarks.common import header
+from zoodip_edge.export import RECIPES, export_bundle
+from zoodip_edge.export.tiny import build_tiny_pipeline
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--work", type=Path, required=True)

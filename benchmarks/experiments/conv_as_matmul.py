@@ -1,22 +1,26 @@
+# ruff: noqa: E701, E702  (a finished experiment, kept as it was written: several statements a line)
 """Single convolutions at SD1.5 sizes, batch 3, 2 threads: ORT Conv on int8 weights (DequantizeLinear,
 as int8-cpu stores them) against the same convolution as a MatMulNBits (float compute, accuracy
 level 0, and int8 compute, level 4). 3x3 ones at 8x8 as im2col MatMuls; 1x1 ones as the token-side
 MatMul of a transformer's proj_in (Conv -> Transpose -> Reshape). An export pass
 for both (conv_matmul.py, commit 61d794f) was measured and removed: docs/recipes.md says why.
 
-    python benchmarks/conv_as_matmul.py
+    python -m benchmarks.experiments.conv_as_matmul
 
 Medians of 10 runs, three rounds; "rel" is the output's relative difference from the Conv's
 (the two store the weights on different int8 grids: per output channel, per block of 32).
 """
-import sys, time
-from pathlib import Path
+import time
 
-import numpy as np, onnx
-from onnx import helper as h, numpy_helper as nh, TensorProto as T
+import numpy as np
+import onnx
 import onnxruntime as ort
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from zoodip_edge.export.quantize import weight_only_qdq, matmul_nbits8, int8_matmul_compute, FLOAT_COMPUTE
+from onnx import TensorProto as T
+from onnx import helper as h
+from onnx import numpy_helper as nh
+
+from zoodip_edge.export.quantize import FLOAT_COMPUTE, int8_matmul_compute, matmul_nbits8, weight_only_qdq
+
 rng = np.random.default_rng(0)
 def sess(m, acc=None):
     so = ort.SessionOptions(); so.intra_op_num_threads = 2
