@@ -6,10 +6,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import export_once
 from onnx import TensorProto, helper
 
 from zoodip_edge.export.attention import fuse_attention
+
+from conftest import export_once
 
 
 def _graph(heads: int, dim: int, kv_len: int | str, **attention_attrs) -> onnx.ModelProto:

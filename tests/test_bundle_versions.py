@@ -12,9 +12,10 @@ import pytest
 from typer.testing import CliRunner
 
 import zoodip_edge
-from cli_checks import personalize_args, refused
 from zoodip_edge import bundle as B
 from zoodip_edge.cli import app
+
+from cli_checks import personalize_args, refused
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]

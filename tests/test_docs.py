@@ -26,8 +26,9 @@ def test_readme_links_exist():
 
 
 def test_readme_commands_are_real_cli_commands():
-    from zoodip_edge.cli import app
     import typer
+
+    from zoodip_edge.cli import app
 
     names = set(typer.main.get_command(app).commands)
     blocks = "\n".join(re.findall(r"```(?:bash)?\n(.*?)```", (ROOT / "README.md").read_text(), re.S))

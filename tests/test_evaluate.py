@@ -14,7 +14,6 @@ from zoodip_edge.errors import UserError
 from zoodip_edge.evaluate import clip_i, clip_t, cosine_matrix, dino, text_prompt, write_report
 from zoodip_edge.prompts import LIVE_PROMPTS, OBJECT_PROMPTS, SUBJECT_CLASSES, dreambooth_prompts, subject_kind
 
-
 # ---------------------------------------------------------------- metric math
 
 def test_identical_features_score_one():

@@ -8,13 +8,14 @@ import re
 import numpy as np
 import onnx
 import pytest
-from conftest import export_once
 from typer.testing import CliRunner
 
 from zoodip_edge.bundle import load_bundle
 from zoodip_edge.cli import app
 from zoodip_edge.errors import UserError
 from zoodip_edge.export import export_bundle
+
+from conftest import export_once
 
 runner = CliRunner()
 

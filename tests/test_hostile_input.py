@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from zoodip_edge.cli import app
 from zoodip_edge.embeddings import save_embedding
 from zoodip_edge.runtime.checkpoint import load_checkpoint, save_checkpoint
 from zoodip_edge.runtime.zo import ZOConfig, replay
 
 from cli_checks import TOKEN, ok, personalize_args, refused, runner, write
-from zoodip_edge.cli import app
 
 cli = personalize_args
 

@@ -15,12 +15,12 @@ import pytest
 from safetensors.numpy import load_file
 from typer.testing import CliRunner
 
-from conftest import run_cli_without_torch
-
 from zoodip_edge.cli import app
 from zoodip_edge.errors import UserError
 from zoodip_edge.runtime.personalize import Personalizer, Settings
-from zoodip_edge.runtime.zo import replay, ZOConfig
+from zoodip_edge.runtime.zo import ZOConfig, replay
+
+from conftest import run_cli_without_torch
 
 runner = CliRunner()
 TOKEN = "<red-ball>"
@@ -383,7 +383,8 @@ def test_the_api_imports_from_the_runtime_package_and_starts_nothing_early():
 
     from zoodip_edge.runtime import Generator, Personalizer, Settings
     from zoodip_edge.runtime.generate import Generator as G
-    from zoodip_edge.runtime.personalize import Personalizer as P, Settings as S
+    from zoodip_edge.runtime.personalize import Personalizer as P
+    from zoodip_edge.runtime.personalize import Settings as S
 
     assert (Personalizer, Settings, Generator) == (P, S, G)
     code = "import sys, zoodip_edge.runtime.images; print('onnxruntime' in sys.modules)"

@@ -6,10 +6,11 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnxruntime as ort
-from conftest import export_once
 from onnx import TensorProto, helper, numpy_helper
 
 from zoodip_edge.export.prefix import broadcast_sample
+
+from conftest import export_once
 
 
 def _session(model: onnx.ModelProto, manifest: dict) -> ort.InferenceSession:

@@ -7,11 +7,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import export_once
 from onnx import TensorProto, helper, numpy_helper
 
 from zoodip_edge.export.projections import split_projections
 from zoodip_edge.export.quantize import FLOAT_COMPUTE, matmul_nbits8
+
+from conftest import export_once
 
 D, F = 64, 256
 

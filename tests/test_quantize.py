@@ -159,8 +159,13 @@ def _optimized_ops(model, config: dict, tmp_path) -> list[str]:
 def test_dequantized_matmuls_compute_what_matmulnbits_computed(k, tmp_path):
     import onnx
 
-    from zoodip_edge.export.quantize import (FLOAT_COMPUTE, KEEP_DEQUANTIZED, dequantized_matmuls, int8_matmul_compute,
-                                             matmul_nbits8)
+    from zoodip_edge.export.quantize import (
+        FLOAT_COMPUTE,
+        KEEP_DEQUANTIZED,
+        dequantized_matmuls,
+        int8_matmul_compute,
+        matmul_nbits8,
+    )
 
     rng = np.random.default_rng(0)
     w = numpy_helper.from_array((rng.standard_normal((k, 48)) / np.sqrt(k)).astype(np.float32), "w")

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from zoodip_edge.errors import UserError
-from zoodip_edge.schedule import alphas_cumprod
-from conftest import BLOCK_TORCH
-
 from zoodip_edge.runtime.schedulers import SAMPLERS, make_sampler
+from zoodip_edge.schedule import alphas_cumprod
+
+from conftest import BLOCK_TORCH
 
 torch = pytest.importorskip("torch")
 schedulers = pytest.importorskip("diffusers.schedulers")

@@ -8,7 +8,6 @@ import pytest
 from zoodip_edge.runtime.zo import ZOConfig, ZOOptimizer, guided_directions
 from zoodip_edge.toy.world import TOY64, TOY768, caption, concept_photos, training_set
 
-
 # ------------------------------------------------------------- the toy-768 world --------
 
 def test_unnamed_attributes_are_drawn_but_never_named():

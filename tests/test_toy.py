@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import run_cli_without_torch
-
 from zoodip_edge.toy import shipped_path
 from zoodip_edge.toy.score import concept_score, read_image
 from zoodip_edge.toy.world import HELD_OUT, SIZE, caption, concept_photos, random_scene, training_set
+
+from conftest import run_cli_without_torch
 
 
 def test_world_is_deterministic_from_its_seed():
@@ -78,8 +78,8 @@ def test_shipped_weights_are_the_bundles_source(tmp_path):
     torch = pytest.importorskip("torch")
     from transformers import CLIPTextModel
 
-    from zoodip_edge.export.graphs import TextEncoderFromEmbeddings
     from zoodip_edge.bundle import load_bundle
+    from zoodip_edge.export.graphs import TextEncoderFromEmbeddings
     from zoodip_edge.runtime.sessions import create_session
     from zoodip_edge.runtime.text import PromptEncoder, mmap_safetensors
 

@@ -7,11 +7,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import export_once
 from onnx import TensorProto, helper, numpy_helper
 
 from zoodip_edge.export.quantize import weight_only_qdq
 from zoodip_edge.export.winograd import transforms, winograd_convs
+
+from conftest import export_once
 
 C, S = 64, 32
 

@@ -48,13 +48,12 @@ import os
 import re
 import shutil
 import subprocess
+import tomllib as _toml
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import UserError
-
-import tomllib as _toml
 
 __all__ = [
     "DeviceProfile",

@@ -7,7 +7,6 @@ classifier-free guidance and a NumPy sampler. No torch.
 
 from __future__ import annotations
 
-
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 

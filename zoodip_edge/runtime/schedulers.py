@@ -51,6 +51,7 @@ import math
 import numpy as np
 
 from zoodip_edge.errors import UserError
+
 from ..schedule import alphas_cumprod
 
 SAMPLERS = ("ddim", "dpm++", "euler")
