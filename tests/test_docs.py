@@ -39,11 +39,15 @@ def test_readme_commands_are_real_cli_commands():
 def test_ci_runs_exactly_the_readme_setup_and_test_command():
     readme = (ROOT / "README.md").read_text()
     ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith(("#", "set ", "cd "))]
+    assert ci == ["make test"] and "make test" in readme
+    make = (ROOT / "Makefile").read_text()
+    recipe = re.search(r"^test:\n((?:\t.*\n)+)", make, re.M).group(1)
+    steps = [part.strip() for part in recipe.replace("\\\n", " ").split("&&")]
     block = re.search(r"## Set-up.*?```bash\n(.*?)```", readme, re.S).group(1)
     setup = [re.sub(r"\s+#.*", "", line).strip() for line in block.splitlines() if line.strip()]
     flat = [part.strip() for line in setup for part in line.split("&&")]
-    assert ci[: len(flat)] == flat
-    assert ci[len(flat):] == ["python -m pytest"] and "python -m pytest" in readme
+    assert steps[: len(flat)] == flat
+    assert steps[len(flat):] == ["ruff check .", "python -m pytest"] and "python -m pytest" in readme
 
 
 def test_every_package_is_listed_in_pyproject():
