@@ -17,6 +17,8 @@ from zoodip_edge.export import export_bundle
 
 from conftest import export_once
 
+pytestmark = pytest.mark.slow  # full exports
+
 runner = CliRunner()
 
 

@@ -202,6 +202,7 @@ def _subprocess_cli(args: list) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_two_runs_on_one_output_exclude_each_other(sd1_bundle, photos, tmp_path):
     out = tmp_path / "e.safetensors"
     first = _subprocess_cli(_cli(sd1_bundle, photos, out, "--steps", "100000", "--checkpoint-every", "0"))

@@ -22,6 +22,8 @@ from zoodip_edge.many import personalize_many, profile_with_threads, read_jsonl
 from zoodip_edge.toy import shipped_path
 from zoodip_edge.toy.world import concept_photos
 
+pytestmark = pytest.mark.slow  # subprocess pools, Ray, killed workers
+
 BUNDLE = str(shipped_path("bundle"))
 STEPS = 30  # a few seconds a job: enough for a checkpoint and a changed token
 LONG = 150  # the job a test kills: long enough to be caught between checkpoints

@@ -151,6 +151,7 @@ def _wait_for(path: Path, proc, timeout=120):
         time.sleep(0.02)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_equals_uninterrupted_run(sd1_bundle, photos, tmp_path):
     steps = "400"
     ref = tmp_path / "ref.safetensors"
@@ -167,6 +168,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(sd1_bundle, photos, tmp_pa
     np.testing.assert_array_equal(load_file(str(out))[TOKEN], load_file(str(ref))[TOKEN])
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(sd1_bundle, photos, tmp_path):
     out = tmp_path / "e.safetensors"
     ckpt = Path(str(out) + ".ckpt")
@@ -191,6 +193,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(sd1_bundle, photos, tmp_pat
 
 
 
+@pytest.mark.slow
 def test_runtime_never_imports_torch_diffusers_transformers(sd1_bundle, photos, tmp_path):
     out = tmp_path / "e.safetensors"
     r = run_cli_without_torch(_cli(sd1_bundle, photos, out, "--steps", "3"))
@@ -391,6 +394,7 @@ def test_the_api_imports_from_the_runtime_package_and_starts_nothing_early():
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
 
 
+@pytest.mark.slow
 def test_train_is_the_whole_run_for_an_app(photos, tmp_path):
     """An app gets what the CLI gets from Personalizer.train: Ctrl-C writes the checkpoint, a resume
     continues it and its log, and the result equals an uninterrupted run's, replay included."""

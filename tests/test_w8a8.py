@@ -13,6 +13,8 @@ from onnx import TensorProto, helper, numpy_helper
 from zoodip_edge.export import export_bundle
 from zoodip_edge.export.quantize import activation_ranges, quantize, static_w8a8
 
+pytestmark = pytest.mark.slow  # full exports
+
 C, H = 8, 6
 
 
