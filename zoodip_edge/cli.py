@@ -236,14 +236,13 @@ def personalize(
     """Learn a token for the concept in IMAGES with forward passes only (device)."""
     from tqdm import tqdm
 
+    from .embeddings import check_embedding_output
     from .files import exclusive_lock
     from .profiles import resolve_profile
     from .runtime.checkpoint import check_checkpoint_path
+    from .runtime.generate import check_seed
     from .runtime.personalize import NonFiniteLoss, Personalizer, Settings
     from .runtime.runlog import check_log_path
-
-    from .embeddings import check_embedding_output
-    from .runtime.generate import check_seed
 
     check_embedding_output(out, token, fmt)
     check_seed(seed)
@@ -388,9 +387,7 @@ def generate(
 
     from .files import save_image
     from .profiles import resolve_profile
-    from .runtime.generate import Generator, grid
-
-    from .runtime.generate import check_generation
+    from .runtime.generate import Generator, check_generation, grid
 
     check_generation(n=n, steps=steps, guidance=guidance, seed=seed)  # the model's own limits are checked again
     names = [f"{seed:04d}-{i:02d}.png" for i in range(n)] + ["grid.png"]
@@ -518,11 +515,8 @@ def demo(
     """Learn a concept on the shipped toy model and show it: grid.png, loss.png, one line of figures."""
     from tqdm import tqdm
 
-    from .demo import check_out, demo_steps, run_demo
-
+    from .demo import check_out, demo_steps, parse_concept, run_demo
     from .runtime.generate import check_seed
-
-    from .demo import parse_concept
     from .toy import toy_model
 
     check_out(out, force)  # before the progress bar draws
