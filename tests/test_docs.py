@@ -57,3 +57,27 @@ def test_every_package_is_listed_in_pyproject():
     assert found <= listed, found - listed
     assert cfg["package-dir"]["zoodip_edge.devices"] == "devices"
     assert not (ROOT / "export" / "__init__.py").exists() and not (ROOT / "runtime" / "__init__.py").exists()
+
+
+def test_help_lists_what_the_registries_hold():
+    """Recipe and device choices in --help come from the recipe table and devices/, never a stale list."""
+    import typer
+
+    from zoodip_edge.cli import app
+    from zoodip_edge.profiles import builtin_profiles
+    from zoodip_edge.recipes import RECIPES
+
+    commands = typer.main.get_command(app).commands
+    recipe_help = next(p.help for p in commands["export"].params if p.name == "recipe")
+    device_help = next(p.help for p in commands["personalize"].params if p.name == "device")
+    assert all(name in recipe_help for name in RECIPES), recipe_help
+    assert all(name in device_help.split(" | ") for name in builtin_profiles()), device_help
+
+
+def test_the_recipe_table_loads_without_onnx():
+    import subprocess
+    import sys
+
+    code = "import sys, zoodip_edge.cli, zoodip_edge.recipes; print('onnx' in sys.modules, 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False"], out

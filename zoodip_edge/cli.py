@@ -19,9 +19,15 @@ import typer
 
 from .errors import UserError
 from .files import check_writable, refuse_existing
+from .profiles import builtin_profiles
+from .recipes import DEFAULT_RECIPE, recipe_choices
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Backpropagation-free personalization (ZOODiP) of INT8 Stable Diffusion on devices.")
+
+
+# Help texts list what the registries hold: the recipe table and the device profiles shipped in devices/.
+_DEVICE_CHOICES = " | ".join(["auto", *builtin_profiles(), "path/to/profile.toml"])
 
 
 def _err(msg: str) -> None:
@@ -108,7 +114,7 @@ def cli_errors(fn: Callable) -> Callable:
 def export(
     model: str = typer.Argument(..., help="diffusers pipeline folder, hub id, or single-file .safetensors/.ckpt"),
     out: Path = typer.Option(..., "--out", "-o", help="bundle folder to write"),
-    recipe: str = typer.Option("int8-cpu", help="int8-cpu | int8-cpu-fast | int8-gpu | fp16 | fp32 | w8a8-dynamic, w8a8-static (experiments)"),
+    recipe: str = typer.Option(DEFAULT_RECIPE, help=recipe_choices()),
     resolution: Optional[int] = typer.Option(None, help="image size in pixels (default: the model's)"),
     force: bool = typer.Option(False, "--force", help="replace OUT if it is a zoodip-edge bundle (nothing else is replaced)"),
     allow_unfaithful: bool = typer.Option(False, "--allow-unfaithful", help="export even if the ZO fidelity gate fails"),
@@ -211,7 +217,7 @@ def personalize(
     seed: int = typer.Option(0, help="random seed: same seed, same result"),
     captions: Optional[Path] = typer.Option(None, help="JSON mapping image file name -> caption with {} for the token"),
     templates: str = typer.Option("object", help="textual-inversion templates when no captions: object | style"),
-    device: str = typer.Option("auto", help="auto | cpu | cpu-lowmem | cuda | cuda-lowvram | tensorrt | jetson-orin-nano | path/to/profile.toml"),
+    device: str = typer.Option("auto", help=_DEVICE_CHOICES),
     strict: bool = typer.Option(False, "--strict", help="refuse to fall back to CPU when a requested provider is missing"),
     batched: Optional[bool] = typer.Option(None, "--batched/--sequential", help="run the n+1 perturbations as one batch or one by one (default: profile)"),
     n: Optional[int] = typer.Option(None, "--n", help="perturbations per step"),
