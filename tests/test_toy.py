@@ -260,6 +260,7 @@ def test_int8_math_on_a_cpu_without_int8_dot_products_is_said_once(fast_toy, tmp
         for name in ("text_encoder", "unet", "unet"):
             sessions.get(name)
         sessions.release_all()
+        said = [s for s in said if " bundle predates " not in s]  # what re-exporting buys: its own test
         assert len(said) == expected and all("unet:" in s and "no int8 dot-product" in s for s in said), said
         out = CliRunner().invoke(app, ["inspect", str(bundle)]).output
         assert ("note: this CPU has no int8 dot-product" in out) == expected, out
