@@ -64,6 +64,7 @@ def test_unknown_head_count_is_left_alone():
     assert fuse_attention(model)[1] == 0
 
 
+@pytest.mark.slow  # a full export or a trained run
 def test_exported_unet_uses_multi_head_attention(sd1_pipeline, work):
     out, m = export_once(sd1_pipeline, "int8-cpu", work)
     ops = [n.op_type for n in onnx.load(str(out / m["components"]["unet"]["path"])).graph.node]

@@ -226,6 +226,7 @@ def test_missing_model_folder_is_a_user_error(tmp_path, tiny_clip):
         DinoScorer("nobody/no-such-dino")
 
 
+@pytest.mark.slow  # a full export or a trained run
 def test_cli_evaluate_all_generates_with_dreambooth_prompts_and_scores(sd1_bundle, tiny_clip, tiny_dino, tmp_path):
     from typer.testing import CliRunner
 

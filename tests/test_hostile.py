@@ -68,6 +68,7 @@ def test_export_force_refuses_what_is_not_a_bundle(sd1_pipeline, sd1_bundle, tmp
     refused(["export", sd1_pipeline, "--out", sd1_bundle], sd1_bundle, match="pass --force to replace it")
 
 
+@pytest.mark.slow  # a full export or a trained run
 def test_export_force_replaces_a_bundle_and_only_our_leftovers(sd1_pipeline, bundle_copy, tmp_path):
     out = bundle_copy
     write(out / "stale.txt", "from the old bundle")
@@ -293,6 +294,7 @@ def test_generate_never_writes_over_existing_images(sd1_bundle, learned, tmp_pat
     assert sorted(p.name for p in out.iterdir()) == ["0000-00.png", "0000-01.png", "grid.png", "notes.txt"]
 
 
+@pytest.mark.slow  # a full export or a trained run
 def test_demo_rerun_is_refused_unless_forced(tmp_path):
     out = tmp_path / "demo"
     args = ["demo", "--out", out, "--steps", "2", "--images", "1"]

@@ -84,6 +84,7 @@ def test_int8_cpu_personalizer_feeds_one_sample(sd1_bundle, photos, monkeypatch)
     assert seen == [(1, p.config.n + 1)]
 
 
+@pytest.mark.slow  # a full export or a trained run
 def test_sd2_v_prediction_bundle_personalizes(sd2_pipeline, work, photos):
     from conftest import export_once
 

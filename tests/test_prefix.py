@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from zoodip_edge.export.prefix import broadcast_sample
@@ -20,6 +21,7 @@ def _session(model: onnx.ModelProto, manifest: dict) -> ort.InferenceSession:
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
+@pytest.mark.slow  # a full export or a trained run
 def test_one_sample_for_a_batch_of_conditions(sd1_pipeline, work):
     """A U-Net exported without the rewrite (int8-gpu), rewritten: one sample row broadcast to
     three conditions gives what the original gives for the sample repeated three times."""

@@ -144,6 +144,7 @@ def learned(request, tmp_path_factory):
 STEPS = 300
 
 
+@pytest.mark.slow  # a full export or a trained run
 def test_zoodip_learns_the_concept_on_the_shipped_bundle_and_with_int8_matmuls(learned):
     from zoodip_edge.demo import PROBES
 
@@ -160,6 +161,7 @@ def test_zoodip_learns_the_concept_on_the_shipped_bundle_and_with_int8_matmuls(l
         assert (before - p.held_out_loss(p.theta0 + u, PROBES)) / (before - words) < closed / 2
 
 
+@pytest.mark.slow  # a full export or a trained run
 def test_demo_runs_end_to_end_on_the_device_install(tmp_path):
     """The README's main command, at a reduced step count, with torch/diffusers/transformers unimportable."""
     out = tmp_path / "demo"
@@ -172,6 +174,7 @@ def test_demo_runs_end_to_end_on_the_device_install(tmp_path):
     assert (out / "learned_embeds.safetensors").exists() and len(list((out / "photos").glob("*.png"))) == 5
 
 
+@pytest.mark.slow  # a full export or a trained run
 def test_demo_runs_on_the_768_wide_toy_with_an_unnamed_concept(tmp_path):
     out = tmp_path / "demo768"
     r = run_cli_without_torch(["demo", "--model", "toy-768", "--concept", "pink-diamond", "--out", str(out),
