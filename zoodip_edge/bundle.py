@@ -229,6 +229,13 @@ def _inputs(manifest: dict, component: str) -> dict[str, list]:
     return {i["name"]: i["shape"] for i in manifest["components"][component].get("inputs", [])}
 
 
+def check_token_ids(text: dict[str, Any], rows: int) -> None:
+    """SchemaError if a special token id of the manifest's ``text`` falls outside a table of ``rows``."""
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        if text.get(key, 0) >= rows:
+            raise SchemaError(f"text.{key}: {text[key]} is outside the token table's {rows} rows")
+
+
 def validate_manifest(manifest: Any) -> None:
     """Refuse (SchemaError, one line) a manifest whose fields have the wrong kinds, or that
     contradicts itself: token ids outside the table, widths or lengths that differ between graphs."""
@@ -238,9 +245,8 @@ def validate_manifest(manifest: Any) -> None:
     if not d["t_low"] < d["t_high"] <= steps:
         raise SchemaError(f"defaults: timestep range [{d['t_low']}, {d['t_high']}) is not inside [0, {steps})")
     rows = table[0] if table else text.get("vocab_size")
-    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
-        if rows is not None and text.get(key, 0) >= rows:
-            raise SchemaError(f"text.{key}: {text[key]} is outside the token table's {rows} rows")
+    if rows is not None:
+        check_token_ids(text, rows)
     if table and text.get("vocab_size", table[0]) != table[0]:
         raise SchemaError(f"text.vocab_size {text['vocab_size']} differs from the token table's {table[0]} rows")
     width = table[1] if table else text.get("hidden_size")

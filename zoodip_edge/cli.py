@@ -43,7 +43,7 @@ def _check_out_folder(out: Path, writes: list[Path], force: bool) -> None:
         raise UserError(f"{out} is not a folder")
     if not force:
         refuse_existing(writes)
-    check_writable(out / ".", "into")
+    check_writable(writes[0])  # a file inside ``out``: its folder (or the nearest one that exists) is tried
 
 
 _MAIN = False  # set by main(): only a real process (not an in-process test runner) restarts itself

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from .bundle import sha256_file
 from .errors import UserError
 
 # Options the runner sets itself: the checkpoint lives in the job folder, retries resume, and
@@ -322,7 +323,7 @@ def bundle_bytes(bundle: str) -> int | None:
         return None
 
 
-def manifest_sha256(bundle: str) -> str | None:
+def manifestsha256_file(bundle: str) -> str | None:
     try:
         return hashlib.sha256((Path(bundle) / "manifest.json").read_bytes()).hexdigest()
     except OSError:
@@ -374,21 +375,9 @@ def _append_jsonl(path: Path, record: dict) -> None:
 
 def read_jsonl(path: Path) -> list[dict]:
     """Records of a JSONL file up to its first torn line (a kill mid-write tears the last)."""
-    out = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                if not line.endswith("\n"):
-                    break
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    break
-                if isinstance(rec, dict):
-                    out.append(rec)
-    except (OSError, UnicodeDecodeError):
-        pass
-    return out
+    from .runtime.runlog import read_records
+
+    return [rec for _, rec in read_records(path)]
 
 
 _LEARNED = re.compile(r"learned .* in (\d+) steps \(final loss ([-+0-9.eEnaif]+), peak RSS (\d+) MB\)")
@@ -398,14 +387,6 @@ def _error_line(text: str) -> str:
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     errors = [ln for ln in lines if ln.startswith("error:")]
     return (errors[-1].removeprefix("error:").strip() if errors else lines[-1] if lines else "no output")[:500]
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def run_job(spec: dict) -> dict:
@@ -419,12 +400,12 @@ def run_job(spec: dict) -> dict:
     began = time.time()
     d = Path(spec["dir"])
     out = Path(spec["out"])
-    if spec.get("bundle_sha256") and manifest_sha256(spec["bundle"]) != spec["bundle_sha256"]:
+    if spec.get("bundle_sha256") and manifestsha256_file(spec["bundle"]) != spec["bundle_sha256"]:
         return {"state": "failed", "reason": f"the bundle at {spec['bundle']} on {socket.gethostname()} is not the "
                                              "driver's (its manifest differs); every node must see the same bundle"}
     trained_file = d / "trained.json"
     trained = json.loads(trained_file.read_text()) if trained_file.is_file() else None
-    if trained is not None and not (out.is_file() and _sha256(out) == trained.get("sha256")):
+    if trained is not None and not (out.is_file() and sha256_file(out) == trained.get("sha256")):
         trained = None  # the embedding went missing or changed: personalize --resume writes it again
     attempts = [a for a in read_jsonl(d / "attempts.jsonl") if "resume" in a]  # each try's start record
     tries = 0
@@ -460,7 +441,7 @@ def run_job(spec: dict) -> dict:
             if not m:
                 return {"state": "failed", "reason": f"personalize printed no result line: {_error_line(text)}"}
             trained = {"steps": int(m.group(1)), "final_loss": float(m.group(2)), "peak_rss_mb": int(m.group(3)),
-                       "sha256": _sha256(out), "embedding": str(out)}
+                       "sha256": sha256_file(out), "embedding": str(out)}
             _write_json(trained_file, trained)
             break
         reason = _error_line(stderr.decode(errors="replace"))
@@ -633,7 +614,7 @@ def prepare(job_file: Path, out: Path, *, threads: int | None, want_jobs: int | 
 
 def _outputs_intact(d: Path, rec: dict) -> bool:
     emb = Path(rec.get("embedding", ""))
-    return emb.is_file() and rec.get("sha256") == _sha256(emb) and (d / "result.json").is_file()
+    return emb.is_file() and rec.get("sha256") == sha256_file(emb) and (d / "result.json").is_file()
 
 
 def job_spec(plan: Plan, job: Job) -> dict:
@@ -647,7 +628,7 @@ def job_spec(plan: Plan, job: Job) -> dict:
               "images": plan.images, "evaluate": plan.evaluate, "concept": job.concept, "class_word": job.class_word}
     return {"name": job.name, "dir": str(d), "argv": personalize_argv(job, plan.run, plan.specs),
             "out": str(embedding_path(plan.run, job)), "bundle": job.options["bundle"],
-            "bundle_sha256": manifest_sha256(job.options["bundle"]), "retries": plan.retries, "finish": finish,
+            "bundle_sha256": manifestsha256_file(job.options["bundle"]), "retries": plan.retries, "finish": finish,
             "gpu": uses_gpu(str(profile))}
 
 

@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
+from ..bundle import check_token_ids
 from ..errors import UserError
+from ..schema import SchemaError
 
 # Textual-inversion training templates (Gal et al.; the diffusers TI example's lists).
 OBJECT_TEMPLATES = [
@@ -76,9 +78,10 @@ def bundle_prompt_encoder(bundle) -> "PromptEncoder":
     if table.ndim != 2 or (want is not None and list(table.shape) != want):
         raise UserError(f"{path}: token table has shape {list(table.shape)}; the manifest says {want}")
     text = m["text"]
-    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
-        if text.get(key, 0) >= table.shape[0]:
-            raise UserError(f"{bundle.root}: manifest text.{key} {text[key]} is outside the token table's {table.shape[0]} rows")
+    try:  # the manifest was checked against its own table shape; this is the file's
+        check_token_ids(text, table.shape[0])
+    except SchemaError as e:
+        raise UserError(f"{bundle.root}: manifest {e}") from None
     return PromptEncoder(bundle.path("tokenizer"), table, text["max_length"], text["pad_token_id"])
 
 
