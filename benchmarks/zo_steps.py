@@ -37,7 +37,7 @@ import numpy as np
 from benchmarks.common import header
 from zoodip_edge.demo import PROBES, generate_with, parse_concept
 from zoodip_edge.runtime.personalize import Personalizer, Settings
-from zoodip_edge.runtime.stopping import Plateau, stop_probes
+from zoodip_edge.runtime.stopping import Plateau, auto_every, stop_probes
 from zoodip_edge.toy import shipped_path, toy_model
 from zoodip_edge.toy.score import concept_score
 from zoodip_edge.toy.world import GENERIC, concept_photos
@@ -82,10 +82,13 @@ class Evaluator:
         self.l_words = self.p.held_out_loss(None, PROBES, words=words) if words != GENERIC else float("nan")
         self.stop = stop_probes(self.p.config.t_low, self.p.config.t_high)  # what --steps auto reads
 
+    def losses(self, theta: np.ndarray) -> dict:
+        """The held-out loss and what ``--steps auto`` reads: no images, cheap enough to read often."""
+        return {"loss": self.p.held_out_loss(theta, PROBES), "stop_loss": self.p.held_out_loss(theta, self.stop)}
+
     def __call__(self, theta: np.ndarray) -> dict:
         images = generate_with(self.p, theta, EVAL_IMAGES, EVAL_SEED)
-        return {"loss": self.p.held_out_loss(theta, PROBES), "stop_loss": self.p.held_out_loss(theta, self.stop),
-                "norm": float(np.linalg.norm(theta)),
+        return {**self.losses(theta), "norm": float(np.linalg.norm(theta)),
                 **concept_score(images, self.color, self.shape, self.world)}
 
 
@@ -116,7 +119,8 @@ class TorchLoss:
 
 
 def run_arm(name: str, arm: Arm, bundle: Path, model: Path, photos, token: str, seed: int, steps: int, every: int,
-            evaluate: Evaluator, ti_lr: float, lr: float | None, mu: float | None) -> dict:
+            evaluate: Evaluator, ti_lr: float, lr: float | None, mu: float | None, probe_every: int) -> dict:
+    """One arm's run: scored every ``every`` steps, held-out losses read every ``probe_every``."""
     settings = replace(arm.settings, seed=seed, lr=arm.settings.lr if lr is None else lr,
                        mu=arm.settings.mu if mu is None else mu, batch_perturbations=True, search_init=arm.search)
     p = Personalizer(bundle, photos, token, GENERIC, settings=settings, profile=PROFILE)
@@ -126,15 +130,21 @@ def run_arm(name: str, arm: Arm, bundle: Path, model: Path, photos, token: str, 
         forwards, label = found.forwards, found.label
     per_step = p.config.n + 1 if arm.kind == "zo" else 3
     curve = [{"step": 0, "forwards": forwards, "seconds": 0.0, **evaluate(p.theta)}]
+    probes = [{"step": 0, **{k: curve[0][k] for k in ("loss", "stop_loss")}}]
     train_s = 0.0
+
+    def read(step: int, theta: np.ndarray) -> None:
+        if step % probe_every == 0:
+            probes.append({"step": step, **evaluate.losses(theta)})
+        if step % every == 0:
+            curve.append({"step": step, "forwards": forwards + per_step * step, "seconds": train_s, **evaluate(theta)})
+
     if arm.kind == "zo":
         while p.step_index < steps:
             t0 = time.perf_counter()
-            for _ in range(every):
-                p.step()
+            p.step()
             train_s += time.perf_counter() - t0
-            curve.append({"step": p.step_index, "forwards": forwards + per_step * p.step_index, "seconds": train_s,
-                          **evaluate(p.theta)})
+            read(p.step_index, p.theta)
     else:
         import torch
 
@@ -157,10 +167,9 @@ def run_arm(name: str, arm: Arm, bundle: Path, model: Path, photos, token: str, 
                 exact = plan.directions @ grad.numpy()  # exact directional derivatives
                 opt.update(plan, np.concatenate([[0.0], p.config.mu * exact]))
             train_s += time.perf_counter() - t0
-            if step % every == 0:
-                now = theta.detach().numpy() if adam is not None else opt.theta
-                curve.append({"step": step, "forwards": per_step * step, "seconds": train_s, **evaluate(now)})
-    return {"method": name, "seed": seed, "init": label, "config": p.config.__dict__, "curve": curve}
+            read(step, theta.detach().numpy() if adam is not None else opt.theta)
+    return {"method": name, "seed": seed, "init": label, "config": p.config.__dict__, "curve": curve,
+            "probes": probes}
 
 
 # ------------------------------------------------------------------ report ---------------
@@ -214,31 +223,42 @@ def by_step(runs: list[dict], methods: list[str]) -> str:
     return "\n".join(lines)
 
 
+def at_95(readings: list[dict]) -> int | None:
+    """The first step whose held-out loss has 95% of the run's final gain (final: the mean of the last
+    three readings, so that one noisy reading does not set it); None when the run never gained."""
+    losses = np.array([c["loss"] for c in readings])
+    gain = losses[0] - losses[-3:].mean()
+    if gain <= 0:
+        return None
+    return next(c["step"] for c in readings if losses[0] - c["loss"] >= 0.95 * gain)
+
+
 def auto_stop(runs: list[dict], methods: list[str]) -> str:
-    """``--steps auto`` replayed on each run's probe readings (read at every scored step)."""
-    every = min(c["step"] for r in runs for c in r["curve"] if c["step"] > 0)
-    lines = ["| method | runs | stop step / step at 95% of the held-out gain, median [range] | within 1.3x | "
+    """``--steps auto`` replayed on each run's held-out readings (``probes``; older files: the scored steps)."""
+    lines = ["| method | runs | stop step / step at 95% of the held-out gain, median [range] | within 1.3x either way | "
              "score kept - score at the end of the budget, mean |", "|---|---|---|---|---|"]
     for m in methods:
         ratios, drops = [], []
         for r in (r for r in runs if r["method"] == m):
-            rule, stop, seen = Plateau(), r["curve"][-1], []
-            for c in r["curve"]:
+            readings = r.get("probes") or r["curve"]
+            every = readings[1]["step"] - readings[0]["step"]
+            rule, stop, seen = Plateau(every=every), readings[-1], []
+            for c in readings:
                 seen.append(c)
                 if rule.update(c["step"], c["stop_loss"]):
                     stop = c
                     break
-            kept = min(seen, key=lambda c: c["stop_loss"])  # the token a stopped run keeps
-            losses = [c["loss"] for c in r["curve"]]
-            gain = losses[0] - losses[-1]
-            if gain > 0:  # a run that never improved on its start has no 95% step
-                at95 = next(c["step"] for c in r["curve"] if losses[0] - c["loss"] >= 0.95 * gain)
+            kept_step = min(seen, key=lambda c: c["stop_loss"])["step"]  # the token a stopped run keeps
+            scored = [c for c in r["curve"] if c["step"] <= kept_step]  # its score: the last scored step before it
+            at95 = at_95(readings)
+            if at95 is not None:
                 ratios.append(stop["step"] / max(at95, every))
-            drops.append(kept["score"] - r["curve"][-1]["score"])
+            drops.append(scored[-1]["score"] - r["curve"][-1]["score"])
         if drops:
             v = np.asarray(ratios) if ratios else np.full(1, np.nan)
             lines.append(f"| {m} | {len(drops)} ({len(drops) - len(ratios)} never gained) | {np.median(v):.2f} "
-                         f"[{v.min():.2f}–{v.max():.2f}] | {np.mean(v <= 1.3):.0%} | {np.mean(drops):+.3f} |")
+                         f"[{v.min():.2f}–{v.max():.2f}] | {np.mean((v <= 1.3) & (v >= 1 / 1.3)):.0%} | "
+                         f"{np.mean(drops):+.3f} |")
     return "\n".join(lines)
 
 
@@ -264,7 +284,9 @@ def main() -> None:
     ap.add_argument("--concepts", nargs="+")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=1500)
-    ap.add_argument("--every", type=int, default=100)
+    ap.add_argument("--every", type=int, default=100, help="score (generate and read pixels) every N steps")
+    ap.add_argument("--probe-every", type=int, help="read the held-out losses every N steps (default: what "
+                    "`--steps auto` reads at a budget of --steps)")
     ap.add_argument("--methods", nargs="+", default=["ti", "zoodip", "oracle", "momentum", "guided", "search"],
                     choices=list(ARMS))
     ap.add_argument("--lr", type=float, help="ZO learning rate (default: the bundle's)")
@@ -305,7 +327,7 @@ def main() -> None:
                 for method in a.methods:
                     t = time.perf_counter()
                     r = run_arm(method, ARMS[method], bundle, model, photos, token, seed, a.steps, a.every, evaluate,
-                                a.ti_lr, a.lr, a.mu)
+                                a.ti_lr, a.lr, a.mu, a.probe_every or auto_every(a.steps))
                     runs.append({"concept": concept, "l_words": evaluate.l_words, **r})
                     f = r["curve"][-1]
                     print(f"{concept} seed {seed} {method}: score {r['curve'][0]['score']:.2f} -> {f['score']:.2f}, "

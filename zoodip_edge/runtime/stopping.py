@@ -25,6 +25,11 @@ def stop_probes(t_low: int, t_high: int) -> list[tuple[int, int]]:
     return probe_set(t_low, t_high, 8, 5000)
 
 
+def auto_every(budget: int) -> int:
+    """How often ``--steps auto`` reads its probes under a step budget: 40 readings over the budget."""
+    return max(10, budget // 40)
+
+
 @dataclass
 class Plateau:
     every: int = 100
