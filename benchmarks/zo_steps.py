@@ -37,7 +37,7 @@ import numpy as np
 from benchmarks.common import header
 from zoodip_edge.demo import PROBES, generate_with, parse_concept
 from zoodip_edge.runtime.personalize import Personalizer, Settings
-from zoodip_edge.runtime.stopping import Plateau, auto_every, stop_probes
+from zoodip_edge.runtime.stopping import Plateau, auto_every, auto_rule, stop_probes
 from zoodip_edge.toy import shipped_path, toy_model
 from zoodip_edge.toy.score import concept_score
 from zoodip_edge.toy.world import GENERIC, concept_photos
@@ -120,7 +120,8 @@ class TorchLoss:
 
 def run_arm(name: str, arm: Arm, bundle: Path, model: Path, photos, token: str, seed: int, steps: int, every: int,
             evaluate: Evaluator, ti_lr: float, lr: float | None, mu: float | None, probe_every: int) -> dict:
-    """One arm's run: scored every ``every`` steps, held-out losses read every ``probe_every``."""
+    """One arm's run: scored every ``every`` steps, held-out losses read on ``--steps auto``'s schedule
+    (at most ``probe_every`` apart)."""
     settings = replace(arm.settings, seed=seed, lr=arm.settings.lr if lr is None else lr,
                        mu=arm.settings.mu if mu is None else mu, batch_perturbations=True, search_init=arm.search)
     p = Personalizer(bundle, photos, token, GENERIC, settings=settings, profile=PROFILE)
@@ -131,11 +132,13 @@ def run_arm(name: str, arm: Arm, bundle: Path, model: Path, photos, token: str, 
     per_step = p.config.n + 1 if arm.kind == "zo" else 3
     curve = [{"step": 0, "forwards": forwards, "seconds": 0.0, **evaluate(p.theta)}]
     probes = [{"step": 0, **{k: curve[0][k] for k in ("loss", "stop_loss")}}]
+    schedule = Plateau(every=probe_every, readings=[(0, curve[0]["stop_loss"])])  # only its due() is used
     train_s = 0.0
 
     def read(step: int, theta: np.ndarray) -> None:
-        if step % probe_every == 0:
+        if schedule.due(step):
             probes.append({"step": step, **evaluate.losses(theta)})
+            schedule.readings.append((step, probes[-1]["stop_loss"]))
         if step % every == 0:
             curve.append({"step": step, "forwards": forwards + per_step * step, "seconds": train_s, **evaluate(theta)})
 
@@ -233,7 +236,7 @@ def at_95(readings: list[dict]) -> int | None:
     return next(c["step"] for c in readings if losses[0] - c["loss"] >= 0.95 * gain)
 
 
-def auto_stop(runs: list[dict], methods: list[str]) -> str:
+def auto_stop(runs: list[dict], methods: list[str], rule: dict | None = None) -> str:
     """``--steps auto`` replayed on each run's held-out readings (``probes``; older files: the scored steps)."""
     lines = ["| method | runs | stop step / step at 95% of the held-out gain, median [range] | within 1.3x either way | "
              "score kept - score at the end of the budget, mean |", "|---|---|---|---|---|"]
@@ -241,18 +244,17 @@ def auto_stop(runs: list[dict], methods: list[str]) -> str:
         ratios, drops = [], []
         for r in (r for r in runs if r["method"] == m):
             readings = r.get("probes") or r["curve"]
-            every = readings[1]["step"] - readings[0]["step"]
-            rule, stop, seen = Plateau(every=every), readings[-1], []
-            for c in readings:
+            plateau, stop, seen = auto_rule(r["curve"][-1]["step"], **(rule or {})), readings[-1], []
+            for c in readings:  # recorded on the rule's schedule (or coarser, in older files)
                 seen.append(c)
-                if rule.update(c["step"], c["stop_loss"]):
+                if plateau.update(c["step"], c["stop_loss"]):
                     stop = c
                     break
             kept_step = min(seen, key=lambda c: c["stop_loss"])["step"]  # the token a stopped run keeps
             scored = [c for c in r["curve"] if c["step"] <= kept_step]  # its score: the last scored step before it
             at95 = at_95(readings)
             if at95 is not None:
-                ratios.append(stop["step"] / max(at95, every))
+                ratios.append(stop["step"] / at95)
             drops.append(scored[-1]["score"] - r["curve"][-1]["score"])
         if drops:
             v = np.asarray(ratios) if ratios else np.full(1, np.nan)
@@ -262,7 +264,7 @@ def auto_stop(runs: list[dict], methods: list[str]) -> str:
     return "\n".join(lines)
 
 
-def report(runs: list[dict], methods: list[str], unnamed: set[str]) -> None:
+def report(runs: list[dict], methods: list[str], unnamed: set[str], rule: dict | None = None) -> None:
     groups = [("all concepts", runs), ("named concepts", [r for r in runs if r["concept"] not in unnamed]),
               ("unnamed concepts", [r for r in runs if r["concept"] in unnamed])]
     for title, rs in groups:
@@ -271,8 +273,8 @@ def report(runs: list[dict], methods: list[str], unnamed: set[str]) -> None:
             print(summarize(rs, methods))
     print("\nConcept score by step (mean over all runs):\n")
     print(by_step(runs, methods))
-    print("\n`--steps auto` (Plateau defaults) replayed on the probe readings:\n")
-    print(auto_stop(runs, methods))
+    print(f"\n`--steps auto` (Plateau {rule or 'defaults'}) replayed on the probe readings:\n")
+    print(auto_stop(runs, methods, rule))
     inits = {(r["method"], r["concept"]): r["init"] for r in runs if r["init"] != GENERIC}
     if inits:
         print("\nSearched starts: " + "; ".join(f"{c}: {i}" for (m, c), i in sorted(inits.items()) if m == "search"))
@@ -295,12 +297,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="threads for torch and ONNX Runtime (1: two runs share 2 cores)")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--report", type=Path, nargs="+", help="print the tables of saved --out files and exit")
+    ap.add_argument("--rule", default="", help="replay --steps auto with other Plateau settings, e.g. window=1.5,min_gain=0.02")
     a = ap.parse_args()
     if a.report:
         saved = [json.loads(path.read_text()) for path in a.report]
         runs = [r for s in saved for r in s["runs"]]
         print(f"Report of {' '.join(map(str, a.report))}; commands: " + "; ".join(f"`{' '.join(s['argv'])}`" for s in saved))
-        report(runs, list(dict.fromkeys(r["method"] for r in runs)), {c for s in saved for c in s.get("unnamed", [])})
+        rule = {k: float(v) for k, v in (kv.split("=") for kv in a.rule.split(",") if kv)}
+        report(runs, list(dict.fromkeys(r["method"] for r in runs)), {c for s in saved for c in s.get("unnamed", [])}, rule)
         return
 
     import dataclasses

@@ -285,7 +285,7 @@ class Personalizer:
         while self.optimizer.step_index < steps:
             record = self.step()
             yield record
-            if stop and self.step_index % stop.every == 0 and stop.update(
+            if stop and stop.due(self.step_index) and stop.update(
                     self.step_index, self.held_out_loss(self.theta, probes), self.theta):
                 self.stopped_early = True
                 self.optimizer.theta = stop.best_theta.copy()  # the best reading's token is the result
