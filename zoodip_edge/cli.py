@@ -19,15 +19,11 @@ import typer
 
 from .errors import UserError
 from .files import check_writable, refuse_existing
-from .profiles import builtin_profiles
+from .personalize_options import BY_NAME
 from .recipes import DEFAULT_RECIPE, recipe_choices
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Backpropagation-free personalization (ZOODiP) of INT8 Stable Diffusion on devices.")
-
-
-# Help texts list what the registries hold: the recipe table and the device profiles shipped in devices/.
-_DEVICE_CHOICES = " | ".join(["auto", *builtin_profiles(), "path/to/profile.toml"])
 
 
 def _err(msg: str) -> None:
@@ -201,43 +197,48 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def _param(name: str):
+    """``personalize``'s parameter ``name`` as typer wants it, from the table personalize-many shares."""
+    p = BY_NAME[name]
+    if p.argument:
+        return typer.Argument(p.default, help=p.help)
+    return typer.Option(p.default, *p.decls, help=p.help)
+
+
 @app.command()
 @cli_errors
 def personalize(
-    bundle: Path = typer.Argument(..., help="bundle folder made by `zoodip-edge export`"),
-    images: Path = typer.Argument(..., help="folder of 3-5 photos of the concept"),
-    token: str = typer.Option(..., help="the new token, e.g. '<my-dog>'"),
-    init: str = typer.Option(..., help="a one-token word to start from, e.g. 'dog'"),
-    out: Path = typer.Option(..., "--out", "-o", help="learned embedding file (.safetensors)"),
-    steps: Optional[str] = typer.Option(None, help="total optimization steps (default: the bundle's, 30000 for SD1.5), or "
-                                        "'auto': stop when held-out probes stop improving (at most the default)"),
-    search_init: Optional[bool] = typer.Option(None, "--search-init/--no-search-init", help="start from the vocabulary word "
-                                               "(or mix of the best three) that best explains the photos, found with "
-                                               "forward passes (default: the bundle's)"),
-    seed: int = typer.Option(0, help="random seed: same seed, same result"),
-    captions: Optional[Path] = typer.Option(None, help="JSON mapping image file name -> caption with {} for the token"),
-    templates: str = typer.Option("object", help="textual-inversion templates when no captions: object | style"),
-    device: str = typer.Option("auto", help=_DEVICE_CHOICES),
-    strict: bool = typer.Option(False, "--strict", help="refuse to fall back to CPU when a requested provider is missing"),
-    batched: Optional[bool] = typer.Option(None, "--batched/--sequential", help="run the n+1 perturbations as one batch or one by one (default: profile)"),
-    n: Optional[int] = typer.Option(None, "--n", help="perturbations per step"),
-    mu: Optional[float] = typer.Option(None, help="perturbation size"),
-    lr: Optional[float] = typer.Option(None, help="ZOAdam learning rate"),
-    tau: Optional[int] = typer.Option(None, help="Subspace Gradient buffer length"),
-    nu: Optional[float] = typer.Option(None, help="Subspace Gradient variance threshold"),
-    t_low: Optional[int] = typer.Option(None, help="PUTS lower timestep (inclusive)"),
-    t_high: Optional[int] = typer.Option(None, help="PUTS upper timestep (exclusive)"),
-    no_subspace: bool = typer.Option(False, "--no-subspace", help="ablation: disable the Subspace Gradient"),
-    no_puts: bool = typer.Option(False, "--no-puts", help="ablation: sample t uniformly from all timesteps"),
-    checkpoint_every: int = typer.Option(100, help="write a checkpoint every K steps (0: only at the end / on Ctrl-C)"),
-    checkpoint: Optional[Path] = typer.Option(None, help="checkpoint file (default: OUT with .ckpt appended)"),
-    resume: bool = typer.Option(False, "--resume", help="continue from the checkpoint"),
-    fmt: str = typer.Option("diffusers", "--format", help="diffusers | a1111"),
-    init_embedding: Optional[Path] = typer.Option(None, help="start from an existing embedding file (continue training)"),
-    preview_every: int = typer.Option(0, help="write a preview image beside the checkpoint every K steps (0: off)"),
-    log_jsonl: Optional[Path] = typer.Option(None, help="write one JSON record per step (replayable)"),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
-    force: bool = typer.Option(False, "--force", help="replace OUT, the log, and a checkpoint of another run (never a file that is not a checkpoint)"),
+    bundle: Path = _param("bundle"),
+    images: Path = _param("images"),
+    token: str = _param("token"),
+    init: str = _param("init"),
+    out: Path = _param("out"),
+    steps: Optional[str] = _param("steps"),
+    search_init: Optional[bool] = _param("search_init"),
+    seed: int = _param("seed"),
+    captions: Optional[Path] = _param("captions"),
+    templates: str = _param("templates"),
+    device: str = _param("device"),
+    strict: bool = _param("strict"),
+    batched: Optional[bool] = _param("batched"),
+    n: Optional[int] = _param("n"),
+    mu: Optional[float] = _param("mu"),
+    lr: Optional[float] = _param("lr"),
+    tau: Optional[int] = _param("tau"),
+    nu: Optional[float] = _param("nu"),
+    t_low: Optional[int] = _param("t_low"),
+    t_high: Optional[int] = _param("t_high"),
+    no_subspace: bool = _param("no_subspace"),
+    no_puts: bool = _param("no_puts"),
+    checkpoint_every: int = _param("checkpoint_every"),
+    checkpoint: Optional[Path] = _param("checkpoint"),
+    resume: bool = _param("resume"),
+    fmt: str = _param("fmt"),
+    init_embedding: Optional[Path] = _param("init_embedding"),
+    preview_every: int = _param("preview_every"),
+    log_jsonl: Optional[Path] = _param("log_jsonl"),
+    quiet: bool = _param("quiet"),
+    force: bool = _param("force"),
 ) -> None:
     """Learn a token for the concept in IMAGES with forward passes only (device)."""
     from tqdm import tqdm
