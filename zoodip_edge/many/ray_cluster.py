@@ -12,12 +12,13 @@ resumes from the same checkpoint.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
-from .errors import UserError
-
-if TYPE_CHECKING:
-    from .many import Plan
+from ..errors import UserError
+from .jobs import Job
+from .plan import Plan
+from .resources import cpus_here
+from .worker import run_job
 
 
 def connect(address: str, cpus: int) -> bool:
@@ -57,13 +58,18 @@ def _reachable(address: str, timeout: float = 5.0) -> None:
         raise UserError(f"cannot reach the Ray cluster at {hostport}: {e.strerror or e}") from None
 
 
-def run_on_ray(plan: Plan, specs: dict[str, dict], started: Callable, ended: Callable, say: Callable[[str], None],
-               address: str) -> None:
+def disconnect() -> None:
+    """Leave (and stop, if this process started it) the Ray instance ``connect`` joined."""
+    import ray
+
+    ray.shutdown()
+
+
+def run_on_ray(plan: Plan, specs: dict[str, dict], started: Callable[[Job], None],
+               ended: Callable[[Job, dict, float], None], say: Callable[[str], None], address: str) -> None:
     """Submit every job left to do as a Ray task and record each as it ends. A task whose worker
     or node dies is retried by Ray (``plan.retries`` times) and resumes from its checkpoint."""
     import ray
-
-    from .many import cpus_here, run_job
 
     we_started = connect(address, cpus_here())
     try:
