@@ -42,6 +42,38 @@ def test_captions_name_what_the_scene_shows():
         assert not any(c in words for c in ("red", "green", "blue", "yellow", "purple", "orange") if c != s.color)
 
 
+def test_toy64_training_stream_is_the_one_its_shipped_model_was_trained_on():
+    # the toy-768 world's changes must leave toy-64's images and captions draw for draw as they were
+    import hashlib
+
+    images, scenes = training_set(300, 0)
+    rng = np.random.default_rng(2)
+    text = "|".join(caption(s, rng) for s in scenes)
+    assert hashlib.sha256(images.tobytes() + text.encode()).hexdigest()[:16] == "28cd9e19d0114dc8"
+
+
+def test_generic_words_mean_any_attribute_in_the_768_world():
+    # an unnamed attribute is always captioned generically; drawn at GENERIC_RATE, it is no more
+    # likely than a named one behind "a red shape" or "a circle", so no word defaults to it
+    from collections import Counter
+
+    from zoodip_edge.toy.world import COLORS, GENERIC, TOY768
+
+    rng = np.random.default_rng(0)
+    red_shape, circle = Counter(), Counter()
+    for _ in range(60000):
+        s = random_scene(rng, allow_held_out=False, world=TOY768)
+        words = caption(s, rng, TOY768).split()
+        named_color = any(c in words for c in COLORS)
+        if "red" in words and GENERIC in words:
+            red_shape[s.shape] += 1
+        if "circle" in words and not named_color:
+            circle[s.color] += 1
+    for counts, k in ((red_shape, 6), (circle, 7)):
+        share = np.array(list(counts.values())) / sum(counts.values())
+        assert len(counts) == k and np.all(np.abs(share - 1 / k) < 0.035), counts
+
+
 def test_concept_score_reads_color_and_shape_from_pixels(tmp_path):
     images, scenes = training_set(400, seed=7)
     readings = [read_image(im) for im in images]

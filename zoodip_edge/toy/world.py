@@ -118,12 +118,28 @@ def render(scene: Scene, rng: np.random.Generator | None = None) -> Image.Image:
     return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
 
 
+# A caption drops a named shape (or color) to the generic word with this probability (see caption).
+GENERIC_RATE = 0.2
+
+
+def _draw(rng: np.random.Generator, choices: tuple[str, ...], world: World) -> str:
+    """One of ``choices``; an unnamed one is drawn GENERIC_RATE times as often as a named one.
+
+    Captions call an unnamed attribute generically every time and a named one GENERIC_RATE of the
+    time, so at that rate each attribute is called "shape" (or left without a color) equally often:
+    the generic words mean "any", not the unnamed attribute."""
+    if not world.unnamed:  # toy-64: the original stream, draw for draw
+        return choices[rng.integers(len(choices))]
+    w = np.array([1.0 if world.named(x) else GENERIC_RATE for x in choices])
+    return choices[rng.choice(len(choices), p=w / w.sum())]
+
+
 def random_scene(rng: np.random.Generator, shape: str | None = None, color: str | None = None,
                  allow_held_out: bool = True, world: World = TOY64) -> Scene:
     """A scene with the given attributes fixed and the rest drawn from ``rng``."""
     while True:
-        s = shape or world.shapes[rng.integers(len(world.shapes))]
-        c = color or world.colors[rng.integers(len(world.colors))]
+        s = shape or _draw(rng, world.shapes, world)
+        c = color or _draw(rng, world.colors, world)
         if allow_held_out or (c, s) != HELD_OUT:
             break
     size = int(rng.integers(12, 23))
@@ -137,17 +153,23 @@ def caption(scene: Scene, rng: np.random.Generator, world: World = TOY64) -> str
     """A caption naming what the scene shows; words are dropped at random so that partial
     descriptions ("a red shape", "a photo of a shape") also mean something to the model.
     An unnamed color is left out and an unnamed shape is called ``GENERIC``."""
-    r = rng.random()
     color = scene.color if world.named(scene.color) else None
     shape = scene.shape if world.named(scene.shape) else None
-    if r < 0.7:
-        words = (color, shape or GENERIC)
-    elif r < 0.8:
-        words = (None, shape or GENERIC)
-    elif r < 0.9:
-        words = (color, GENERIC)
-    else:
-        words = (None, GENERIC)
+    if world.unnamed:
+        # each word dropped on its own, so whether the color is said tells nothing about the shape
+        # (with _draw's rates, "a red shape" is any red shape, unnamed or not)
+        words = (None if rng.random() < GENERIC_RATE else color, None if rng.random() < GENERIC_RATE else shape)
+        words = (words[0], words[1] or GENERIC)
+    else:  # toy-64: the original stream
+        r = rng.random()
+        if r < 0.7:
+            words = (color, shape or GENERIC)
+        elif r < 0.8:
+            words = (None, shape or GENERIC)
+        elif r < 0.9:
+            words = (color, GENERIC)
+        else:
+            words = (None, GENERIC)
     thing = " ".join(w for w in words if w)
     text = OBJECT_TEMPLATES[rng.integers(len(OBJECT_TEMPLATES))].format(thing) if rng.random() < 0.5 else f"a photo of a {thing}"
     if rng.random() < 0.5:
