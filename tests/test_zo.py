@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from zoodip_edge.runtime.zo import (
+    OutOfRange,
     StepRecord,
     SubspaceGradient,
     ZOAdam,
@@ -346,6 +347,25 @@ def test_update_rejects_stale_plan_and_bad_losses():
     opt.update(plan, np.zeros(3))
     with pytest.raises(ValueError):
         opt.update(plan, np.zeros(3))
+
+
+def test_a_step_past_float32_is_refused_before_it_changes_anything():
+    """The optimizer checks the would-be token itself: a refused step leaves no state to undo, and
+    the same step is proposed again."""
+    opt = _run(6, 5)
+    before = copy.deepcopy(opt.state_dict())
+    plan = opt.propose()
+    opt.adam.lr = 1e300  # Adam's step is about lr: the token would leave float32
+    with pytest.raises(OutOfRange, match="step 6 would take the token outside the float32 range"):
+        opt.update(plan, np.array([0.0, 1.0, 2.0]))
+    after = opt.state_dict()
+    assert set(after) == set(before) and after["step"] == before["step"] == 5 and after["rng"] == before["rng"]
+    for key in ("theta", "history"):
+        np.testing.assert_array_equal(after[key], before[key])
+    for part in ("adam", "sg"):
+        for key, value in before[part].items():
+            np.testing.assert_array_equal(after[part][key], value)
+    assert opt.propose() is plan
 
 
 def test_replay_from_jsonl_reproduces_theta(tmp_path):

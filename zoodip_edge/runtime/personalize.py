@@ -36,7 +36,7 @@ from .runlog import RunLog, check_log_path
 from .sessions import BundleSessions, return_free_memory
 from .stopping import Plateau, stop_probes
 from .text import TEMPLATES, bundle_prompt_encoder
-from .zo import StepRecord, ZOConfig, ZOOptimizer
+from .zo import OutOfRange, StepRecord, ZOConfig, ZOOptimizer, fits_float32
 
 Warn = Callable[[str], None]
 
@@ -85,11 +85,6 @@ class Settings:
 
 class NonFiniteLoss(UserError):
     """Training diverged: the step that produced NaN or infinity was not applied."""
-
-
-def _fits(theta: np.ndarray) -> bool:
-    """Finite and inside float32, the precision every graph computes in."""
-    return bool(np.all(np.abs(theta) <= np.finfo(np.float32).max))  # NaN compares False
 
 
 @dataclass
@@ -260,16 +255,15 @@ class Personalizer:
     def step(self) -> StepRecord:
         """One ZO step; NonFiniteLoss (nothing changed) if a loss or the new token is not finite."""
         plan = self.optimizer.propose()
-        losses = self.losses(plan.thetas, plan.t, plan.noise_seed) if _fits(plan.thetas) else np.array([np.inf])
+        losses = self.losses(plan.thetas, plan.t, plan.noise_seed) if fits_float32(plan.thetas) else np.array([np.inf])
         if not np.all(np.isfinite(losses)):
             raise NonFiniteLoss(f"the loss became non-finite at step {plan.step + 1} (t={plan.t}); "
                                 f"a smaller --lr (now {self.config.lr:g}) or --mu (now {self.config.mu:g}) may help")
-        state = self.optimizer.state_dict()
-        record = self.optimizer.update(plan, losses)
-        if not _fits(self.theta):  # a token the graphs cannot take would only fail at the next step
-            self.optimizer.load_state_dict(state)
+        try:
+            record = self.optimizer.update(plan, losses)
+        except OutOfRange:  # a token the graphs cannot take would only fail at the next step
             raise NonFiniteLoss(f"the token left the float32 range at step {plan.step + 1}; "
-                                f"a smaller --lr (now {self.config.lr:g}) may help")
+                                f"a smaller --lr (now {self.config.lr:g}) may help") from None
         self.last_loss = float(record.losses[0])
         return_free_memory()  # the step's freed activations, before the next one allocates again
         return record

@@ -12,6 +12,18 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+#: Every graph computes in float32: a token it cannot hold is never applied.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def fits_float32(theta: np.ndarray) -> bool:
+    """Finite and inside float32, the precision every graph computes in."""
+    return bool(np.all(np.abs(theta) <= FLOAT32_MAX))  # NaN compares False
+
+
+class OutOfRange(ValueError):
+    """A step would take theta outside float32; the optimizer was left as it was."""
+
 
 def puts_sample(rng: np.random.Generator, t_low: int, t_high: int) -> int:
     """Partial Uniform Timestep Sampling: t ~ U{t_low, ..., t_high - 1}. PUTS off = (0, 1000)."""
@@ -91,12 +103,21 @@ class ZOAdam:
         self.m, self.v, self.t = np.zeros(d), np.zeros(d), 0
 
     def step(self, theta: np.ndarray, g: np.ndarray) -> np.ndarray:
-        self.t += 1
-        self.m = self.beta1 * self.m + (1 - self.beta1) * g
-        self.v = self.beta2 * self.v + (1 - self.beta2) * g * g
-        m_hat = self.m / (1 - self.beta1**self.t)
-        v_hat = self.v / (1 - self.beta2**self.t)
-        return theta - self.lr * m_hat / (np.sqrt(v_hat) + self.eps)
+        theta, moments = self.proposal(theta, g)
+        self.commit(moments)
+        return theta
+
+    def proposal(self, theta: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+        """The step's new theta and moments, nothing changed yet: ``commit`` applies the moments."""
+        t = self.t + 1
+        m = self.beta1 * self.m + (1 - self.beta1) * g
+        v = self.beta2 * self.v + (1 - self.beta2) * g * g
+        m_hat = m / (1 - self.beta1**t)
+        v_hat = v / (1 - self.beta2**t)
+        return theta - self.lr * m_hat / (np.sqrt(v_hat) + self.eps), {"m": m, "v": v, "t": t}
+
+    def commit(self, moments: dict[str, Any]) -> None:
+        self.m, self.v, self.t = moments["m"], moments["v"], moments["t"]
 
     def state_dict(self) -> dict[str, Any]:
         return {"m": self.m.copy(), "v": self.v.copy(), "t": self.t}
@@ -244,7 +265,8 @@ class ZOOptimizer:
         return z
 
     def update(self, plan: StepPlan, losses: np.ndarray) -> StepRecord:
-        """RGE -> SG projection -> ZOAdam -> push theta into the SG buffer."""
+        """RGE -> SG projection -> ZOAdam -> push theta into the SG buffer. OutOfRange, with
+        nothing changed, if the new theta would not fit float32."""
         if plan is not self._pending:
             raise ValueError("update() needs the plan from the latest propose()")
         losses = np.asarray(losses, dtype=np.float64).reshape(-1)
@@ -255,9 +277,13 @@ class ZOOptimizer:
         g = rge_estimate(losses, plan.directions, self.config.mu, p_rows)
         if use_sg:
             g = self.sg.project(g)
+        theta, moments = self.adam.proposal(self.theta, g)
+        if not fits_float32(theta):  # refused before anything changes: no state to undo
+            raise OutOfRange(f"step {plan.step + 1} would take the token outside the float32 range")
         if self.config.guide_k:
             self.history[self.step_index % self.config.guide_k] = g
-        self.theta = self.adam.step(self.theta, g)
+        self.theta = theta
+        self.adam.commit(moments)
         if use_sg:
             self.sg.push(self.theta)
         self._pending, self._rng_before_pending = None, None
