@@ -247,7 +247,7 @@ def personalize(
     from .files import exclusive_lock
     from .profiles import resolve_profile
     from .runtime.checkpoint import check_checkpoint_path
-    from .runtime.generate import check_seed
+    from .runtime.checks import check_seed
     from .runtime.personalize import NonFiniteLoss, Personalizer, Settings
     from .runtime.runlog import check_log_path
 
@@ -523,7 +523,7 @@ def demo(
     from tqdm import tqdm
 
     from .demo import check_out, demo_steps, parse_concept, run_demo
-    from .runtime.generate import check_seed
+    from .runtime.checks import check_seed
     from .toy import toy_model
 
     check_out(out, force)  # before the progress bar draws

@@ -15,6 +15,7 @@ from PIL import Image
 
 from ..bundle import Bundle, load_bundle
 from ..errors import UserError
+from .checks import check_seed
 from .schedulers import make_sampler
 from .sessions import BundleSessions
 from .text import PromptEncoder, bundle_prompt_encoder
@@ -50,11 +51,6 @@ def check_generation(*, n: int, steps: int, guidance: float, seed: int, train_st
     if not 0 <= guidance <= MAX_GUIDANCE:  # NaN fails too
         raise UserError(f"the guidance scale must be a number from 0 to {MAX_GUIDANCE:g}, got {guidance}")
     check_seed(seed)
-
-
-def check_seed(seed: int) -> None:
-    if not 0 <= seed < 2**63:
-        raise UserError(f"a seed is a whole number from 0 to 2**63 - 1, got {seed}")
 
 
 def to_pil(images: np.ndarray) -> list[Image.Image]:

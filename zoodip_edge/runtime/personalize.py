@@ -30,7 +30,7 @@ from ..files import refuse_existing, save_image
 from ..schedule import alphas_cumprod, noisy_and_target
 from ..schema import Int, Num, Obj, Optional, SchemaError, Str, check
 from .checkpoint import check_checkpoint_path, load_checkpoint, save_checkpoint
-from .generate import check_seed
+from .checks import check_seed
 from .init_search import SearchResult, search_initializer, search_probes
 from .runlog import RunLog, check_log_path
 from .sessions import BundleSessions, return_free_memory
