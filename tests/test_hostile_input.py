@@ -414,6 +414,18 @@ def test_absurd_safetensors_headers_are_refused(sd1_bundle, tmp_path):
         return path
 
     files = [
+def test_generate_says_which_end_of_a_long_prompt_it_ignores():
+    from zoodip_edge.runtime.generate import Generator
+    from zoodip_edge.toy import shipped_path
+
+    said: list[str] = []
+    g = Generator(shipped_path("bundle"), profile="cpu", warn=lambda m: said.append(m) if "longer" in m else None)
+    g.generate("a photo of a red circle", n=1, steps=1, guidance=1.0)
+    assert said == []
+    g.generate("a photo of a red circle on a white background " * 2 + "on a blue square", n=1, steps=1, guidance=1.0)
+    assert len(said) == 1 and "ignored: 'blue square'" in said[0] and "24 tokens" in said[0], said
+
+
         craft("huge.safetensors", {"<x>": {"dtype": "F32", "shape": [2**40, 2**40], "data_offsets": [0, 8]}}),
         craft("negative.safetensors", {"<x>": {"dtype": "F32", "shape": [-1, 2], "data_offsets": [0, 8]}}),
         craft("past-end.safetensors", {"<x>": {"dtype": "F32", "shape": [1, 2], "data_offsets": [0, 2**62]}}),

@@ -104,6 +104,11 @@ class Generator:
         unused = [tok for tok in self.loaded if tok not in prompt and tok not in negative_prompt]
         if unused and self.warn:
             self.warn(f"{', '.join(unused)} not in the prompt: the embedding(s) loaded for it have no effect")
+        for what, text in (("prompt", prompt), ("negative prompt", negative_prompt)):
+            lost = self.text.dropped(text)
+            if lost and self.warn:
+                self.warn(f"{what} is longer than the text encoder reads ({self.text.max_length} tokens); "
+                          f"ignored: {lost[:80]!r}{'...' if len(lost) > 80 else ''}")
         cfg = guidance != 1.0
         cond = self.encode_prompts([negative_prompt, prompt] if cfg else [prompt])
         if not self.profile.resident_sessions:

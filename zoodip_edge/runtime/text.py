@@ -144,6 +144,16 @@ class PromptEncoder:
             ids = ids[: self.max_length - 1] + ids[-1:]
         return np.asarray(ids + [self.pad_id] * (self.max_length - len(ids)), dtype=np.int64)
 
+    def dropped(self, prompt: str) -> str:
+        """The end of ``prompt`` that ``ids`` truncates away ("" when it fits)."""
+        for token, expanded in self.expand.items():
+            prompt = prompt.replace(token, expanded)
+        enc = self.tok.encode(prompt)
+        if len(enc.ids) <= self.max_length:
+            return ""
+        cut = enc.offsets[self.max_length - 2][1]  # the end of the last token kept (BOS occupies one place)
+        return prompt[cut:].strip()
+
     def embed(self, prompt: str, thetas: np.ndarray | None = None) -> np.ndarray:
         """``[B, L, d]`` float32 embeddings of ``prompt``, with the new token's rows set to each θ (B = len(thetas))."""
         ids = self.ids(prompt)
