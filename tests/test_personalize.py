@@ -417,9 +417,14 @@ def test_train_is_the_whole_run_for_an_app(photos, tmp_path):
         make().train(6, checkpoint=ckpt, checkpoint_every=0, log=log, on_step=interrupt)
     with pytest.raises(UserError, match="pass --resume to continue"):
         make().train(6, checkpoint=ckpt, log=log)
+    out = tmp_path / "e.safetensors"
+    out.write_text("the user's")
+    with pytest.raises(UserError, match="is not this run's embedding"):  # refused before any step
+        make().train(6, checkpoint=ckpt, log=log, resume=True, out=out)
+    out.unlink()
     resumed = make()
-    resumed.train(6, checkpoint=ckpt, log=log, resume=True)
-    assert resumed.step_index == 6
+    resumed.train(6, checkpoint=ckpt, log=log, resume=True, out=out)
+    assert resumed.step_index == 6 and resumed.wrote(out)
     np.testing.assert_array_equal(resumed.theta, whole.theta)
     lines = [json.loads(x) for x in log.read_text().splitlines()]
     assert [r["step"] for r in lines[1:]] == list(range(6))

@@ -151,7 +151,7 @@ def inspect(
     from .bundle import FEATURES, compatibility, load_bundle
     from .cpu import slow_int8_math
 
-    b = load_bundle(bundle, verify=True)
+    b = load_bundle(bundle, verify=True, run=False)  # SDXL bundles are read, not run
     m = b.manifest
     if as_json:
         typer.echo(json.dumps(m, indent=2))
@@ -184,7 +184,8 @@ def inspect(
     typer.echo(f"verified    ZO fidelity pearson {f['pearson']:.4f} at mu {f['mu']:g}{step}"
                f"{'' if f['passed'] else ' (FAILED: exported with --allow-unfaithful)'}; "
                f"conditioning kept {v['conditioning_sensitivity']['ratio']:.3f}; "
-               f"text encoder max abs err {v['text_encoder_parity']['max_abs']:.2g}")
+               f"text encoder max abs err {v['text_encoder_parity']['max_abs']:.2g}"
+               + (f", second {v['text_encoder_2_parity']['max_abs']:.2g}" if "text_encoder_2_parity" in v else ""))
     d = m["defaults"]
     typer.echo(f"defaults    n={d['n']} mu={d['mu']:g} lr={d['lr']:g} tau={d['tau']} nu={d['nu']:g} "
                f"PUTS=[{d['t_low']},{d['t_high']}) steps={d['steps']}")
@@ -241,8 +242,6 @@ def personalize(
     force: bool = _param("force"),
 ) -> None:
     """Learn a token for the concept in IMAGES with forward passes only (device)."""
-    from tqdm import tqdm
-
     from .embeddings import check_embedding_output
     from .files import exclusive_lock
     from .profiles import resolve_profile
@@ -257,15 +256,15 @@ def personalize(
         raise UserError("--checkpoint-every and --preview-every count steps: 0 (off) or more")
     ckpt = checkpoint or out.with_name(out.name + ".ckpt")
     _check_personalize_paths(bundle, out, ckpt, log_jsonl)
-    if steps is not None:
-        _steps(steps, 1)  # a malformed --steps fails before anything loads
+    wanted = _parse_steps(steps)
     profile = resolve_profile(device)
     _restart_for(profile)
     with contextlib.ExitStack() as locks:
         for path in (out, ckpt, log_jsonl):
             if path is not None:
                 locks.enter_context(exclusive_lock(path))
-        # What would be written over is checked before anything loads; train() checks it all again.
+        # What would be written over is checked before anything loads; train() checks it all again,
+        # with what only the loaded run knows (whose checkpoint and embedding these are).
         if os.path.lexists(out) and not force and not resume:
             raise UserError(f"{out} exists; pass --force to replace it")
         check_checkpoint_path(ckpt, resume)
@@ -284,54 +283,73 @@ def personalize(
                 raise UserError(f"{init_embedding}: --init-embedding needs a single-vector SD1/SD2 embedding")
         p = Personalizer(bundle, images, token, init, settings=settings, captions=captions, profile=profile, strict=strict,
                          warn=warn, init_embedding=start)
-        total, stop = _steps(steps, p.bundle.manifest["defaults"]["steps"])
-        p.check_checkpoint(ckpt, resume, force)
-        if resume and os.path.lexists(out) and not force and not _embedding_of(out, p):
-            raise UserError(f"{out} exists and is not this run's embedding; pass --force to replace it")
-        bar = tqdm(total=total, disable=quiet, unit="step", dynamic_ncols=True)
-        ema = None
-
-        def on_step(rec) -> None:
-            nonlocal ema
-            loss = float(rec.losses[0])
-            ema = loss if ema is None else 0.98 * ema + 0.02 * loss
-            bar.n = p.step_index - 1  # a resumed run starts where its checkpoint was
-            bar.set_postfix(loss=f"{ema:.4f}", t=rec.t, peak=f"{_peak_rss_mb():.0f}MB", refresh=False)
-            bar.update(1)
-
+        total, stop = _step_budget(wanted, p.bundle.manifest["defaults"]["steps"])
         try:
-            p.train(total, stop=stop, checkpoint=ckpt, checkpoint_every=checkpoint_every, resume=resume, force=force,
-                    log=log_jsonl, preview_every=preview_every, preview_prefix=ckpt.with_name(f"{out.stem}-preview"),
-                    on_step=on_step, say=lambda msg: typer.echo(msg, err=True))
+            with _StepBar(total, quiet) as bar:
+                p.train(total, stop=stop, checkpoint=ckpt, checkpoint_every=checkpoint_every, resume=resume,
+                        force=force, log=log_jsonl, preview_every=preview_every,
+                        preview_prefix=ckpt.with_name(f"{out.stem}-preview"), on_step=bar,
+                        say=lambda msg: typer.echo(msg, err=True), out=out, fmt=fmt)
         except NonFiniteLoss as e:
-            bar.close()
             raise UserError(f"{e}; {out} was not written") from None
         except KeyboardInterrupt:
-            bar.close()
             _err(f"interrupted at step {p.step_index}; checkpoint saved to {ckpt}; continue with --resume")
             raise typer.Exit(130) from None
-        bar.close()
-        p.save(out, fmt=fmt)
     if p.stopped_early:
         typer.echo(f"--steps auto: held-out probes stopped improving at step {p.step_index} (best at {stop.best_step})", err=True)
     typer.echo(f"learned {token} in {p.step_index} steps (final loss {p.last_loss:.4f}, peak RSS {_peak_rss_mb():.0f} MB): {out}")
 
 
-def _steps(value: str | None, default: int):
-    """``--steps``: a count, or 'auto' (a Plateau rule capped at the bundle's default)."""
-    from .runtime.stopping import Plateau
-
+def _parse_steps(value: str | None) -> int | str | None:
+    """``--steps``: a count, "auto", or None (the bundle's default); checked before anything loads."""
     if value is None:
-        return default, None
+        return None
     if value.strip().lower() == "auto":
-        return default, Plateau(every=max(10, default // 40))
+        return "auto"
     try:
         total = int(value)
     except ValueError:
         raise UserError(f"--steps wants a whole number or 'auto', got {value!r}") from None
     if not 1 <= total <= 10**9:
         raise UserError(f"--steps must be from 1 to 10**9, got {total}")
-    return total, None
+    return total
+
+
+def _step_budget(wanted: int | str | None, default: int):
+    """The run's step count, and for "auto" the Plateau rule that may stop it sooner (capped at
+    the bundle's default)."""
+    from .runtime.stopping import Plateau
+
+    if wanted == "auto":
+        return default, Plateau(every=max(10, default // 40))
+    return (default if wanted is None else wanted), None
+
+
+class _StepBar:
+    """personalize's progress bar, drawn at the first step: a resumed run's starts where its
+    checkpoint was, so its rate counts only this run's steps."""
+
+    def __init__(self, total: int, quiet: bool):
+        self.total, self.quiet = total, quiet
+        self.bar = None
+        self.ema: float | None = None
+
+    def __call__(self, rec) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, initial=rec.step, disable=self.quiet, unit="step", dynamic_ncols=True)
+        loss = float(rec.losses[0])
+        self.ema = loss if self.ema is None else 0.98 * self.ema + 0.02 * loss
+        self.bar.set_postfix(loss=f"{self.ema:.4f}", t=rec.t, peak=f"{_peak_rss_mb():.0f}MB", refresh=False)
+        self.bar.update(1)
+
+    def __enter__(self) -> _StepBar:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _check_personalize_paths(bundle: Path, out: Path, ckpt: Path, log: Path | None) -> None:
@@ -353,21 +371,6 @@ def _check_personalize_paths(bundle: Path, out: Path, ckpt: Path, log: Path | No
             if not path.parent.is_dir():
                 raise UserError(f"{opt}: folder does not exist: {path.parent}")
             check_writable(path, opt)
-
-
-def _embedding_of(path: Path, p) -> bool:
-    """Whether the embedding file at ``path`` was written by the run of ``p`` (its provenance says so)."""
-    from safetensors import SafetensorError, safe_open
-
-    if not path.is_file():
-        return False
-    try:
-        with safe_open(str(path), "np") as f:
-            meta = f.metadata() or {}
-    except (SafetensorError, OSError):
-        return False
-    mine = p.provenance()
-    return all(meta.get(k) == mine[k] for k in ("token", "init", "bundle_manifest_sha256", "seed", "images"))
 
 
 @app.command()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -315,20 +316,29 @@ class Personalizer:
         preview_prefix: str | Path | None = None,
         on_step: Callable[[StepRecord], None] | None = None,
         say: Callable[[str], None] | None = None,
+        out: str | Path | None = None,
+        fmt: str = "diffusers",
     ) -> None:
         """The whole training run, as ``zoodip-edge personalize`` runs it.
 
         Everything that would be written over is checked first (a ``checkpoint`` path holding
         another run's checkpoint needs ``force``, anything else there is refused; ``resume``
-        continues this run's), then the start is searched if the bundle says so, then the steps
-        run: each is logged to ``log`` (JSONL, replayable), a checkpoint is written every
-        ``checkpoint_every`` steps and at the end, a preview image ``{preview_prefix}-NNNNNN.png``
-        every ``preview_every`` steps. On Ctrl-C the checkpoint is written before
-        KeyboardInterrupt goes on; a loss that becomes non-finite raises NonFiniteLoss saying
-        which checkpoint is kept. ``on_step`` sees every StepRecord (progress bars, stopping).
+        continues this run's; a file at ``out`` needs ``force``, or ``resume`` when this run
+        wrote it), then the start is searched if the bundle says so, then the steps run: each is
+        logged to ``log`` (JSONL, replayable), a checkpoint is written every ``checkpoint_every``
+        steps and at the end, a preview image ``{preview_prefix}-NNNNNN.png`` every
+        ``preview_every`` steps; at the end the embedding is saved to ``out`` (in ``fmt``). On
+        Ctrl-C the checkpoint is written before KeyboardInterrupt goes on; a loss that becomes
+        non-finite raises NonFiniteLoss saying which checkpoint is kept. ``on_step`` sees every
+        StepRecord (progress bars, stopping).
         """
         ckpt = Path(checkpoint) if checkpoint is not None else None
         self.check_checkpoint(ckpt, resume, force)
+        if out is not None and os.path.lexists(out) and not force:
+            if not resume:
+                raise UserError(f"{out} exists; pass --force to replace it")
+            if not self.wrote(out):
+                raise UserError(f"{out} exists and is not this run's embedding; pass --force to replace it")
         if log is not None:
             check_log_path(Path(log), resume, force)
         if resume:
@@ -373,6 +383,8 @@ class Personalizer:
                 runlog.close()
         if ckpt is not None:
             self.save_checkpoint(ckpt)
+        if out is not None:
+            self.save(out, fmt=fmt)
 
     def preview(self, path: str | Path, steps: int = 20, seed: int = 0) -> None:
         """Render one image of the first caption/template with the current θ (sessions are shared)."""
@@ -399,6 +411,20 @@ class Personalizer:
         from ..embeddings import save_embedding
 
         save_embedding(path, self.token, self.theta.astype(np.float32)[None], self.provenance(), fmt=fmt)
+
+    def wrote(self, path: str | Path) -> bool:
+        """Whether the embedding file at ``path`` was written by this run (its provenance says so)."""
+        from safetensors import SafetensorError, safe_open
+
+        if not Path(path).is_file():
+            return False
+        try:
+            with safe_open(str(path), "np") as f:
+                meta = f.metadata() or {}
+        except (SafetensorError, OSError):
+            return False
+        mine = self.provenance()
+        return all(meta.get(k) == mine[k] for k in ("token", "init", "bundle_manifest_sha256", "seed", "images"))
 
     def _identity(self) -> dict[str, Any]:
         """Everything a run's result depends on, bar rounding (device, batching): a checkpoint
