@@ -66,14 +66,15 @@ def test_export_records_the_features_it_wrote(sd1_bundle):
 
 
 def test_feature_registry_matches_the_recipes():
-    """A feature's recipes are the ones whose export pass writes it (export/quantize.py's Recipe fields)."""
-    from zoodip_edge.export.quantize import RECIPES
+    """A feature's recipes are the ones with the export pass that writes it (Recipe.passes)."""
+    from zoodip_edge.export.quantize import PASSES, RECIPES
 
-    field = {"winograd": "winograd", "shared-prefix": "shared_prefix", "int8-matmul": "int8_matmul",
-             "dequantized-matmul": "dequantized_matmul"}
-    assert set(field) | {"multi-head-attention"} == set(B.FEATURES)
-    for name, attr in field.items():
-        assert set(B.FEATURES[name].recipes) == {r for r, rec in RECIPES.items() if getattr(rec, attr)}, name
+    writer = {"winograd": "winograd_convs", "shared-prefix": "shared_prefix", "int8-matmul": "int8_compute_matmuls",
+              "dequantized-matmul": "block_int8_matmuls"}
+    assert set(writer) | {"multi-head-attention"} == set(B.FEATURES) and set(writer.values()) <= set(PASSES)
+    for name, pass_name in writer.items():
+        users = {r for r, rec in RECIPES.items() if any(pass_name in passes for passes in rec.passes.values())}
+        assert set(B.FEATURES[name].recipes) == users, name
     assert B.FEATURES["multi-head-attention"].recipes is None  # every export rewrites attention
 
 

@@ -73,6 +73,38 @@ def test_int8_recipes_store_linear_and_conv_weights_as_int8(sd1_pipeline, work, 
     assert weights.get("int8", 0) + weights.get("uint8", 0) > 10 * weights.get("float32", 0)
 
 
+def test_int8_cpu_matmul_weights_are_block_int8_of_the_torch_weights(sd1_pipeline, work):
+    """int8-cpu quantizes MatMul weights itself, in every graph: no MatMulNBits, and each block-wise
+    DequantizeLinear holds blockwise_int8 of a torch Linear weight ([in, out]) column for column,
+    all columns from one weight (a split GEGLU projection holds a half of one)."""
+    from zoodip_edge.export.load import load_pipeline
+    from zoodip_edge.export.quantize import blockwise_int8
+
+    out, m = export_once(sd1_pipeline, "int8-cpu", work)
+    p = load_pipeline(str(sd1_pipeline))
+    columns = {}  # an int8 column and its scales -> the torch weight it came from
+    for module in (p.text_encoder, p.unet, p.vae):
+        for name, w in module.named_parameters():
+            if w.ndim == 2:
+                q, scale = blockwise_int8(w.detach().numpy().T)
+                columns.update({q[:, j].tobytes() + scale[:, j].tobytes(): name for j in range(q.shape[1])})
+    for graph, entry in m["components"].items():
+        g = onnx.load(str(out / entry["path"]))
+        inits = {i.name: onnx.numpy_helper.to_array(i) for i in g.graph.initializer}
+        producers = {o: n for n in g.graph.node for o in n.output}
+        assert "MatMulNBits" not in {n.op_type for n in g.graph.node}, graph
+        matmuls = [n for n in g.graph.node if n.op_type == "MatMul" and n.input[1] in producers
+                   and any(a.name == "block_size" for a in producers[n.input[1]].attribute)]
+        assert len(matmuls) == m["recipe"]["graphs"][graph]["dequantized_matmuls"] > 0, graph
+        for mm in matmuls:
+            dq = producers[mm.input[1]]
+            assert {a.name: a.i for a in dq.attribute} == {"axis": 0, "block_size": 32}
+            q, scale = inits[dq.input[0]], inits[dq.input[1]]
+            assert q.dtype == np.int8 and len(dq.input) == 2
+            source = {columns.get(q[:, j].tobytes() + scale[:, j].tobytes()) for j in range(q.shape[1])}
+            assert len(source) == 1 and None not in source, (graph, mm.name, source)
+
+
 def test_int8_cpu_fast_computes_unet_matmuls_in_int8_but_not_where_the_condition_enters(sd1_pipeline, tmp_path):
     # the tiny pipelines are too small for int8 rounding to average out: the gate refuses them
     # (the SD1.5 architecture passes, docs/recipes.md), so this export overrides it

@@ -155,35 +155,81 @@ def _optimized_ops(model, config: dict, tmp_path) -> list[str]:
     return [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
 
 
-@pytest.mark.parametrize("k", [96, 80])  # 80: the last block of 32 is padded in MatMulNBits
-def test_dequantized_matmuls_compute_what_matmulnbits_computed(k, tmp_path):
+def _tie_weights(k: int, n: int = 48) -> np.ndarray:
+    """Random weights, plus blocks where the rounding rule and the scale's sign show."""
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
+    # largest value 1 (scale -1/128): every j/256 lands on a half, where ORT rounds away from zero
+    w[:32, :8] = rng.integers(-255, 256, (32, 8)) / 256
+    w[0, :8] = 1
+    w[1, :4] = -1  # |max| == |min|: the negative one sets the scale
+    w[32:64, 8] = 0  # a block of zeros
+    w[32, 9], w[33:64, 9] = -0.0, 0.0  # ... whose first zero is negative
+    return w
+
+
+@pytest.mark.parametrize("k", [96, 80])  # 80: a partial last block
+def test_block_int8_matmuls_hold_the_weights_matmulnbits_held(k, tmp_path):
+    """int8-cpu quantizes MatMul weights itself (block_int8_matmuls); they are, bit for bit, the
+    dequantized weights of ORT's 8-bit MatMulNBits (what int8-cpu-fast holds, and what int8-cpu
+    bundles were made from before), and ORT reads the block-wise DequantizeLinear as meant."""
     import onnx
 
     from zoodip_edge.export.quantize import (
         FLOAT_COMPUTE,
         KEEP_DEQUANTIZED,
-        dequantized_matmuls,
-        int8_matmul_compute,
+        block_int8_matmuls,
+        blockwise_int8,
         matmul_nbits8,
     )
 
-    rng = np.random.default_rng(0)
-    w = numpy_helper.from_array((rng.standard_normal((k, 48)) / np.sqrt(k)).astype(np.float32), "w")
-    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"), helper.make_node("Relu", ["h"], ["y"])],
-                          "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 5, k])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w])
-    nbits, _ = matmul_nbits8(helper.make_model(g, opset_imports=[helper.make_opsetid("", 23)]))
-    dq, count = dequantized_matmuls(onnx.ModelProto.FromString(nbits.SerializeToString()))
-    assert count == 1 and [n.op_type for n in dq.graph.node] == ["DequantizeLinear", "MatMul", "Relu"]
-    int8 = {i.name: numpy_helper.to_array(i) for i in dq.graph.initializer}
-    assert [a.dtype for a in int8.values()] == [np.int8, np.float32], "same int8 weights and scales, nothing else"
-    x = rng.standard_normal((3, 5, k)).astype(np.float32)
+    w = _tie_weights(k)
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", k])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 23)])
+    nbits, _ = matmul_nbits8(onnx.ModelProto.FromString(model.SerializeToString()))
+    dq, count = block_int8_matmuls(onnx.ModelProto.FromString(model.SerializeToString()))
+    assert count == 1 and [n.op_type for n in dq.graph.node] == ["DequantizeLinear", "MatMul"]
+    (q_name, q), (s_name, scale) = [(i.name, numpy_helper.to_array(i)) for i in dq.graph.initializer]
+    assert q.dtype == np.int8 and q.shape == (k, 48) and scale.dtype == np.float32 and scale.shape == (-(-k // 32), 48)
+    assert [q_name, s_name] == list(dq.graph.node[0].input), "no zero point: symmetric"
+    q_ref, scale_ref = blockwise_int8(w)
+    assert np.array_equal(q, q_ref) and scale.tobytes() == scale_ref.tobytes()
+    assert (scale[0, :4] == 1 / 128).all() and (scale[0, 4:8] == -1 / 128).all()  # a tie takes the negative one
+    assert np.signbit(scale[1, 8]) and not np.signbit(scale[1, 9]) and (q[32:64, 8:10] == 0).all()
 
-    ref = _session(nbits, FLOAT_COMPUTE).run(None, {"x": x})[0]
-    got = _session(dq, {**FLOAT_COMPUTE, **KEEP_DEQUANTIZED}).run(None, {"x": x})[0]
-    assert np.abs(got - ref).max() <= 1e-6 * np.abs(ref).max()
-    # the session config is what keeps them apart: without it ORT fuses the pair back at load
+    # a MatMul with the identity as input hands back its dequantized weights exactly
+    eye = np.eye(k, dtype=np.float32)
+    held = _session(nbits, FLOAT_COMPUTE).run(None, {"x": eye})[0]
+    ours = q.astype(np.float32) * np.repeat(scale, 32, axis=0)[:k]
+    assert np.array_equal(ours, held), np.abs(ours - held).max()
+    assert np.array_equal(_session(dq, {**FLOAT_COMPUTE, **KEEP_DEQUANTIZED}).run(None, {"x": eye})[0], held)
+    # the session config is what keeps them apart: without it ORT fuses the pair at load
     assert "MatMulNBits" not in _optimized_ops(dq, {**FLOAT_COMPUTE, **KEEP_DEQUANTIZED}, tmp_path)
     assert "MatMulNBits" in _optimized_ops(dq, FLOAT_COMPUTE, tmp_path)
-    # int8 compute (int8-cpu-fast) stays MatMulNBits
-    assert dequantized_matmuls(int8_matmul_compute(nbits, keep_float=())[0])[1] == 0
+
+
+def test_blockwise_int8_rounds_halves_up():
+    """The rule written out for two blocks of largest magnitude 1: q is -128 v where 1 is the
+    largest value (scale -1/128), 128 v where -1 is as large (scale 1/128), rounded with halves up
+    (MLAS rounds q + 128, never negative, away from zero) and clamped to [-128, 127]."""
+    from zoodip_edge.export.quantize import blockwise_int8
+
+    w = np.zeros((32, 2), np.float32)
+    w[:6, 0] = [1, 3 / 256, -3 / 256, 1 / 256, 0.5, 127.5 / 128]  # -128 v: -128, -1.5, 1.5, -0.5, -64, -127.5
+    w[:6, 1] = [1, -1, 3 / 256, -3 / 256, 1 / 256, 127.5 / 128]  # 128 v: 128, -128, 1.5, -1.5, 0.5, 127.5
+    q, scale = blockwise_int8(w)
+    assert scale.tolist() == [[-1 / 128, 1 / 128]]
+    assert q[:6].T.tolist() == [[-128, -1, 2, 0, -64, -127], [127, -128, 2, -1, 1, 127]]
+
+
+def test_every_pass_a_recipe_names_exists():
+    from zoodip_edge.export.quantize import PASSES, RECIPES
+
+    for recipe in RECIPES.values():
+        for graph, passes in recipe.passes.items():
+            assert set(passes) <= set(PASSES), (recipe.name, graph, set(passes) - set(PASSES))
+    # int8-cpu quantizes MatMul weights itself; int8-cpu-fast keeps ORT's MatMulNBits for its int8 compute
+    assert all("matmulnbits_int8" not in passes for passes in RECIPES["int8-cpu"].passes.values())
+    assert RECIPES["int8-cpu-fast"].passes_for("unet")[-1] == "int8_compute_matmuls"

@@ -1,5 +1,8 @@
 """Export recipes: how each graph's weights are stored, and what ORT must be told to load them.
 
+A recipe is a list of passes per graph (``Recipe.passes``, zoodip_edge/recipes.py), each one in
+``PASSES`` below, run in that order by ``quantize``.
+
 Weights only, with one measured exception: ZOODiP reads loss differences of order mu * grad,
 and int8 activations on per-tensor grids turn the loss into a step function of the token
 (docs/recipes.md). ``int8-cpu-fast`` rounds MatMul inputs per block of 32, and not where the
@@ -8,14 +11,16 @@ perturbed condition enters; its learning is checked on the toy world.
 - ``int8-gpu``: every Linear/Conv weight as per-channel symmetric int8 + DequantizeLinear
   (explicit QDQ, weight-only). CUDA EP keeps int8 weights and computes in float; TensorRT EP
   reads the QDQ directly. No QOperator ops, which CUDA EP would run on the CPU.
-- ``int8-cpu``: MatMul weights quantized as MatMulNBits (bits=8, blocks of 32), then stored as
-  block-wise DequantizeLinear + MatMul (text encoder and U-Net): each run dequantizes a weight
-  whole for a plain float GEMM, faster than MatMulNBits' float path (dequantized_matmuls).
-  Conv/Gemm weights as in ``int8-gpu``. A projection that is only split (GEGLU) becomes one per part
-  (projections.py), the U-Net's 3x3 convolutions Winograd convolutions (winograd.py), and the
-  U-Net takes one sample for a batch of text conditions (prefix.py).
-- ``int8-cpu-fast``: ``int8-cpu`` whose U-Net MatMuls compute in int8 (MatMulNBits accuracy
-  level 4), except the cross-attention K/V projections, which read ``encoder_hidden_states``.
+- ``int8-cpu``: MatMul weights as symmetric int8 in blocks of 32 along K, quantized here with
+  ORT's 8-bit MatMulNBits rule (blockwise_int8) and stored as block-wise DequantizeLinear + MatMul
+  (every graph): each run dequantizes a weight whole for a plain float GEMM, faster than
+  MatMulNBits' float path (block_int8_matmuls). Conv/Gemm weights as in ``int8-gpu``. A projection
+  that is only split (GEGLU) becomes one per part (projections.py), the U-Net's 3x3 convolutions
+  Winograd convolutions (winograd.py), and the U-Net takes one sample for a batch of text
+  conditions (prefix.py).
+- ``int8-cpu-fast``: as ``int8-cpu``, but MatMul weights as MatMulNBits (ORT's quantizer, bits=8,
+  blocks of 32: the same int8 values), whose U-Net MatMuls compute in int8 (accuracy level 4),
+  except the cross-attention K/V projections, which read ``encoder_hidden_states``.
 - ``fp16``: float16 weights and activations, float32 graph inputs/outputs (GPU targets).
 - ``fp32``: the exported graph unchanged (reference; parity within 1e-4).
 - ``w8a8-dynamic``: EXPERIMENT. ORT dynamic quantization (uint8 activations). The ZO
@@ -29,6 +34,7 @@ perturbed condition enters; its learning is checked on the toy world.
 from __future__ import annotations
 
 from collections import Counter
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -42,53 +48,108 @@ from .prefix import CONDITION, broadcast_sample  # CONDITION: where the perturbe
 
 def quantize(model: onnx.ModelProto, recipe: str, calibration: list[dict[str, np.ndarray]] | None = None,
              graph: str = "") -> tuple[onnx.ModelProto, dict]:
-    """Apply a recipe to one graph; returns the new model and a summary of what changed.
+    """Run a recipe's passes for one graph, in order; returns the new model and a summary of what changed.
 
     ``calibration``: input feeds, for a recipe with ``Recipe.calibrated``. ``graph``: the
-    graph's name in the bundle (``unet``, ...), for what a recipe does to some graphs only.
+    graph's name in the bundle (``unet``, ...), which picks its list in ``Recipe.passes``.
     """
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}")
     if RECIPES[recipe].calibrated and not calibration:
         raise ValueError(f"recipe {recipe} needs calibration inputs")
-    if recipe == "fp32":
-        return model, {"weights": _weight_dtypes(model)}
-    if recipe == "fp16":
-        from onnxruntime.transformers.float16 import convert_float_to_float16
-
-        model = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
-        return unique_node_names(drop_repeated_nodes(model)), {"weights": _weight_dtypes(model)}
+    counts: Counter | None = None
     info: dict = {}
-    scheme = RECIPES[recipe].scheme or recipe
-    if scheme == "int8-gpu":
-        model, counts = weight_only_qdq(model, ("MatMul", "Gemm", "Conv"))
-    elif scheme == "int8-cpu":
-        from .projections import split_projections
+    for name in RECIPES[recipe].passes_for(graph):
+        model, quantized, more = PASSES[name](model, calibration)
+        if quantized is not None:
+            counts = Counter() if counts is None else counts
+            counts.update(quantized)  # update, not +: keeps a zero count ("MatMul": 0), as manifests always did
+        info.update(more)
+    head = {"quantized_ops": dict(counts)} if counts is not None else {}
+    return model, {**head, **info, "weights": _weight_dtypes(model)}
 
-        model, info["split_projections"] = split_projections(model)  # before quantizing: one MatMulNBits per part
-        model, counts = matmul_nbits8(model)
-        model, more = weight_only_qdq(model, ("Gemm", "Conv"))
-        counts.update(more)
-    elif scheme == "w8a8-dynamic":
-        model, counts = dynamic_w8a8(model)
-    elif scheme == "w8a8-static":
-        # encoder_hidden_states: one token's row moves by mu there; a per-tensor grid would erase it
-        model, counts = static_w8a8(model, calibration, keep_float=(CONDITION,))
-        model, rest = weight_only_qdq(model, ("MatMul", "Gemm", "Conv"))
-        counts.update({f"{k} (weight-only)": v for k, v in rest.items()})
-    info = {"quantized_ops": dict(counts), **info}
-    if graph in RECIPES[recipe].winograd:
-        from .winograd import winograd_convs
 
-        model, wino = winograd_convs(model)
-        info["winograd_convs"] = dict(wino)
-    if graph in RECIPES[recipe].shared_prefix:
-        model, info["shared_prefix_nodes"] = broadcast_sample(model)
-    if graph in RECIPES[recipe].int8_matmul:
-        model, info["int8_matmul"] = int8_matmul_compute(model)
-    if graph in RECIPES[recipe].dequantized_matmul:
-        model, info["dequantized_matmuls"] = dequantized_matmuls(model)
-    return model, {**info, "weights": _weight_dtypes(model)}
+# A pass: (model, calibration feeds) -> (model, quantized op counts or None, what goes in the manifest).
+Pass = Callable[[onnx.ModelProto, list | None], tuple[onnx.ModelProto, Counter | None, dict]]
+PASSES: dict[str, Pass] = {}
+
+
+def _pass(name: str) -> Callable[[Pass], Pass]:
+    def register(fn: Pass) -> Pass:
+        PASSES[name] = fn
+        return fn
+    return register
+
+
+@_pass("split_projections")
+def _split_projections(model, feeds):
+    from .projections import split_projections
+
+    model, n = split_projections(model)
+    return model, None, {"split_projections": n}
+
+
+@_pass("block_int8_matmuls")
+def _block_int8_matmuls(model, feeds):
+    model, n = block_int8_matmuls(model)
+    return model, Counter({"MatMul": n}), {"dequantized_matmuls": n}
+
+
+@_pass("matmulnbits_int8")
+def _matmulnbits_int8(model, feeds):
+    return (*matmul_nbits8(model), {})
+
+
+@_pass("channel_int8_gemm_conv")
+def _channel_int8_gemm_conv(model, feeds):
+    return (*weight_only_qdq(model, ("Gemm", "Conv")), {})
+
+
+@_pass("channel_int8_weights")
+def _channel_int8_weights(model, feeds):
+    return (*weight_only_qdq(model, ("MatMul", "Gemm", "Conv")), {})
+
+
+@_pass("winograd_convs")
+def _winograd_convs(model, feeds):
+    from .winograd import winograd_convs
+
+    model, wino = winograd_convs(model)
+    return model, None, {"winograd_convs": dict(wino)}
+
+
+@_pass("shared_prefix")
+def _shared_prefix(model, feeds):
+    model, n = broadcast_sample(model)
+    return model, None, {"shared_prefix_nodes": n}
+
+
+@_pass("int8_compute_matmuls")
+def _int8_compute_matmuls(model, feeds):
+    model, n = int8_matmul_compute(model)
+    return model, None, {"int8_matmul": n}
+
+
+@_pass("float16")
+def _float16(model, feeds):
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
+    return unique_node_names(drop_repeated_nodes(model)), None, {}
+
+
+@_pass("dynamic_w8a8")
+def _dynamic_w8a8(model, feeds):
+    return (*dynamic_w8a8(model), {})
+
+
+@_pass("static_w8a8")
+def _static_w8a8(model, feeds):
+    # encoder_hidden_states: one token's row moves by mu there; a per-tensor grid would erase it
+    model, counts = static_w8a8(model, feeds, keep_float=(CONDITION,))
+    model, rest = weight_only_qdq(model, ("MatMul", "Gemm", "Conv"))
+    counts.update({f"{k} (weight-only)": v for k, v in rest.items()})
+    return model, counts, {}
 
 
 def drop_repeated_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -234,38 +295,72 @@ def int8_matmul_compute(model: onnx.ModelProto, keep_float: tuple[str, ...] = (C
     return model, count
 
 
-def dequantized_matmuls(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
-    """Each float-compute 8-bit MatMulNBits becomes a block-wise DequantizeLinear + MatMul.
+def blockwise_int8(w: np.ndarray, block_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """A [K, N] float32 weight as symmetric int8 in blocks of ``block_size`` along K: int8 [K, N]
+    and float32 scales [ceil(K / block_size), N], with ``w ~= q * scale`` per block.
 
-    The same int8 weights and scales, in the same bytes: each run dequantizes a weight whole (a
-    transient float copy, at most 26 MB in SD1.5) and a plain float GEMM multiplies it. ORT's
-    MatMulNBits float path took 1.2-2.2x a float MatMul's time at a batched step's sizes on an
-    AVX2 CPU (benchmarks/experiments/matmul_forms.py --batch 3); the SD1.5 U-Net forward 0.93x as long for
-    +32 MB (docs/recipes.md). Needs KEEP_DEQUANTIZED in the bundle's session config.
+    ORT's 8-bit MatMulNBits rule, to the bit (MLAS ``BlockwiseQuantizer``, which
+    ``MatMulNBitsQuantizer`` calls), so that bundles keep the numbers they had when ORT's quantizer
+    made them: the block's value of largest magnitude ``m`` (the negative one on a tie) gives
+    ``scale = -m / 128``, so ``m`` itself is -128 and the grid uses all of [-128, 127]; each value is
+    ``v * (1 / scale) + 128`` in float32, rounded with halves up (C ``roundf`` of a value that is
+    never negative), clamped to [0, 255], minus 128.
+    A block of zeros takes the sign of its first zero for its (zero) scale, and 0 for every value.
     """
-    if next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0) < 21:
-        return model, 0  # block-wise DequantizeLinear is opset 21 (the exporter writes 23)
+    w = np.asarray(w, dtype=np.float32)
+    k, n = w.shape
+    blocks = -(-k // block_size)
+    pad = blocks * block_size - k
+    if pad:  # a partial last block: repeat one of its own rows, which moves neither its max nor its min
+        w = np.concatenate([w, np.repeat(w[(blocks - 1) * block_size:][:1], pad, axis=0)])
+    b = w.reshape(blocks, block_size, n)
+    hi, lo = b.max(axis=1), b.min(axis=1)
+    m = np.where(np.abs(hi) > np.abs(lo), hi, lo)
+    m = np.where(m == 0, b[:, 0], m)  # MLAS starts min and max at the first value: -0.0 stays -0.0
+    scale = (-m / np.float32(128)).astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # blocks of subnormal weights, as in MLAS
+        recip = np.divide(np.float32(1), scale, out=np.zeros_like(scale), where=scale != 0)
+        x = (b * recip[:, None, :]).astype(np.float32) + np.float32(128)  # two float32 roundings, as in C
+        t = np.trunc(x)
+        r = t + np.where(np.abs(x - t) >= 0.5, np.sign(x), 0).astype(np.float32)  # roundf: halves away from 0
+        q = (np.clip(r, 0, 255).astype(np.int16) - 128).astype(np.int8)
+    return np.ascontiguousarray(q.reshape(-1, n)[:k]), scale
+
+
+def block_int8_matmuls(model: onnx.ModelProto, block_size: int = 32) -> tuple[onnx.ModelProto, int]:
+    """Each MatMul whose weight is a float32 initializer [K, N] reads it through a block-wise
+    ``DequantizeLinear`` (int8 [K, N], scales [K / block_size, N], axis 0, no zero point; opset 21);
+    returns the model and how many MatMuls changed. The int8 values are ``blockwise_int8``'s.
+
+    Each run dequantizes a weight whole (a transient float copy, at most 26 MB in SD1.5) and a
+    plain float GEMM multiplies it: ORT's MatMulNBits float path took 1.2-2.2x a float MatMul's
+    time at a batched step's sizes on an AVX2 CPU (benchmarks/experiments/matmul_forms.py --batch 3);
+    the SD1.5 U-Net forward 0.93x as long for +32 MB (docs/recipes.md). Needs KEEP_DEQUANTIZED in
+    the bundle's session config, or ORT fuses each pair into MatMulNBits at load.
+    """
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < 21:
+        raise ValueError(f"block-wise DequantizeLinear needs opset 21 or later, the model has {opset}")
     inits = {i.name: i for i in model.graph.initializer}
+    done: dict[str, str] = {}  # weight -> its dequantized tensor
     nodes, count = [], 0
     for node in model.graph.node:
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if (node.op_type != "MatMulNBits" or attrs.get("bits") != 8 or attrs.get("accuracy_level", 0) != 0
-                or len([i for i in node.input if i]) != 3 or node.input[1] not in inits or node.input[2] not in inits):
-            nodes.append(node)  # zero points, group index, bias or int8 compute: left as they are
-            continue
-        k, n, block = attrs["K"], attrs["N"], attrs["block_size"]
-        # [N, blocks, block] uint8 with the implicit zero point 128 -> [K, N] int8 (padding cut)
-        q = numpy_helper.to_array(inits[node.input[1]]).reshape(n, -1)[:, :k].astype(np.int16) - 128
-        scale = numpy_helper.to_array(inits[node.input[2]]).reshape(n, -1)
-        p = (node.name or node.output[0]) + ".dq"
-        model.graph.initializer.extend([numpy_helper.from_array(np.ascontiguousarray(q.T.astype(np.int8)), f"{p}.weight_int8"),
-                                        numpy_helper.from_array(np.ascontiguousarray(scale.T), f"{p}.weight_scale")])
-        nodes.append(helper.make_node("DequantizeLinear", [f"{p}.weight_int8", f"{p}.weight_scale"], [f"{p}.weight"],
-                                      name=p, axis=0, block_size=block))
-        nodes.append(helper.make_node("MatMul", [node.input[0], f"{p}.weight"], list(node.output), name=node.name))
-        count += 1
+        w = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) > 1 else None
+        if w is not None and w.data_type == onnx.TensorProto.FLOAT and len(w.dims) == 2:
+            if w.name not in done:
+                q, scale = blockwise_int8(numpy_helper.to_array(w), block_size)
+                p = (node.name or node.output[0]) + ".dq"
+                model.graph.initializer.extend([numpy_helper.from_array(q, f"{p}.weight_int8"),
+                                                numpy_helper.from_array(scale, f"{p}.weight_scale")])
+                # right before its MatMul, where 0.7.0 put it and where its time and memory were measured
+                nodes.append(helper.make_node("DequantizeLinear", [f"{p}.weight_int8", f"{p}.weight_scale"], [f"{p}.weight"],
+                                              name=p, axis=0, block_size=block_size))
+                done[w.name] = f"{p}.weight"
+            node.input[1] = done[w.name]
+            count += 1
+        nodes.append(node)
     if count:
-        replace_nodes(model, nodes)
+        replace_nodes(model, nodes)  # drops the float weights
     return model, count
 
 
