@@ -61,7 +61,8 @@ def test_split_projection_computes_the_same(sizes):
     assert "Split" not in ops and ops.count("MatMul") == 3 and ops.count("Add") == 2
     x = np.random.default_rng(1).standard_normal((2, 16, D)).astype(np.float32)
     assert np.abs(_run(split, x) - _run(model, x)).max() <= 1e-6 * np.abs(_run(model, x)).max()
-    # int8-cpu quantizes after the split: each part's MatMulNBits holds the whole's blocks
+    # quantized after the split, each part holds the whole's blocks (blocks run along K): here as
+    # int8-cpu-fast's MatMulNBits; test_export checks int8-cpu's exported parts column for column
     whole, parts = matmul_nbits8(_copy(model))[0], matmul_nbits8(split)[0]
     assert [n.op_type for n in parts.graph.node].count("MatMulNBits") == 3
     assert np.abs(_run(parts, x) - _run(whole, x)).max() <= 1e-6 * np.abs(_run(whole, x)).max()
