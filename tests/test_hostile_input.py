@@ -175,7 +175,7 @@ def _edit(bundle: Path, change) -> None:
 
 MANIFEST_EDITS = [
     (lambda m: m.update(family="bogus"), "family: expected one of"),
-    (lambda m: m.update(family="sdxl"), "family: expected one of"),
+    (lambda m: m.update(family="sdxl"), "family: sdxl needs text_2"),
     (lambda m: m.update(format_version=True), "format_version"),
     (lambda m: m.update(format_version="1"), "format_version"),
     (lambda m: m["text"].update(pad_token_id=10**6), "text.pad_token_id"),

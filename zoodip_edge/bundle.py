@@ -26,6 +26,9 @@ from .schema import Bool, Int, List, Num, Obj, Optional, SchemaError, Str, check
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
+#: SDXL's second text encoder: its graph, and the manifest keys of its table and tokenizer.
+SECOND_TEXT_ENCODER = "text_encoder_2"
+SECOND_TEXT_FILES = ("token_embeddings_2", "tokenizer_2")
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,8 @@ class Feature:
     since: str  # the zoodip-edge version whose exports first wrote it
     recipes: tuple[str, ...] | None  # the recipes whose exports write it now (None: every recipe)
     buys: str  # what re-exporting a bundle from before ``since`` buys
+    families: tuple[str, ...] | None = None  # the model families whose exports write it (None: every family)
+    unsupported: str | None = None  # why this runtime reads such a bundle but does not run it (one line)
 
 
 #: Every graph feature this zoodip-edge knows, in the order they came. A bundle whose manifest
@@ -59,6 +64,13 @@ FEATURES: dict[str, Feature] = {
         "MatMul weights as block-wise DequantizeLinear + MatMul, kept apart by the session config", "dequantized_matmuls",
         "0.7.0", ("int8-cpu",), "plain float GEMMs instead of MatMulNBits' float path (SD1.5 cpu step on an AVX2-only CPU "
         "19.0 -> 17.9 s, 40 MB more)"),
+    # A feature of the model, not of a recipe: every SDXL bundle has it, and a runtime from before
+    # it refuses the bundle instead of feeding its U-Net one text encoder's output.
+    "sdxl": Feature(
+        "SDXL: a second text encoder with a pooled output at an EOS position given as input, and a U-Net with added "
+        "conditions (text_embeds, time_ids)", "added_conditions",
+        "0.8.0", None, "nothing: SDXL bundles came with it", families=("sdxl",),
+        unsupported="SDXL bundles can be exported and inspected; personalize and generate do not support them yet"),
 }
 
 
@@ -102,7 +114,9 @@ def compatibility(bundle: "Bundle") -> list[str]:
     graphs = m["recipe"].get("graphs", {})
     out = []
     for name, f in FEATURES.items():
-        if f.recipes is not None and recipe not in f.recipes:
+        if f.recipes is not None and recipe not in f.recipes or name in bundle.features:
+            continue
+        if f.families is not None and bundle.family not in f.families:
             continue
         if made is not None:
             missing = made < _version(f.since)
@@ -111,6 +125,14 @@ def compatibility(bundle: "Bundle") -> list[str]:
         if missing:
             out.append(f"this {recipe} bundle predates {name} (zoodip-edge {f.since}); re-exporting it buys {f.buys}")
     return out
+
+
+def check_runnable(bundle: "Bundle") -> None:
+    """Refuse in one line a bundle that needs a feature this runtime reads but does not run."""
+    for name in bundle.features:
+        reason = FEATURES[name].unsupported if name in FEATURES else None
+        if reason:
+            raise UserError(f"{bundle.root}: {reason} (zoodip-edge {__version__})")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -166,8 +188,9 @@ class Bundle:
         for comp in self.manifest["components"].values():
             yield comp
             yield from comp.get("external_data", [])
-        yield self.manifest["token_embeddings"]
-        yield self.manifest["tokenizer"]
+        for key in ("token_embeddings", "tokenizer", *SECOND_TEXT_FILES):
+            if key in self.manifest:  # the second text encoder's: SDXL's
+                yield self.manifest[key]
 
 
 def _inside(root: Path, rel: str) -> Path:
@@ -195,6 +218,12 @@ def _scalar(v: Any, where: str) -> None:
         raise SchemaError(f"{where}: expected a string or number, got {v!r}"[:200])
 
 
+_GRAPH = Obj(_FILE, optional={"external_data": List(Obj(_FILE)), "inputs": _IO, "outputs": _IO})
+_TABLE = Obj(_FILE, optional={"tensor": Str(), "dtype": Str(), "shape": List(Int(1), 2)})
+_TEXT_KEYS = {"max_length": Int(2, 4096), "pad_token_id": Int(0)}
+_TEXT_IDS = {k: Int(0) for k in ("bos_token_id", "eos_token_id", "vocab_size", "hidden_size")}
+_TEXT = Obj(_TEXT_KEYS, optional=_TEXT_IDS)
+
 #: What a runtime relies on in manifest.json (docs/bundle.md); other keys are free to add.
 MANIFEST_SCHEMA = Obj({
     "format_version": Int(FORMAT_VERSION, FORMAT_VERSION),
@@ -208,12 +237,10 @@ MANIFEST_SCHEMA = Obj({
         "beta_schedule": Str(("linear", "scaled_linear", "squaredcos_cap_v2")),
         "prediction_type": Str(("epsilon", "v_prediction")), "trained_betas": Optional(List(Num(0, 1)))}),
     "latent_scale": Num(above=0),
-    "components": Obj({c: Obj(_FILE, optional={"external_data": List(Obj(_FILE)), "inputs": _IO, "outputs": _IO})
-                       for c in COMPONENTS}),
-    "token_embeddings": Obj(_FILE, optional={"tensor": Str(), "dtype": Str(), "shape": List(Int(1), 2)}),
+    "components": Obj({c: _GRAPH for c in COMPONENTS}, optional={SECOND_TEXT_ENCODER: _GRAPH}),
+    "token_embeddings": _TABLE,
     "tokenizer": Obj(_FILE),
-    "text": Obj({"max_length": Int(2, 4096), "pad_token_id": Int(0)},
-                optional={k: Int(0) for k in ("bos_token_id", "eos_token_id", "vocab_size", "hidden_size")}),
+    "text": _TEXT,
     "defaults": Obj({"n": Int(1, 256), "mu": Num(above=0), "lr": Num(above=0), "tau": Int(2, 4096), "nu": Num(0, 1),
                      "t_low": Int(0), "t_high": Int(1), "steps": Int(1)},
                     optional={"search_init": Bool(), "guide_momentum": Bool(), "guide_k": Int(0),
@@ -222,39 +249,56 @@ MANIFEST_SCHEMA = Obj({
     "session": Obj({"config_entries": Obj({}, extra=_scalar)}),
     "latent_channels": Int(1, 64),
     "latent_size": Int(1, 4096),
-}, optional={"created": Obj({}, optional={"tool": Str()}), "requires": List(Str(pattern="[a-z0-9][a-z0-9-]{0,63}"))})
+}, optional={"created": Obj({}, optional={"tool": Str()}), "requires": List(Str(pattern="[a-z0-9][a-z0-9-]{0,63}")),
+             "token_embeddings_2": _TABLE, "tokenizer_2": Obj(_FILE),
+             "text_2": Obj(_TEXT_KEYS, optional={**_TEXT_IDS, "projection_dim": Int(1),
+                                                      "pooled_at": Str(("max_id", "first_eos"))}),
+             "conditioning": Obj({})})
 
 
 def _inputs(manifest: dict, component: str) -> dict[str, list]:
     return {i["name"]: i["shape"] for i in manifest["components"][component].get("inputs", [])}
 
 
-def check_token_ids(text: dict[str, Any], rows: int) -> None:
+def check_token_ids(text: dict[str, Any], rows: int, where: str = "text") -> None:
     """SchemaError if a special token id of the manifest's ``text`` falls outside a table of ``rows``."""
     for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
         if text.get(key, 0) >= rows:
-            raise SchemaError(f"text.{key}: {text[key]} is outside the token table's {rows} rows")
+            raise SchemaError(f"{where}.{key}: {text[key]} is outside the token table's {rows} rows")
+
+
+def _check_text(manifest: dict, text_key: str, table_key: str, graph: str) -> None:
+    """A text encoder's ``text`` entry agrees with its token table and its graph's inputs."""
+    text, table = manifest[text_key], manifest.get(table_key, {}).get("shape")
+    rows = table[0] if table else text.get("vocab_size")
+    if rows is not None:
+        check_token_ids(text, rows, text_key)
+    if table and text.get("vocab_size", table[0]) != table[0]:
+        raise SchemaError(f"{text_key}.vocab_size {text['vocab_size']} differs from the token table's {table[0]} rows")
+    width = table[1] if table else text.get("hidden_size")
+    embeds = _inputs(manifest, graph).get("inputs_embeds") if graph in manifest["components"] else None
+    if embeds is not None and len(embeds) == 3:
+        for got, want, what in ((embeds[1], text["max_length"], f"{text_key}.max_length"), (embeds[2], width, "the token width")):
+            if want is not None and isinstance(got, int) and got != want:
+                raise SchemaError(f"components.{graph}: inputs_embeds is {got} where {what} is {want}")
 
 
 def validate_manifest(manifest: Any) -> None:
     """Refuse (SchemaError, one line) a manifest whose fields have the wrong kinds, or that
     contradicts itself: token ids outside the table, widths or lengths that differ between graphs."""
     check(manifest, MANIFEST_SCHEMA)
-    text, table, d = manifest["text"], manifest["token_embeddings"].get("shape"), manifest["defaults"]
+    text, d = manifest["text"], manifest["defaults"]
     steps = manifest["scheduler"].get("num_train_timesteps", 1000)
     if not d["t_low"] < d["t_high"] <= steps:
         raise SchemaError(f"defaults: timestep range [{d['t_low']}, {d['t_high']}) is not inside [0, {steps})")
-    rows = table[0] if table else text.get("vocab_size")
-    if rows is not None:
-        check_token_ids(text, rows)
-    if table and text.get("vocab_size", table[0]) != table[0]:
-        raise SchemaError(f"text.vocab_size {text['vocab_size']} differs from the token table's {table[0]} rows")
-    width = table[1] if table else text.get("hidden_size")
-    embeds = _inputs(manifest, "text_encoder").get("inputs_embeds")
-    if embeds is not None and len(embeds) == 3:
-        for got, want, what in ((embeds[1], text["max_length"], "text.max_length"), (embeds[2], width, "the token width")):
-            if want is not None and isinstance(got, int) and got != want:
-                raise SchemaError(f"components.text_encoder: inputs_embeds is {got} where {what} is {want}")
+    if manifest["family"] == "sdxl":
+        missing = [k for k in ("text_2", *SECOND_TEXT_FILES) if k not in manifest]
+        missing += [f"components.{SECOND_TEXT_ENCODER}"] * (SECOND_TEXT_ENCODER not in manifest["components"])
+        if missing or "sdxl" not in manifest.get("requires", []):
+            raise SchemaError(f"family: sdxl needs {', '.join(missing) or 'requires: sdxl'}")
+    _check_text(manifest, "text", "token_embeddings", "text_encoder")
+    if "text_2" in manifest:
+        _check_text(manifest, "text_2", "token_embeddings_2", SECOND_TEXT_ENCODER)
     cond = _inputs(manifest, "unet").get("encoder_hidden_states")
     if cond is not None and len(cond) == 3 and isinstance(cond[1], int) and cond[1] != text["max_length"]:
         raise SchemaError(f"components.unet: encoder_hidden_states has {cond[1]} tokens where text.max_length is {text['max_length']}")
@@ -278,9 +322,11 @@ def check_graph_inputs(bundle: "Bundle", component: str, inputs: list[tuple[str,
                             f"its manifest says {shape} (re-export the bundle)")
 
 
-def load_bundle(root: str | os.PathLike, verify: bool = True) -> Bundle:
+def load_bundle(root: str | os.PathLike, verify: bool = True, run: bool = True) -> Bundle:
     """Read a bundle's manifest and (by default) check every file's size and sha256.
 
+    ``run``: the caller means to run the bundle's graphs, so a bundle needing a feature this
+    runtime only reads (an SDXL bundle) is refused; False to read it (``inspect``).
     Raises UserError with one line naming the first problem found.
     """
     root = Path(root)
@@ -312,6 +358,8 @@ def load_bundle(root: str | os.PathLike, verify: bool = True) -> Bundle:
                         f"know (exported by {manifest.get('created', {}).get('tool', 'an unknown exporter')}); "
                         "upgrade zoodip-edge")
     bundle = Bundle(root=root, manifest=manifest, manifest_sha256=hashlib.sha256(raw).hexdigest())
+    if run:
+        check_runnable(bundle)
     for entry in bundle.files():
         p = _inside(root, entry["path"])
         if not p.is_file():

@@ -161,10 +161,11 @@ def inspect(
     typer.echo(f"recipe      {m['recipe']['name']}: {m['recipe']['description']}")
     typer.echo(f"resolution  {m['resolution']} px, latents {m['latent_channels']}x{m['latent_size']}x{m['latent_size']}, "
                f"scale {m['latent_scale']}, prediction {m['scheduler'].get('prediction_type')}")
+    width = max(12, *(len(name) + 1 for name in m["components"]))  # text_encoder_2 (SDXL) is the longest
     for name, c in m["components"].items():
         size = c["bytes"] + sum(e["bytes"] for e in c.get("external_data", []))
         ins = ", ".join(f"{i['name']}{i['shape']}" for i in c["inputs"])
-        typer.echo(f"{name:<12}{_mb(size):>10}  {ins}")
+        typer.echo(f"{name:<{width}}{_mb(size):>10}  {ins}")
     created = m.get("created", {})
     typer.echo(f"exporter    {created.get('tool', 'unknown')}, {created.get('date', 'undated')}")
     inferred = "" if "requires" in m else " (inferred from recipe.graphs: exported before manifests listed them)"

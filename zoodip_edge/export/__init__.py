@@ -85,6 +85,28 @@ def _proto_size_ok(model) -> bool:
         return False
 
 
+#: What SDXL's ``time_ids`` hold, in order (StableDiffusionXLPipeline._get_add_time_ids), in pixels.
+SDXL_TIME_IDS = ("original_height", "original_width", "crop_top", "crop_left", "target_height", "target_width")
+
+
+def _save_tokenizer(tokenizer, path: Path, model: str) -> None:
+    """The tokenizer in the ``tokenizers`` library's format, truncating and padding to its length."""
+    fast = tokenizer.backend_tokenizer if hasattr(tokenizer, "backend_tokenizer") else None
+    if fast is None:
+        raise UserError(f"{model}: tokenizer has no fast (tokenizers) form; cannot write {path.name}")
+    max_len = int(tokenizer.model_max_length)
+    fast.enable_truncation(max_len)
+    fast.enable_padding(length=max_len, pad_id=tokenizer.pad_token_id, pad_token=tokenizer.pad_token)
+    fast.save(str(path))
+
+
+def _text_entry(tokenizer, table) -> dict:
+    """The manifest's ``text`` (or ``text_2``): a text encoder's length, width and special tokens."""
+    return {"max_length": int(tokenizer.model_max_length), "hidden_size": int(table.shape[1]), "vocab_size": int(table.shape[0]),
+            "bos_token_id": int(tokenizer.bos_token_id), "eos_token_id": int(tokenizer.eos_token_id),
+            "pad_token_id": int(tokenizer.pad_token_id)}
+
+
 def _model_inside(out: Path, model: str, config: str | None) -> Path | None:
     """The local model file or folder (or --config folder) that ``out`` is or contains, if any:
     compared both as written and with links resolved."""
@@ -161,12 +183,15 @@ def _export(model: str, out: Path, recipe: str, resolution: int | None, force: b
     from .attention import fuse_attention
     from .graphs import calibration_feeds, export_graph, graph_specs, vae_scale_factor
     from .load import load_pipeline
+    from .prefix import ADDED_CONDITIONS
     from .quantize import quantize
 
     rec = RECIPES[recipe]
     say(f"loading {model}")
     with _quiet():
         p = load_pipeline(model, config=config)
+    if p.family == "sdxl" and rec.calibrated:
+        raise UserError(f"recipe {recipe} is not available for SDXL (its U-Net calibration has no added conditions yet)")
     scale = vae_scale_factor(p)
     resolution = resolution or int(p.unet.config.sample_size) * scale
     if resolution % (scale * 4):
@@ -197,6 +222,8 @@ def _export(model: str, out: Path, recipe: str, resolution: int | None, force: b
             quant_info[spec.name]["recipe"] = graph_rec.name
             if fused:
                 quant_info[spec.name]["multi_head_attention"] = fused
+            if spec.name == "unet" and p.family == "sdxl":  # the sdxl graph feature (bundle.FEATURES)
+                quant_info[spec.name]["added_conditions"] = sum(n in ADDED_CONDITIONS for n in spec.inputs)
             io = _io_entries(graph)
             files = _save_graph(graph, tmp, spec.name)
             del graph
@@ -208,19 +235,39 @@ def _export(model: str, out: Path, recipe: str, resolution: int | None, force: b
         say("writing token embeddings and tokenizer")
         table = p.text_encoder.get_input_embeddings().weight.detach().numpy().astype(rec.embeddings_dtype)
         save_file({"token_embedding": table}, str(tmp / "token_embeddings.safetensors"))
-        fast = p.tokenizer.backend_tokenizer if hasattr(p.tokenizer, "backend_tokenizer") else None
-        if fast is None:
-            raise UserError(f"{model}: tokenizer has no fast (tokenizers) form; cannot write tokenizer.json")
-        max_len = int(p.tokenizer.model_max_length)
-        fast.enable_truncation(max_len)
-        fast.enable_padding(length=max_len, pad_id=p.tokenizer.pad_token_id, pad_token=p.tokenizer.pad_token)
-        fast.save(str(tmp / "tokenizer.json"))
+        _save_tokenizer(p.tokenizer, tmp / "tokenizer.json", model)
+        sdxl = {}  # the second text encoder's manifest entries
+        if p.family == "sdxl":
+            from .graphs import time_ids_count
+            from .verify_sdxl import pooled_rule
+
+            table_2 = p.text_encoder_2.get_input_embeddings().weight.detach().numpy().astype(rec.embeddings_dtype)
+            save_file({"token_embedding": table_2}, str(tmp / "token_embeddings_2.safetensors"))
+            _save_tokenizer(p.tokenizer_2, tmp / "tokenizer_2.json", model)
+            sdxl = {
+                "text_2": {**_text_entry(p.tokenizer_2, table_2), "projection_dim": int(p.text_encoder_2.config.projection_dim),
+                           "pooled_at": pooled_rule(p)},
+                "token_embeddings_2": {**file_entry(tmp, "token_embeddings_2.safetensors"), "tensor": "token_embedding",
+                                       "shape": list(table_2.shape), "dtype": str(table_2.dtype)},
+                "tokenizer_2": file_entry(tmp, "tokenizer_2.json"),
+                "conditioning": {"encoder_hidden_states": ["text_encoder.penultimate_hidden_state",
+                                                           "text_encoder_2.penultimate_hidden_state"],
+                                 "text_embeds": "text_encoder_2.text_embeds",
+                                 "time_ids": list(SDXL_TIME_IDS[:time_ids_count(p)]),
+                                 "force_zeros_for_empty_prompt": p.force_zeros_for_empty_prompt},
+            }
 
         defaults = defaults_for(p.family, defaults_override).to_dict()
         say(f"verifying against torch fp32 (ZO fidelity at mu {defaults['mu']:g})")
+        paths = {s.name: tmp / components[s.name]["path"] for s in specs}
         with _quiet():
-            v = verify.run_gates(p, specs, {s.name: tmp / components[s.name]["path"] for s in specs},
-                                 rec.session_config, table.astype(np.float32), latent, defaults)
+            if p.family == "sdxl":
+                from .verify_sdxl import run_gates
+
+                v = run_gates(p, specs, paths, rec.session_config, (table.astype(np.float32), table_2.astype(np.float32)),
+                              latent, resolution, defaults)
+            else:
+                v = verify.run_gates(p, specs, paths, rec.session_config, table.astype(np.float32), latent, defaults)
         v["parity_tolerance"] = rec.parity_tolerance
         verify.check_gates(v, recipe, allow_unfaithful)
 
@@ -238,14 +285,13 @@ def _export(model: str, out: Path, recipe: str, resolution: int | None, force: b
             "latent_channels": int(p.vae.config.latent_channels),
             "latent_scale": float(getattr(p.vae.config, "scaling_factor", 0.18215)),
             "scheduler": sched,
-            "text": {"max_length": max_len, "hidden_size": int(table.shape[1]), "vocab_size": int(table.shape[0]),
-                     "bos_token_id": int(p.tokenizer.bos_token_id), "eos_token_id": int(p.tokenizer.eos_token_id),
-                     "pad_token_id": int(p.tokenizer.pad_token_id)},
+            "text": _text_entry(p.tokenizer, table),
             "components": components,
             "session": {"config_entries": rec.session_config},
             "token_embeddings": {**file_entry(tmp, "token_embeddings.safetensors"), "tensor": "token_embedding",
                                  "shape": list(table.shape), "dtype": str(table.dtype)},
             "tokenizer": file_entry(tmp, "tokenizer.json"),
+            **sdxl,
             "defaults": defaults,
             "verification": v,
             "created": {"tool": f"zoodip-edge {__version__}", "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -9,6 +9,10 @@ dynamic, and how to make dummy inputs. The wrappers define the bundle's graph co
   -> ``out_sample``.
 - vae_encoder: ``image [B, 3, H, W]`` in [-1, 1] -> ``mean``, ``logvar`` (unscaled latents).
 - vae_decoder: ``latent [B, 4, h, w]`` (unscaled: divide by latent_scale first) -> ``image``.
+
+SDXL adds ``text_encoder_2``: ``inputs_embeds [B, 77, d2]``, ``eos_index [B]`` (int64) ->
+``last_hidden_state``, ``penultimate_hidden_state``, ``text_embeds [B, projection]``; and its
+U-Net also takes ``text_embeds [B, projection]`` and ``time_ids [B, 6]``.
 """
 
 from __future__ import annotations
@@ -45,6 +49,25 @@ class TextEncoderFromEmbeddings(torch.nn.Module):
         return m.final_layer_norm(h), penultimate
 
 
+class TextEncoderWithProjectionFromEmbeddings(TextEncoderFromEmbeddings):
+    """SDXL's second text encoder (CLIPTextModelWithProjection) from token embeddings.
+
+    Its pooled output is the final hidden state at the EOS token, projected. CLIP finds that
+    position from input_ids, which a graph fed with embeddings does not have, so it is an input
+    (``eos_index``): the caller knows where the EOS of each prompt is.
+    """
+
+    def __init__(self, text_encoder: torch.nn.Module):
+        super().__init__(text_encoder)
+        self.projection = text_encoder.text_projection
+
+    def forward(self, inputs_embeds: torch.Tensor, eos_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        last, penultimate = super().forward(inputs_embeds)
+        # gather rather than fancy indexing: one op that exports with a dynamic batch
+        pooled = last.gather(1, eos_index[:, None, None].expand(-1, 1, last.shape[2]))[:, 0]
+        return last, penultimate, self.projection(pooled)
+
+
 class UNetWrapper(torch.nn.Module):
     def __init__(self, unet: torch.nn.Module):
         super().__init__()
@@ -52,6 +75,15 @@ class UNetWrapper(torch.nn.Module):
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
         return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+
+class UNetXLWrapper(UNetWrapper):
+    """SDXL's U-Net, with its added conditions (``added_cond_kwargs``) as inputs."""
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                text_embeds: torch.Tensor, time_ids: torch.Tensor) -> torch.Tensor:
+        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids},
+                         return_dict=False)[0]
 
 
 class VAEEncoderWrapper(torch.nn.Module):
@@ -84,17 +116,31 @@ class GraphSpec:
     example: dict[str, int] = field(default_factory=dict)  # sizes of dynamic axes other than batch in dummy inputs
 
 
+def time_ids_count(p: LoadedPipeline) -> int:
+    """How many ids SDXL's U-Net embeds beside the pooled text (6: original size, crop, target size)."""
+    pooled = p.text_encoder_2.config.projection_dim
+    return (p.unet.add_embedding.linear_1.in_features - pooled) // p.unet.config.addition_time_embed_dim
+
+
 def graph_specs(p: LoadedPipeline, resolution: int) -> list[GraphSpec]:
     latent = resolution // vae_scale_factor(p)
     d = p.text_encoder.config.hidden_size
     length = p.tokenizer.model_max_length
+    text = [GraphSpec("text_encoder", lambda p: TextEncoderFromEmbeddings(p.text_encoder),
+                      {"inputs_embeds": ["batch", length, d]}, ("last_hidden_state", "penultimate_hidden_state"), 1e-4)]
+    unet_inputs = {"sample": ["batch", 4, latent, latent], "timestep": ["batch"],
+                   "encoder_hidden_states": ["batch", length, p.unet.config.cross_attention_dim]}
+    unet = UNetWrapper
+    if p.family == "sdxl":
+        d2, pooled = p.text_encoder_2.config.hidden_size, p.text_encoder_2.config.projection_dim
+        text.append(GraphSpec("text_encoder_2", lambda p: TextEncoderWithProjectionFromEmbeddings(p.text_encoder_2),
+                              {"inputs_embeds": ["batch", p.tokenizer_2.model_max_length, d2], "eos_index": ["batch"]},
+                              ("last_hidden_state", "penultimate_hidden_state", "text_embeds"), 1e-4))
+        unet_inputs.update(text_embeds=["batch", pooled], time_ids=["batch", time_ids_count(p)])
+        unet = UNetXLWrapper
     return [
-        GraphSpec("text_encoder", lambda p: TextEncoderFromEmbeddings(p.text_encoder),
-                  {"inputs_embeds": ["batch", length, d]}, ("last_hidden_state", "penultimate_hidden_state"), 1e-4),
-        GraphSpec("unet", lambda p: UNetWrapper(p.unet),
-                  {"sample": ["batch", 4, latent, latent], "timestep": ["batch"],
-                   "encoder_hidden_states": ["batch", length, p.unet.config.cross_attention_dim]},
-                  ("out_sample",), 1e-4),
+        *text,
+        GraphSpec("unet", lambda p: unet(p.unet), unet_inputs, ("out_sample",), 1e-4),
         GraphSpec("vae_encoder", lambda p: VAEEncoderWrapper(p.vae),
                   {"image": ["batch", 3, resolution, resolution]}, ("mean", "logvar"), 1e-4),
         # Spatially dynamic so that generation can decode in tiles (memory-lean devices).
@@ -120,6 +166,10 @@ def dummy_inputs(spec: GraphSpec, batch: int, seed: int = 0) -> dict[str, torch.
             out[name] = 0.02 * torch.randn(shape, generator=g)
         elif name == "image":
             out[name] = torch.rand(shape, generator=g) * 2 - 1
+        elif name == "eos_index":  # anywhere after the first token
+            out[name] = torch.randint(1, spec.inputs["inputs_embeds"][1], shape, generator=g)
+        elif name == "time_ids":  # sizes and crop offsets in pixels, as SDXL's pipeline passes them
+            out[name] = torch.randint(0, 1025, shape, generator=g).float()
         else:
             out[name] = torch.randn(shape, generator=g)
     return out
@@ -134,8 +184,8 @@ def calibration_feeds(spec: GraphSpec, p: LoadedPipeline, latent: int) -> list[d
     at t from 50 to 950, conditioned on real prompts through the torch text encoder."""
     from ..schedule import alphas_cumprod, noisy_and_target
 
-    if spec.name != "unet":
-        raise ValueError(f"no calibration inputs for {spec.name}")
+    if spec.name != "unet" or p.family == "sdxl":
+        raise ValueError(f"no calibration inputs for {spec.name} of {p.family}")
     rng = np.random.default_rng(0)
     ac = alphas_cumprod(p.scheduler_config)
     feeds = []

@@ -22,11 +22,22 @@ class LoadedPipeline:
     scheduler_config: dict
     family: str
     source: dict = field(default_factory=dict)
+    text_encoder_2: Any = None  # SDXL: OpenCLIP bigG with its text projection
+    tokenizer_2: Any = None
+    force_zeros_for_empty_prompt: bool = False  # SDXL: an empty negative prompt is zeros, not its encoding
 
     def token_ids(self, prompt: str) -> np.ndarray:
         """``[1, max_length]`` int64 ids of ``prompt``, padded as the text encoder expects."""
-        ids = self.tokenizer(prompt, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True).input_ids
-        return np.asarray([ids], dtype=np.int64)
+        return _ids(self.tokenizer, prompt)
+
+    def token_ids_2(self, prompt: str) -> np.ndarray:
+        """The same for SDXL's second tokenizer (which pads with its own token)."""
+        return _ids(self.tokenizer_2, prompt)
+
+
+def _ids(tokenizer: Any, prompt: str) -> np.ndarray:
+    ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True).input_ids
+    return np.asarray([ids], dtype=np.int64)
 
 
 def quiet_hf() -> None:
@@ -115,11 +126,16 @@ def load_pipeline(model: str, config: str | None = None) -> LoadedPipeline:
             raise UserError(f"{model}: pipeline has no {name}; not a Stable Diffusion pipeline")
     family = detect_family(components)
     if family == "sdxl":
-        raise UserError("SDXL pipelines are not supported yet (SD1.x and SD2.x are)")
+        for name in ("text_encoder_2", "tokenizer_2"):  # the refiner has only the second encoder
+            if components.get(name) is None:
+                raise UserError(f"{model}: SDXL pipeline without {name}; only base SDXL pipelines (two text encoders) are supported")
+        if not hasattr(components["text_encoder_2"], "text_projection"):
+            raise UserError(f"{model}: SDXL text_encoder_2 has no text projection (expected CLIPTextModelWithProjection)")
     source["revision"] = getattr(pipe.config, "_commit_hash", None) or components["unet"].config.get("_commit_hash")
     source["pipeline_class"] = type(pipe).__name__
-    for name in ("text_encoder", "unet", "vae"):
-        components[name].eval().requires_grad_(False).float()
+    for name in ("text_encoder", "text_encoder_2", "unet", "vae"):
+        if components.get(name) is not None:
+            components[name].eval().requires_grad_(False).float()
     return LoadedPipeline(
         text_encoder=components["text_encoder"],
         tokenizer=components["tokenizer"],
@@ -128,4 +144,7 @@ def load_pipeline(model: str, config: str | None = None) -> LoadedPipeline:
         scheduler_config=dict(components["scheduler"].config),
         family=family,
         source=source,
+        text_encoder_2=components.get("text_encoder_2") if family == "sdxl" else None,
+        tokenizer_2=components.get("tokenizer_2") if family == "sdxl" else None,
+        force_zeros_for_empty_prompt=bool(getattr(pipe.config, "force_zeros_for_empty_prompt", False)),
     )

@@ -19,6 +19,9 @@ from onnx import helper
 
 SHARED_INPUTS = ("sample", "timestep")
 CONDITION = "encoder_hidden_states"
+# SDXL's added conditions: the pooled text embedding changes with the token, and both come with
+# one row per condition, so what reads them runs per row
+ADDED_CONDITIONS = ("text_embeds", "time_ids")
 _KEEPS_DTYPE = {"Reshape", "Transpose", "Identity", "Squeeze", "Unsqueeze", "Flatten"}
 
 
@@ -32,7 +35,7 @@ def broadcast_sample(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     names = {i.name for i in g.input}
     if CONDITION not in names or not set(SHARED_INPUTS) <= names:
         return model, 0
-    conditioned, shared = {CONDITION}, set(SHARED_INPUTS)
+    conditioned, shared = {CONDITION} | (names & set(ADDED_CONDITIONS)), set(SHARED_INPUTS)
     prefix = 0
     for node in g.node:  # graph order is topological
         if conditioned & set(node.input):

@@ -1,4 +1,4 @@
-"""Tiny SD1- and SD2-like diffusers pipelines built from configs with random weights.
+"""Tiny SD1-, SD2- and SDXL-like diffusers pipelines built from configs with random weights.
 
 No machine of this project reaches a model hub, so tests, the README quick start and
 benchmarks build pipelines of the real architecture here. Weights are random: they prove
@@ -196,5 +196,66 @@ def build_tiny_pipeline(out: Path, family: str = "sd1", seed: int = 0, resolutio
         feature_extractor=None,
         requires_safety_checker=False,
     )
+    pipe.save_pretrained(out)
+    return out
+
+
+def build_tiny_sdxl_pipeline(out: Path, seed: int = 0, resolution: int = 64) -> Path:
+    """Save a tiny random-weight StableDiffusionXLPipeline to ``out``.
+
+    The published SDXL layout in miniature: CLIP-L-like ``text_encoder`` (quick_gelu) and
+    OpenCLIP-bigG-like ``text_encoder_2`` (gelu, with a text projection; its config says
+    ``eos_token_id`` 2 as the published one does, so its pooled output is taken at the highest
+    token id), ``tokenizer_2`` padding with "!", a U-Net with SDXL's added conditions
+    (``text_time``: pooled text embedding + six size/crop ids) whose cross-attention width is
+    the two encoders' widths together, a VAE with SDXL's scaling factor and an Euler scheduler.
+    """
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from .load import quiet_hf
+
+    quiet_hf()
+    torch.manual_seed(seed)
+    out = Path(out)
+    vocab_size = write_clip_bpe(out / "tokenizer")
+    write_clip_bpe(out / "tokenizer_2")
+    tokenizer = CLIPTokenizer(str(out / "tokenizer" / "vocab.json"), str(out / "tokenizer" / "merges.txt"), model_max_length=77)
+    tokenizer_2 = CLIPTokenizer(str(out / "tokenizer_2" / "vocab.json"), str(out / "tokenizer_2" / "merges.txt"),
+                                model_max_length=77, pad_token="!")
+    widths, projection, time_embed = (32, 64), 32, 8
+
+    def clip(hidden: int, act: str, eos: int) -> CLIPTextConfig:
+        return CLIPTextConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=4,
+                              num_hidden_layers=3, max_position_embeddings=77, hidden_act=act, bos_token_id=vocab_size - 2,
+                              eos_token_id=eos, pad_token_id=vocab_size - 1, projection_dim=projection)
+
+    text_encoder = CLIPTextModel(clip(widths[0], "quick_gelu", vocab_size - 1)).eval()
+    text_encoder_2 = CLIPTextModelWithProjection(clip(widths[1], "gelu", 2)).eval()
+    unet = UNet2DConditionModel(
+        sample_size=resolution // 8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=sum(widths),
+        attention_head_dim=(4, 8),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed,
+        projection_class_embeddings_input_dim=6 * time_embed + projection,
+        norm_num_groups=16,
+    ).eval()
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(16, 16, 32, 32), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=8, sample_size=resolution, scaling_factor=0.13025).eval()
+    scheduler = EulerDiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                       beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading",
+                                       prediction_type="epsilon")
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+                                     tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True)
     pipe.save_pretrained(out)
     return out

@@ -219,8 +219,9 @@ def check_gates(v: dict, recipe: str, allow_unfaithful: bool) -> None:
         for out, r in res.items():
             if r["rel"] > v["parity_tolerance"]:
                 raise UserError(f"parity gate failed: {name}.{out} relative error {r['rel']:.3g} > {v['parity_tolerance']:.3g} for recipe {recipe}")
-    if recipe == "fp32" and v["text_encoder_parity"]["max_abs"] > 1e-4:
-        raise UserError(f"text-encoder parity gate failed: max abs error {v['text_encoder_parity']['max_abs']:.3g} > 1e-4")
+    for key, name in (("text_encoder_parity", "text-encoder"), ("text_encoder_2_parity", "second text-encoder")):
+        if recipe == "fp32" and key in v and v[key]["max_abs"] > 1e-4:  # text_encoder_2: SDXL's
+            raise UserError(f"{name} parity gate failed: max abs error {v[key]['max_abs']:.3g} > 1e-4")
     c = v["conditioning_sensitivity"]
     if not c["passed"]:
         raise UserError(f"conditioning gate failed: the {recipe} U-Net keeps {c['ratio']:.2f} of the torch fp32 text-conditioning "

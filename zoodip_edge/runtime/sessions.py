@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable
 
 import onnxruntime as ort
 
-from ..bundle import Bundle, check_graph_inputs, compatibility
+from ..bundle import Bundle, check_graph_inputs, check_runnable, compatibility
 from ..cpu import slow_int8_math
 from ..errors import UserError
 from ..profiles import (
@@ -361,6 +361,7 @@ class BundleSessions:
 
     def __init__(self, bundle: Bundle, profile: DeviceProfile, strict: bool = False,
                  warn: Callable[[str], None] | None = None):
+        check_runnable(bundle)  # a Bundle read with load_bundle(run=False) may come here too
         self.bundle, self.profile, self.strict = bundle, profile, strict
         self.open: dict[str, Any] = {}
         seen: set[str] = set()
