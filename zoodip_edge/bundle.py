@@ -114,7 +114,7 @@ def compatibility(bundle: "Bundle") -> list[str]:
     graphs = m["recipe"].get("graphs", {})
     out = []
     for name, f in FEATURES.items():
-        if f.recipes is not None and recipe not in f.recipes or name in bundle.features:
+        if f.recipes is not None and recipe not in f.recipes:
             continue
         if f.families is not None and bundle.family not in f.families:
             continue
