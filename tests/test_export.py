@@ -211,7 +211,7 @@ def test_cli_refusals_are_one_line(tmp_path, sd1_pipeline, sd1_bundle):
         assert "Traceback" not in r.output
 
 
-def test_sdxl_is_refused_clearly(tmp_path):
+def test_sdxl_family_is_detected(tmp_path):
     from types import SimpleNamespace
 
     from zoodip_edge.export.load import detect_family
