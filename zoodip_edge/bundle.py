@@ -69,7 +69,7 @@ FEATURES: dict[str, Feature] = {
     "sdxl": Feature(
         "SDXL: a second text encoder with a pooled output at an EOS position given as input, and a U-Net with added "
         "conditions (text_embeds, time_ids)", "added_conditions",
-        "0.8.0", None, "nothing: SDXL bundles came with it", families=("sdxl",),
+        "0.9.0", None, "nothing: SDXL bundles came with it", families=("sdxl",),
         unsupported="SDXL bundles can be exported and inspected; personalize and generate do not support them yet"),
 }
 
