@@ -28,7 +28,7 @@ def test_unnamed_attributes_are_drawn_but_never_named():
 def test_concept_score_reads_the_unnamed_color_and_shape():
     from zoodip_edge.toy.score import read_image
 
-    images, scenes = training_set(500, seed=11, world=TOY768)
+    images, scenes = training_set(1200, seed=11, world=TOY768)  # the unnamed attributes are rare (GENERIC_RATE)
     readings = [read_image(im, world=TOY768) for im in images]
     for attr in ("pink", "diamond"):
         hits = [(r.color if attr == "pink" else r.shape) == attr for r, s in zip(readings, scenes)

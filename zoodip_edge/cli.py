@@ -319,10 +319,10 @@ def _parse_steps(value: str | None) -> int | str | None:
 def _step_budget(wanted: int | str | None, default: int):
     """The run's step count, and for "auto" the Plateau rule that may stop it sooner (capped at
     the bundle's default)."""
-    from .runtime.stopping import Plateau
+    from .runtime.stopping import auto_rule
 
     if wanted == "auto":
-        return default, Plateau(every=max(10, default // 40))
+        return default, auto_rule(default)
     return (default if wanted is None else wanted), None
 
 
