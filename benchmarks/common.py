@@ -11,18 +11,16 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 
 def machine() -> str:
     import numpy
     import onnxruntime
 
-    cpu = "unknown CPU"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (f"{platform.node()}: {cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+    from zoodip_edge.cpu import cpu_description
+
+    return (f"{platform.node()}: {cpu_description()}, Python {platform.python_version()}, "
             f"onnxruntime {onnxruntime.__version__}, numpy {numpy.__version__}")
 
 
@@ -42,8 +40,16 @@ def run_measured(cmd: list[str]) -> dict:
     return res
 
 
+def command(argv: list[str]) -> str:
+    """The command line that reproduces a run from the repository root (``python -m`` for a script in it)."""
+    root, script = Path(__file__).resolve().parent.parent, Path(argv[0]).resolve()
+    if script.is_relative_to(root) and script.suffix == ".py":
+        argv = ["-m", ".".join(script.relative_to(root).with_suffix("").parts), *argv[1:]]
+    return "python " + " ".join(shlex.quote(a) for a in argv)
+
+
 def header(argv: list[str]) -> str:
-    return f"Machine: {machine()}\n\nCommand: `python {' '.join(shlex.quote(a) for a in argv)}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})\n"
+    return f"Machine: {machine()}\n\nCommand: `{command(argv)}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})\n"
 
 
 def median_s(run, repeat: int, warmup: int = 1) -> float:

@@ -150,14 +150,14 @@ def test_inspect_lists_what_the_bundle_requires(bundle_copy):
 
 
 # ------------------------------------------------------------------ the shipped toy bundles ----
-def test_shipped_toy_bundles_have_no_requires_and_their_features_are_inferred():
+def test_the_old_toy_bundle_has_no_requires_and_its_features_are_inferred():
     old, new = B.load_bundle(TOY / "bundle", verify=False), B.load_bundle(TOY / "bundle-768", verify=False)
-    assert "requires" not in old.manifest and "requires" not in new.manifest
+    assert "requires" not in old.manifest and new.manifest["requires"] == new.features
     # exported 2026-11-27, before Winograd, the shared prefix and the dequantized MatMuls
     assert old.features == ["multi-head-attention"] and not old.shared_prefix
     assert [w.split(" (")[0] for w in B.compatibility(old)] == [f"this int8-cpu bundle predates {f}" for f in
                                                                 ("winograd", "shared-prefix", "dequantized-matmul")]
-    # exported 2026-12-07: every pass ran (Winograd with nothing to rewrite at 8x8), so nothing to warn about
+    # exported by 0.9.0, with requires: every pass ran (Winograd with nothing to rewrite at 8x8), nothing to warn about
     assert new.features == ["multi-head-attention", "shared-prefix", "dequantized-matmul"] and new.shared_prefix
     assert B.compatibility(new) == []
 

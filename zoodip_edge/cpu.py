@@ -41,16 +41,20 @@ def cpu_description(cpuinfo: Path | None = None) -> str:
     import os
     import platform
 
-    model, flags = platform.processor() or platform.machine(), set()
+    model, flags, ids = platform.processor() or platform.machine(), set(), {}
     try:
         for line in (cpuinfo or CPUINFO).read_text(errors="replace").splitlines():
             key, _, value = line.partition(":")
             if key.strip() == "model name":
                 model = value.strip()
+            elif key.strip() in ("cpu family", "model") and key.strip() not in ids:
+                ids[key.strip()] = value.strip()
             elif key.strip().lower() in ("flags", "features"):
                 flags.update(value.split())
     except OSError:
         pass
+    if len(ids) == 2:  # virtual machines often name only the vendor: family and model say which CPU
+        model += f" (family {ids['cpu family']}, model {ids['model']})"
     isa = ("AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "NEON" if "asimd" in flags else "")
     isa += " VNNI" if flags & {"avx512_vnni", "avx_vnni"} else " dot product" if "asimddp" in flags else ""
     return ", ".join(p for p in (model, f"{os.cpu_count()} cores", isa.strip()) if p)
