@@ -406,14 +406,6 @@ def test_generate_warns_when_an_embedding_is_not_in_the_prompt(sd1_bundle, learn
     assert r.exit_code == 0 and "not in the prompt" not in r.stderr, r.output
 
 
-def test_absurd_safetensors_headers_are_refused(sd1_bundle, tmp_path):
-    def craft(name: str, header: dict | bytes, data: bytes = b"\0" * 8, length: int | None = None) -> Path:
-        raw = header if isinstance(header, bytes) else json.dumps(header).encode()
-        path = tmp_path / name
-        path.write_bytes(struct.pack("<Q", len(raw) if length is None else length) + raw + data)
-        return path
-
-    files = [
 def test_generate_says_which_end_of_a_long_prompt_it_ignores():
     from zoodip_edge.runtime.generate import Generator
     from zoodip_edge.toy import shipped_path
@@ -426,6 +418,14 @@ def test_generate_says_which_end_of_a_long_prompt_it_ignores():
     assert len(said) == 1 and "ignored: 'blue square'" in said[0] and "24 tokens" in said[0], said
 
 
+def test_absurd_safetensors_headers_are_refused(sd1_bundle, tmp_path):
+    def craft(name: str, header: dict | bytes, data: bytes = b"\0" * 8, length: int | None = None) -> Path:
+        raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+        path = tmp_path / name
+        path.write_bytes(struct.pack("<Q", len(raw) if length is None else length) + raw + data)
+        return path
+
+    files = [
         craft("huge.safetensors", {"<x>": {"dtype": "F32", "shape": [2**40, 2**40], "data_offsets": [0, 8]}}),
         craft("negative.safetensors", {"<x>": {"dtype": "F32", "shape": [-1, 2], "data_offsets": [0, 8]}}),
         craft("past-end.safetensors", {"<x>": {"dtype": "F32", "shape": [1, 2], "data_offsets": [0, 2**62]}}),
