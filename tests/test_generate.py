@@ -94,7 +94,8 @@ def photos(tmp_path_factory):
 
 def test_init_embedding_continues_training(sd1_bundle, photos, tmp_path):
     first = tmp_path / "first.safetensors"
-    assert _personalize(sd1_bundle, photos, first, "--steps", "5").exit_code == 0
+    # from the --init word: the search for a better start (test_steps.py) would take most of the run
+    assert _personalize(sd1_bundle, photos, first, "--no-search-init", "--steps", "5").exit_code == 0
     second = tmp_path / "second.safetensors"
     r = _personalize(sd1_bundle, photos, second, "--steps", "1", "--init-embedding", str(first), "--lr", "1e-12")
     assert r.exit_code == 0, r.output
@@ -104,7 +105,7 @@ def test_init_embedding_continues_training(sd1_bundle, photos, tmp_path):
 
 def test_preview_images_are_written_beside_the_checkpoint(sd1_bundle, photos, tmp_path):
     out = tmp_path / "e.safetensors"
-    r = _personalize(sd1_bundle, photos, out, "--steps", "4", "--preview-every", "2")
+    r = _personalize(sd1_bundle, photos, out, "--no-search-init", "--steps", "4", "--preview-every", "2")
     assert r.exit_code == 0, r.output
     previews = sorted(p.name for p in tmp_path.glob("e-preview-*.png"))
     assert previews == ["e-preview-000002.png", "e-preview-000004.png"]

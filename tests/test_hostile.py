@@ -101,6 +101,12 @@ def test_export_takes_a_lock_on_its_output(sd1_pipeline, tmp_path):
 _cli = personalize_args
 
 
+def _from_word(bundle, photos, out, *extra) -> list:
+    """A run from the --init word, without the search for a better start (init_search.py, the subject
+    of test_steps.py), which would take most of each run: these tests are about checkpoints and logs."""
+    return _cli(bundle, photos, out, "--no-search-init", *extra)
+
+
 def _meta(path: Path) -> dict:
     with safe_open(str(path), "np") as f:
         return f.metadata()
@@ -124,13 +130,13 @@ def test_checkpoint_never_replaces_a_file_that_is_not_a_checkpoint(bundle_copy, 
 
 def test_checkpoint_of_another_run_is_replaced_only_with_force(sd1_bundle, photos, tmp_path):
     ckpt = tmp_path / "shared.ckpt"
-    ok(_cli(sd1_bundle, photos, tmp_path / "a.safetensors", "--steps", "2", "--seed", "1", "--checkpoint", ckpt))
+    ok(_from_word(sd1_bundle, photos, tmp_path / "a.safetensors", "--steps", "2", "--seed", "1", "--checkpoint", ckpt))
     b = tmp_path / "b.safetensors"
-    refused(_cli(sd1_bundle, photos, b, "--steps", "2", "--seed", "2", "--checkpoint", ckpt), tmp_path,
+    refused(_from_word(sd1_bundle, photos, b, "--steps", "2", "--seed", "2", "--checkpoint", ckpt), tmp_path,
             match="different run (differs in: seed); pass --force")
-    refused(_cli(sd1_bundle, photos, b, "--steps", "2", "--seed", "2", "--checkpoint", ckpt, "--resume", "--force"), tmp_path,
+    refused(_from_word(sd1_bundle, photos, b, "--steps", "2", "--seed", "2", "--checkpoint", ckpt, "--resume", "--force"), tmp_path,
             match="different run (differs in: seed)")
-    ok(_cli(sd1_bundle, photos, b, "--steps", "2", "--seed", "2", "--checkpoint", ckpt, "--force"))
+    ok(_from_word(sd1_bundle, photos, b, "--steps", "2", "--seed", "2", "--checkpoint", ckpt, "--force"))
     from zoodip_edge.runtime.checkpoint import checkpoint_identity
 
     assert checkpoint_identity(ckpt)["seed"] == 2
@@ -139,13 +145,13 @@ def test_checkpoint_of_another_run_is_replaced_only_with_force(sd1_bundle, photo
 def test_this_runs_checkpoint_needs_resume_or_force(sd1_bundle, photos, tmp_path):
     out = tmp_path / "e.safetensors"
     ckpt = Path(f"{out}.ckpt")
-    ok(_cli(sd1_bundle, photos, out, "--steps", "2"))
+    ok(_from_word(sd1_bundle, photos, out, "--steps", "2"))
     out.unlink()  # as if the run had been killed after its checkpoint
-    refused(_cli(sd1_bundle, photos, out, "--steps", "2"), tmp_path,
+    refused(_from_word(sd1_bundle, photos, out, "--steps", "2"), tmp_path,
             match="is this run's checkpoint; pass --resume to continue or --force to start over")
-    ok(_cli(sd1_bundle, photos, out, "--steps", "4", "--resume"))
+    ok(_from_word(sd1_bundle, photos, out, "--steps", "4", "--resume"))
     assert _meta(out)["steps"] == "4"
-    ok(_cli(sd1_bundle, photos, out, "--steps", "3", "--force"))  # starts over
+    ok(_from_word(sd1_bundle, photos, out, "--steps", "3", "--force"))  # starts over
     assert _meta(out)["steps"] == "3"
     from zoodip_edge.runtime.checkpoint import load_checkpoint
 
@@ -154,19 +160,19 @@ def test_this_runs_checkpoint_needs_resume_or_force(sd1_bundle, photos, tmp_path
 
 def test_resume_keeps_this_runs_log_and_refuses_any_other(sd1_bundle, photos, tmp_path):
     out, log = tmp_path / "e.safetensors", tmp_path / "run.jsonl"
-    ok(_cli(sd1_bundle, photos, out, "--steps", "4", "--log-jsonl", log))
-    ok(_cli(sd1_bundle, photos, out, "--steps", "6", "--log-jsonl", log, "--resume"))
+    ok(_from_word(sd1_bundle, photos, out, "--steps", "4", "--log-jsonl", log))
+    ok(_from_word(sd1_bundle, photos, out, "--steps", "6", "--log-jsonl", log, "--resume"))
     lines = [json.loads(x) for x in log.read_text().splitlines()]
     assert [s["step"] for s in lines[1:]] == list(range(6))
     theta = replay(np.array(lines[0]["theta0"]), ZOConfig(**lines[0]["config"]), lines[1:])
     np.testing.assert_array_equal(theta.astype(np.float32), load_file(str(out))[TOKEN][0])
     other = write(tmp_path / "other.jsonl", json.dumps({"type": "start", "seed": 9}) + "\n")
-    refused(_cli(sd1_bundle, photos, out, "--steps", "8", "--log-jsonl", other, "--resume"), tmp_path,
+    refused(_from_word(sd1_bundle, photos, out, "--steps", "8", "--log-jsonl", other, "--resume"), tmp_path,
             match="is not this run's log")
     notes = write(tmp_path / "notes.txt")
-    refused(_cli(sd1_bundle, photos, tmp_path / "new.safetensors", "--steps", "2", "--log-jsonl", notes), tmp_path,
+    refused(_from_word(sd1_bundle, photos, tmp_path / "new.safetensors", "--steps", "2", "--log-jsonl", notes), tmp_path,
             match=f"{notes} exists; pass --force to replace it")
-    refused(_cli(sd1_bundle, photos, out, "--steps", "8", "--log-jsonl", notes, "--resume"), tmp_path,
+    refused(_from_word(sd1_bundle, photos, out, "--steps", "8", "--log-jsonl", notes, "--resume"), tmp_path,
             match="is not this run's log")
 
 
@@ -192,9 +198,9 @@ def test_personalize_output_refusals(bundle_copy, photos, tmp_path):
 
 def test_resume_does_not_replace_an_unrelated_output(sd1_bundle, photos, tmp_path):
     out = tmp_path / "e.safetensors"
-    ok(_cli(sd1_bundle, photos, out, "--steps", "2"))
+    ok(_from_word(sd1_bundle, photos, out, "--steps", "2"))
     save_embedding(out, "<someone-else>", np.ones((1, 32), np.float32))
-    refused(_cli(sd1_bundle, photos, out, "--steps", "4", "--resume"), tmp_path, match="is not this run's embedding")
+    refused(_from_word(sd1_bundle, photos, out, "--steps", "4", "--resume"), tmp_path, match="is not this run's embedding")
 
 
 def _subprocess_cli(args: list) -> subprocess.Popen:

@@ -92,11 +92,19 @@ def test_a_given_start_embedding_is_part_of_the_run(sd1_bundle, photos, tmp_path
 
 # --------------------------------------------------------------------- damaged checkpoints --
 
-@pytest.fixture()
-def run_with_checkpoint(sd1_bundle, photos, tmp_path) -> tuple[Path, Path]:
-    out = tmp_path / "e.safetensors"
+@pytest.fixture(scope="module")
+def checkpoint_of_two_steps(sd1_bundle, photos, tmp_path_factory) -> Path:
+    """The checkpoint of a run killed after step 2 (one run: the tests below get copies)."""
+    out = tmp_path_factory.mktemp("killed") / "e.safetensors"
     ok(cli(sd1_bundle, photos, out, "--steps", "2"))
     out.unlink()
+    return Path(f"{out}.ckpt")
+
+
+@pytest.fixture()
+def run_with_checkpoint(checkpoint_of_two_steps, tmp_path) -> tuple[Path, Path]:
+    out = tmp_path / "e.safetensors"
+    shutil.copy(checkpoint_of_two_steps, f"{out}.ckpt")  # the identity names no path: it resumes here
     return out, Path(f"{out}.ckpt")
 
 

@@ -218,7 +218,7 @@ def test_hugetlb_profile_restarts_the_cli_once(sd1_bundle, photos, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
     env["PYTHONPATH"] = os.pathsep.join([str(site), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     out = tmp_path / "e.safetensors"
-    argv = _cli(sd1_bundle, photos, out, "--steps", "2")  # --device cpu
+    argv = _cli(sd1_bundle, photos, out, "--steps", "2", "--no-search-init")  # --device cpu; the restart is what counts
     r = subprocess.run([sys.executable, "-m", "zoodip_edge.cli", *argv], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert out.exists()
@@ -309,8 +309,8 @@ def test_output_and_resume_refusals(sd1_bundle, photos, tmp_path):
     _bad(_cli(sd1_bundle, photos, tmp_path / "x.safetensors", "--resume"), "no checkpoint")
     # a checkpoint from another run (different seed) is refused, not silently mixed in
     other = tmp_path / "y.safetensors"
-    assert runner.invoke(app, _cli(sd1_bundle, photos, other, "--steps", "2", "--seed", "1")).exit_code == 0
-    _bad(_cli(sd1_bundle, photos, other, "--steps", "4", "--seed", "2", "--resume"), "different run")
+    assert runner.invoke(app, _cli(sd1_bundle, photos, other, "--steps", "2", "--seed", "1", "--no-search-init")).exit_code == 0
+    _bad(_cli(sd1_bundle, photos, other, "--steps", "4", "--seed", "2", "--no-search-init", "--resume"), "different run")
 
 
 def test_missing_provider_warns_and_falls_back_or_refuses_with_strict(sd1_bundle, photos, tmp_path):
@@ -320,7 +320,7 @@ def test_missing_provider_warns_and_falls_back_or_refuses_with_strict(sd1_bundle
         pytest.skip("this machine has CUDA EP")
     out = tmp_path / "o.safetensors"
     args = ["personalize", str(sd1_bundle), str(photos), "--token", TOKEN, "--init", "dog", "--out", str(out),
-            "--device", "cuda", "-q", "--steps", "2"]
+            "--device", "cuda", "-q", "--steps", "2", "--no-search-init"]
     r = runner.invoke(app, args)
     assert r.exit_code == 0 and r.output.count("warning:") == 1, r.output
     _bad(args + ["--strict", "--force"], "not available")

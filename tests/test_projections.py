@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 from zoodip_edge.export.projections import split_projections
 from zoodip_edge.export.quantize import FLOAT_COMPUTE, matmul_nbits8
 
-from conftest import export_once
+from conftest import shared_bundle
 
 D, F = 64, 256
 
@@ -77,7 +77,7 @@ def test_other_splits_are_left_alone(case):
 
 
 def test_int8_cpu_bundle_splits_the_unet_feed_forwards(sd1_pipeline, work):
-    _, manifest = export_once(sd1_pipeline, "int8-cpu", work)
+    _, manifest = shared_bundle(sd1_pipeline, "int8-cpu", work)
     graphs = manifest["recipe"]["graphs"]
     assert graphs["unet"]["split_projections"] >= 1  # one GEGLU per transformer block
     assert graphs["text_encoder"]["split_projections"] == 0  # CLIP's MLP has no split

@@ -241,6 +241,7 @@ def test_shipped_model_follows_color_and_shape_words():
     assert np.mean([r["shape"] for r in results]) >= 0.75
 
 
+@pytest.mark.slow  # a full export or a trained run
 def test_training_script_runs_and_records_provenance(tmp_path):
     """Two steps of each stage: the script that made the shipped model still runs (and exports)."""
     pytest.importorskip("diffusers")

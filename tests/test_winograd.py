@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 from zoodip_edge.export.quantize import weight_only_qdq
 from zoodip_edge.export.winograd import transforms, winograd_convs
 
-from conftest import export_once
+from conftest import shared_bundle
 
 C, S = 64, 32
 
@@ -136,7 +136,7 @@ def test_weight_transforms_come_before_the_activations(graphs):
 def test_rewrite_keeps_a_real_unet(sd1_pipeline, work):
     """The exported U-Net (MatMulNBits, MultiHeadAttention, dynamic batch), every 3x3 conv it can
     take rewritten: same noise prediction as the bundle's."""
-    bundle, manifest = export_once(sd1_pipeline, "int8-cpu", work)
+    bundle, manifest = shared_bundle(sd1_pipeline, "int8-cpu", work)
     assert manifest["recipe"]["graphs"]["unet"]["winograd_convs"] == {}  # a tiny U-Net's 8x8 latents: nothing to gain
     model = onnx.load(str(bundle / manifest["components"]["unet"]["path"]))
     rewritten, counts = winograd_convs(_copy(model), min_size=4, min_channels=1)
