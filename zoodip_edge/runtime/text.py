@@ -7,7 +7,9 @@ only the rows a prompt uses are read.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -69,20 +71,36 @@ def mmap_safetensors(path: Path, name: str) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r", offset=8 + n + offsets[0], shape=tuple(shape))
 
 
-def bundle_prompt_encoder(bundle) -> "PromptEncoder":
-    """The bundle's tokenizer and token table, the table checked against what the manifest says."""
+def _encoder(bundle, text_key: str, table_key: str, tokenizer_key: str) -> "PromptEncoder":
     m = bundle.manifest
-    path = bundle.path("token_embeddings")
-    table = mmap_safetensors(path, m["token_embeddings"].get("tensor", "token_embedding"))
-    want = m["token_embeddings"].get("shape")
+    path = bundle.path(table_key)
+    table = mmap_safetensors(path, m[table_key].get("tensor", "token_embedding"))
+    want = m[table_key].get("shape")
     if table.ndim != 2 or (want is not None and list(table.shape) != want):
         raise UserError(f"{path}: token table has shape {list(table.shape)}; the manifest says {want}")
-    text = m["text"]
+    text = m[text_key]
     try:  # the manifest was checked against its own table shape; this is the file's
-        check_token_ids(text, table.shape[0])
+        check_token_ids(text, table.shape[0], text_key)
     except SchemaError as e:
         raise UserError(f"{bundle.root}: manifest {e}") from None
-    return PromptEncoder(bundle.path("tokenizer"), table, text["max_length"], text["pad_token_id"])
+    return PromptEncoder(bundle.path(tokenizer_key), table, text["max_length"], text["pad_token_id"])
+
+
+def bundle_prompt_encoder(bundle) -> "PromptEncoder | XLPromptEncoder":
+    """The bundle's tokenizer and token table, the table checked against what the manifest says;
+    for an SDXL bundle both text encoders' (an XLPromptEncoder)."""
+    first = _encoder(bundle, "text", "token_embeddings", "tokenizer")
+    if bundle.family != "sdxl":
+        return first
+    m = bundle.manifest
+    second = _encoder(bundle, "text_2", "token_embeddings_2", "tokenizer_2")
+    text_2 = m["text_2"]
+    count = len(m.get("conditioning", {}).get("time_ids", range(6)))
+    if count != 6:
+        raise UserError(f"{bundle.root}: the SDXL U-Net takes {count} time ids; this runtime knows the base model's 6")
+    r = m["resolution"]
+    return XLPromptEncoder(first, second, pooled_at=text_2.get("pooled_at", "max_id"),
+                           eos_token_id=text_2.get("eos_token_id", 0), time_ids=np.array([r, r, 0, 0, r, r], np.float32))
 
 
 class PromptEncoder:
@@ -100,6 +118,24 @@ class PromptEncoder:
         self.extra: dict[int, np.ndarray] = {}  # ids of loaded embeddings -> their fixed row
         self.expand: dict[str, str] = {}  # multi-vector token -> "tok tok_1 ... tok_{k-1}"
 
+    @property
+    def width(self) -> int:
+        """Values per token vector (the length of θ)."""
+        return int(self.table.shape[1])
+
+    def init_row(self, word: str) -> np.ndarray:
+        """float64 ``[d]``: the table row of the one-token ``word``."""
+        return np.asarray(self.table[self.single_token_id(word)], dtype=np.float64)
+
+    def as_row(self, vector, what: str) -> np.ndarray:
+        """float64 ``[d]`` from an embedding file's single vector (``[1, d]`` or ``[d]``)."""
+        if isinstance(vector, Mapping):
+            raise UserError(f"{what} is an SDXL embedding (clip_l and clip_g); this bundle takes one text encoder's")
+        row = np.asarray(vector, dtype=np.float64).reshape(-1)
+        if row.shape != (self.width,):
+            raise UserError(f"{what} has {row.size} values; this bundle's tokens have {self.width}")
+        return row
+
     def single_token_id(self, word: str) -> int:
         ids = self.tok.encode(word, add_special_tokens=False).ids
         if len(ids) != 1:
@@ -115,6 +151,9 @@ class PromptEncoder:
 
     def add_embedding(self, token: str, rows: np.ndarray) -> None:
         """Add a token with fixed vectors ``[k, d]`` (a learned embedding); k > 1 expands like diffusers."""
+        if isinstance(rows, Mapping):
+            raise UserError(f"the embedding for {token!r} is an SDXL embedding (clip_l and clip_g); "
+                            "this bundle takes one text encoder's")
         rows = np.atleast_2d(np.asarray(rows, dtype=np.float32))
         if rows.shape[1] != self.table.shape[1]:
             raise UserError(f"embedding for {token!r} has {rows.shape[1]} values per vector; this bundle's tokens have {self.table.shape[1]}")
@@ -169,3 +208,110 @@ class PromptEncoder:
         out = np.repeat(base[None], len(thetas), axis=0)
         out[:, is_new] = thetas[:, None, :]
         return out
+
+
+class XLEmbeds(NamedTuple):
+    """An SDXL prompt's inputs to both text encoders, ``B`` rows each (one per θ)."""
+
+    first: np.ndarray  # [B, L, d1] for text_encoder
+    second: np.ndarray  # [B, L, d2] for text_encoder_2
+    eos_index: np.ndarray  # [B] int64: where text_encoder_2 pools
+
+    def rows(self) -> list["XLEmbeds"]:
+        return [XLEmbeds(self.first[i : i + 1], self.second[i : i + 1], self.eos_index[i : i + 1]) for i in range(len(self.first))]
+
+
+class XLPromptEncoder:
+    """SDXL's two tokenizers and token tables behind PromptEncoder's interface.
+
+    The learned token is one vector θ of d1 + d2 values (2048 in SDXL: 768 + 1280): its first d1
+    go to the token's row in the first table, the rest to its row in the second, so ZO perturbs
+    both rows as one parameter. ``embed`` gives an :class:`XLEmbeds`; ``condition`` runs both
+    encoders into the U-Net's ``encoder_hidden_states`` (the penultimate hidden states side by
+    side, as StableDiffusionXLPipeline concatenates them), ``text_embeds`` (the second encoder's
+    pooled, projected output) and ``time_ids``.
+
+    The second encoder pools at the position its manifest's ``pooled_at`` rule gives on the
+    prompt's ids, added tokens included: with ``max_id`` (the published config) that is the
+    highest id, which is a learned token's when the prompt has one. transformers'
+    CLIPTextModelWithProjection does the same, so diffusers sees what training saw.
+    """
+
+    def __init__(self, first: PromptEncoder, second: PromptEncoder, *, pooled_at: str, eos_token_id: int,
+                 time_ids: np.ndarray):
+        self.first, self.second = first, second
+        self.pooled_at, self.eos_token_id = pooled_at, eos_token_id
+        self.time_ids = np.asarray(time_ids, np.float32)
+        self.token: str | None = None
+
+    @property
+    def widths(self) -> tuple[int, int]:
+        return self.first.width, self.second.width
+
+    @property
+    def width(self) -> int:
+        return sum(self.widths)
+
+    @property
+    def max_length(self) -> int:
+        return self.first.max_length
+
+    def split(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``[..., d1 + d2]`` -> the first table's part and the second's."""
+        d1 = self.first.width
+        return rows[..., :d1], rows[..., d1:]
+
+    def init_row(self, word: str) -> np.ndarray:
+        """float64 ``[d1 + d2]``: the one-token ``word``'s rows in both tables, side by side."""
+        return np.concatenate([self.first.init_row(word), self.second.init_row(word)])
+
+    def as_row(self, vector, what: str) -> np.ndarray:
+        """float64 ``[d1 + d2]`` from an SDXL embedding file's single vector pair."""
+        if not isinstance(vector, Mapping):
+            raise UserError(f"{what} is an SD1/SD2 embedding (one text encoder); this SDXL bundle needs clip_l and clip_g")
+        parts = [self.first.as_row(vector["clip_l"], f"{what} clip_l"), self.second.as_row(vector["clip_g"], f"{what} clip_g")]
+        return np.concatenate(parts)
+
+    def add_token(self, token: str) -> tuple[int, int]:
+        ids = self.first.add_token(token), self.second.add_token(token)
+        self.token = token
+        return ids
+
+    def add_embedding(self, token: str, rows) -> None:
+        """A learned token: ``{"clip_l": [k, d1], "clip_g": [k, d2]}`` (an SDXL file) or ``[k, d1 + d2]``."""
+        if isinstance(rows, Mapping):
+            first, second = rows["clip_l"], rows["clip_g"]
+        else:
+            rows = np.atleast_2d(np.asarray(rows, dtype=np.float32))
+            if rows.shape[1] != self.width:
+                raise UserError(f"the embedding for {token!r} is one text encoder's ({rows.shape[1]} values per vector); "
+                                f"this SDXL bundle needs clip_l and clip_g ({self.widths[0]} + {self.widths[1]})")
+            first, second = self.split(rows)
+        self.first.add_embedding(token, first)
+        self.second.add_embedding(token, second)
+
+    def dropped(self, prompt: str) -> str:
+        """What either tokenizer truncates away (the longer of the two)."""
+        return max(self.first.dropped(prompt), self.second.dropped(prompt), key=len)
+
+    def eos_index(self, ids: np.ndarray) -> int:
+        if self.pooled_at == "max_id":
+            return int(ids.argmax())
+        return int((ids == self.eos_token_id).argmax())
+
+    def embed(self, prompt: str, thetas: np.ndarray | None = None) -> XLEmbeds:
+        """Both encoders' inputs for ``prompt``, the new token's rows set from each θ ``[B, d1 + d2]``."""
+        parts = (None, None) if thetas is None else self.split(np.atleast_2d(thetas))
+        first, second = self.first.embed(prompt, parts[0]), self.second.embed(prompt, parts[1])
+        eos = np.full((len(second),), self.eos_index(self.second.ids(prompt)), np.int64)
+        return XLEmbeds(first, second, eos)
+
+    def condition(self, chunks: list[XLEmbeds], run) -> list[dict[str, np.ndarray]]:
+        """The U-Net's text conditions for each chunk of rows; ``run(graph, feed, outputs)`` runs one
+        graph. Each encoder runs over every chunk before the next, so a profile that loads sessions
+        in turn loads each once."""
+        c1 = [run("text_encoder", {"inputs_embeds": e.first}, ["penultimate_hidden_state"])[0] for e in chunks]
+        c2 = [run("text_encoder_2", {"inputs_embeds": e.second, "eos_index": e.eos_index},
+                  ["penultimate_hidden_state", "text_embeds"]) for e in chunks]
+        return [{"encoder_hidden_states": np.concatenate([a, b], axis=-1), "text_embeds": pooled,
+                 "time_ids": np.repeat(self.time_ids[None], len(a), 0)} for a, (b, pooled) in zip(c1, c2)]
