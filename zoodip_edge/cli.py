@@ -151,7 +151,7 @@ def inspect(
     from .bundle import FEATURES, compatibility, load_bundle
     from .cpu import slow_int8_math
 
-    b = load_bundle(bundle, verify=True, run=False)  # SDXL bundles are read, not run
+    b = load_bundle(bundle, verify=True, run=False)  # read, even where this runtime would not run it
     m = b.manifest
     if as_json:
         typer.echo(json.dumps(m, indent=2))
@@ -279,9 +279,9 @@ def personalize(
         if init_embedding is not None:
             from .embeddings import load_embedding
 
-            _, start, _ = load_embedding(init_embedding)
-            if isinstance(start, dict) or len(start) != 1:
-                raise UserError(f"{init_embedding}: --init-embedding needs a single-vector SD1/SD2 embedding")
+            _, start, _ = load_embedding(init_embedding)  # SDXL's {clip_l, clip_g} or [k, d]; the bundle checks which
+            if len(start["clip_l"] if isinstance(start, dict) else start) != 1:
+                raise UserError(f"{init_embedding}: --init-embedding needs a single-vector embedding")
         p = Personalizer(bundle, images, token, init, settings=settings, captions=captions, profile=profile, strict=strict,
                          warn=warn, init_embedding=start)
         total, stop = _step_budget(wanted, p.bundle.manifest["defaults"]["steps"])

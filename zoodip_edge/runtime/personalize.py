@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -36,7 +37,7 @@ from .init_search import SearchResult, search_initializer, search_probes
 from .runlog import RunLog, check_log_path
 from .sessions import BundleSessions, return_free_memory
 from .stopping import Plateau, stop_probes
-from .text import TEMPLATES, bundle_prompt_encoder
+from .text import TEMPLATES, XLPromptEncoder, bundle_prompt_encoder
 from .zo import OutOfRange, StepRecord, ZOConfig, ZOOptimizer, fits_float32
 
 Warn = Callable[[str], None]
@@ -114,7 +115,7 @@ class Personalizer:
         profile: str | Any = "auto",
         strict: bool = False,
         warn: Warn | None = None,
-        init_embedding: np.ndarray | None = None,
+        init_embedding: np.ndarray | Mapping[str, np.ndarray] | None = None,
     ):
         from ..profiles import resolve_profile
         from .images import load_captions, load_images
@@ -129,12 +130,15 @@ class Personalizer:
         self.token, self.init = token, init
 
         self.text = bundle_prompt_encoder(self.bundle)
-        table = self.text.table
-        init_id = self.text.single_token_id(init)
+        self.sdxl = isinstance(self.text, XLPromptEncoder)  # θ is both tables' rows side by side
+        # A start: SD1/SD2 [d] or [1, d]; SDXL {"clip_l": [1, d1], "clip_g": [1, d2]} (a file's) or θ's [d1 + d2].
+        if init_embedding is None:
+            theta0 = self.text.init_row(init)
+        elif self.sdxl and not isinstance(init_embedding, Mapping) and np.size(init_embedding) == self.text.width:
+            theta0 = np.asarray(init_embedding, np.float64).reshape(-1)
+        else:
+            theta0 = self.text.as_row(init_embedding, "the initial embedding")
         self.text.add_token(token)
-        theta0 = np.asarray(table[init_id], dtype=np.float64) if init_embedding is None else np.asarray(init_embedding, np.float64).reshape(-1)
-        if theta0.shape != (table.shape[1],):
-            raise UserError(f"initial embedding has {theta0.size} values; this bundle's tokens have {table.shape[1]}")
         self.theta0 = theta0
         self.init_embedding = None if init_embedding is None else theta0.copy()  # part of the run's identity
 
@@ -167,6 +171,8 @@ class Personalizer:
         # a given start embedding (continued training) is the start: nothing to search
         self.search_init = init_embedding is None and bool(settings.search_init if settings.search_init is not None
                                                            else m["defaults"].get("search_init", False))
+        if self.search_init and self.sdxl:
+            raise UserError("searching the start (--search-init) is not available for SDXL bundles yet; start from --init")
 
     # ------------------------------------------------------------------ data ----------
     def _encode(self, loaded: list[tuple[str, np.ndarray]], caps: dict[str, str] | None) -> list[Example]:
@@ -197,6 +203,8 @@ class Personalizer:
         the prompt names the concept in words instead of the token (a reference loss; thetas unused)."""
         prompt, zt, target = self.draw(t, noise_seed)
         embeds = self.text.embed(prompt, thetas) if words is None else self.text.embed(prompt.replace(self.token, words))
+        if self.sdxl:
+            return self._losses_xl(embeds, zt, target, t)
         chunks = [embeds] if self.batch else [e[None] for e in embeds]
         # Text encoder first for every chunk, so a profile that loads sessions in turn loads each once per step.
         te = self.sessions.get("text_encoder")
@@ -207,6 +215,21 @@ class Personalizer:
         for chunk, c in zip(chunks, conds):
             rows = 1 if self.bundle.shared_prefix else len(chunk)  # such a U-Net runs its prefix once for the chunk
             feed = {"sample": np.repeat(zt, rows, 0), "timestep": np.full((rows,), t, np.float32), "encoder_hidden_states": c}
+            pred = self._run(unet, feed, "out_sample", keep_on_device=False)
+            out.append(np.mean((pred.astype(np.float64) - target) ** 2, axis=(1, 2, 3)))
+        return np.concatenate(out)
+
+    def _losses_xl(self, embeds, zt: np.ndarray, target: np.ndarray, t: int) -> np.ndarray:
+        """SDXL: both text encoders (each over every chunk in turn), then the U-Net with the added
+        conditions, ``time_ids`` the training resolution's (H, W, 0, 0, H, W)."""
+        chunks = [embeds] if self.batch else embeds.rows()
+        run = lambda graph, feed, outputs: self.sessions.get(graph).run(outputs, feed)  # noqa: E731
+        conds = self.text.condition(chunks, run)
+        unet = self.sessions.get("unet")
+        out = []
+        for cond in conds:
+            rows = 1 if self.bundle.shared_prefix else len(cond["encoder_hidden_states"])
+            feed = {"sample": np.repeat(zt, rows, 0), "timestep": np.full((rows,), t, np.float32), **cond}
             pred = self._run(unet, feed, "out_sample", keep_on_device=False)
             out.append(np.mean((pred.astype(np.float64) - target) ** 2, axis=(1, 2, 3)))
         return np.concatenate(out)
@@ -410,7 +433,11 @@ class Personalizer:
     def save(self, path: str | Path, fmt: str = "diffusers") -> None:
         from ..embeddings import save_embedding
 
-        save_embedding(path, self.token, self.theta.astype(np.float32)[None], self.provenance(), fmt=fmt)
+        rows = self.theta.astype(np.float32)[None]
+        if self.sdxl:  # the SDXL layout, whatever fmt: A1111 and diffusers both read it
+            first, second = self.text.split(rows)
+            rows = {"clip_l": first, "clip_g": second}
+        save_embedding(path, self.token, rows, self.provenance(), fmt=fmt)
 
     def wrote(self, path: str | Path) -> bool:
         """Whether the embedding file at ``path`` was written by this run (its provenance says so)."""
