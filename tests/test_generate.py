@@ -152,7 +152,7 @@ def test_guided_image_sends_the_latent_once(sd1_bundle, learned, monkeypatch):
     rows, real = [], Generator._unet
 
     def spy(sess, x, t, ctx):
-        rows.append((len(x), len(ctx)))
+        rows.append((len(x), len(ctx["encoder_hidden_states"])))
         return real(sess, x, t, ctx)
 
     monkeypatch.setattr(Generator, "_unet", staticmethod(spy))

@@ -1,5 +1,6 @@
-"""Text-to-image on the device: the bundle's text encoder, U-Net and VAE decoder through ORT,
-classifier-free guidance and a NumPy sampler. No torch.
+"""Text-to-image on the device: the bundle's text encoder(s), U-Net and VAE decoder through ORT,
+classifier-free guidance and a NumPy sampler. No torch. SDXL bundles add the second text
+encoder and the U-Net's added conditions (pooled text, size and crop ids).
 
     g = Generator("bundle/", embeddings=["my-dog.safetensors"])
     images = g.generate("a photo of <my-dog> on a beach", n=2, seed=0)
@@ -18,20 +19,24 @@ from ..errors import UserError
 from .checks import check_seed
 from .schedulers import make_sampler
 from .sessions import BundleSessions
-from .text import PromptEncoder, bundle_prompt_encoder
+from .text import PromptEncoder, XLPromptEncoder, bundle_prompt_encoder
 
 Warn = Callable[[str], None]
 
 
-def load_embeddings(paths: Iterable[str | Path]) -> list[tuple[str, np.ndarray]]:
-    """(token, [k, d]) for each file: ours, diffusers', or A1111's (the file name is the token)."""
+def load_embeddings(paths: Iterable[str | Path], family: str = "sd1") -> list[tuple[str, np.ndarray | dict]]:
+    """(token, vectors) for each file: ours, diffusers', or A1111's (the file name is the token).
+    For an ``sdxl`` bundle the vectors are ``{"clip_l": [k, d1], "clip_g": [k, d2]}`` and a
+    one-encoder (SD1/SD2) file is refused; for the others ``[k, d]`` and an SDXL file is refused."""
     from ..embeddings import load_embedding
 
     out = []
     for path in paths:
         token, vec, _ = load_embedding(path)
-        if isinstance(vec, dict):
-            raise UserError(f"{path} is an SDXL embedding; this bundle family takes one text encoder")
+        if isinstance(vec, dict) and family != "sdxl":
+            raise UserError(f"{path} is an SDXL embedding (clip_l and clip_g); this {family} bundle takes one text encoder's")
+        if not isinstance(vec, dict) and family == "sdxl":
+            raise UserError(f"{path} is an SD1/SD2 embedding (one text encoder); this SDXL bundle needs clip_l and clip_g")
         out.append((token or Path(path).stem, vec))
     return out
 
@@ -84,15 +89,38 @@ class Generator:
         if text is None:
             text = bundle_prompt_encoder(self.bundle)
         self.text = text
-        files = load_embeddings(embeddings)
+        files = load_embeddings(embeddings, self.bundle.family)
         for token, rows in [*files, *extra_tokens]:
             self.text.add_embedding(token, rows)
         self.loaded, self.warn = [token for token, _ in files], warn  # tokens from files: a prompt without them is a mistake
 
-    def encode_prompts(self, prompts: Sequence[str]) -> np.ndarray:
+    def encode_prompts(self, prompts: Sequence[str]) -> dict[str, np.ndarray]:
+        """The U-Net's text conditions, one row per prompt: ``encoder_hidden_states``, and for SDXL
+        ``text_embeds`` and ``time_ids`` (the bundle's resolution, uncropped)."""
+        if isinstance(self.text, XLPromptEncoder):
+            run = lambda graph, feed, outputs: self.sessions.get(graph).run(outputs, feed)  # noqa: E731
+            conds = self.text.condition([self.text.embed(p) for p in prompts], run)
+            return {k: np.concatenate([c[k] for c in conds]) for k in conds[0]}
         te = self.sessions.get("text_encoder")
         embeds = np.concatenate([self.text.embed(p) for p in prompts])
-        return te.run(["last_hidden_state"], {"inputs_embeds": embeds})[0]
+        return {"encoder_hidden_states": te.run(["last_hidden_state"], {"inputs_embeds": embeds})[0]}
+
+    def conditions(self, prompt: str, negative_prompt: str, guidance: bool) -> dict[str, np.ndarray]:
+        """Rows (negative, prompt) under guidance, else (prompt). An SDXL pipeline configured with
+        ``force_zeros_for_empty_prompt`` (the base model is) conditions on zeros, hidden states and
+        pooled embedding both, when there is no negative prompt: so does this."""
+        zeros = (guidance and not negative_prompt and isinstance(self.text, XLPromptEncoder)
+                 and self.bundle.manifest.get("conditioning", {}).get("force_zeros_for_empty_prompt", True))
+        if zeros:
+            cond = self.encode_prompts([prompt])
+            neg = {k: v if k == "time_ids" else np.zeros_like(v) for k, v in cond.items()}
+            cond = {k: np.concatenate([neg[k], v]) for k, v in cond.items()}
+        else:
+            cond = self.encode_prompts([negative_prompt, prompt] if guidance else [prompt])
+        if not self.profile.resident_sessions:
+            self.sessions.release("text_encoder")
+            self.sessions.release("text_encoder_2")
+        return cond
 
     def generate(self, prompt: str, *, negative_prompt: str = "", n: int = 1, steps: int = 30, guidance: float = 7.5,
                  seed: int = 0, scheduler: str = "ddim", tile: int | None = None,
@@ -110,15 +138,14 @@ class Generator:
                 self.warn(f"{what} is longer than the text encoder reads ({self.text.max_length} tokens); "
                           f"ignored: {lost[:80]!r}{'...' if len(lost) > 80 else ''}")
         cfg = guidance != 1.0
-        cond = self.encode_prompts([negative_prompt, prompt] if cfg else [prompt])
-        if not self.profile.resident_sessions:
-            self.sessions.release("text_encoder")
+        cond = self.conditions(prompt, negative_prompt, cfg)
         sampler = make_sampler(scheduler, m["scheduler"], steps)
         rng = np.random.default_rng(seed)
         h = m["latent_size"]
         latents = (rng.standard_normal((n, m["latent_channels"], h, h)) * sampler.init_noise_sigma).astype(np.float32)
         unet = self.sessions.get("unet")
-        ctx = np.repeat(cond, n, axis=0) if not cfg else np.concatenate([np.repeat(cond[:1], n, 0), np.repeat(cond[1:], n, 0)])
+        ctx = {k: np.repeat(c, n, axis=0) if not cfg else np.concatenate([np.repeat(c[:1], n, 0), np.repeat(c[1:], n, 0)])
+               for k, c in cond.items()}
         batch = self.profile.batch_perturbations  # low-memory profiles run one sample per U-Net call
         # one image under guidance: both conditions share the latent, and a U-Net with a shared
         # prefix (export/prefix.py) takes it once
@@ -129,7 +156,8 @@ class Generator:
             if batch:
                 pred = self._unet(unet, x_in, t, ctx)
             else:
-                pred = np.concatenate([self._unet(unet, x_in[j : j + 1], t, ctx[j : j + 1]) for j in range(len(x_in))])
+                pred = np.concatenate([self._unet(unet, x_in[j : j + 1], t, {k: c[j : j + 1] for k, c in ctx.items()})
+                                       for j in range(len(x_in))])
             if cfg:
                 uncond, text = pred[:n], pred[n:]
                 pred = uncond + guidance * (text - uncond)
@@ -143,9 +171,8 @@ class Generator:
         return to_pil(images)
 
     @staticmethod
-    def _unet(sess, x: np.ndarray, t, ctx: np.ndarray) -> np.ndarray:
-        return sess.run(["out_sample"], {"sample": x, "timestep": np.full((len(x),), t, np.float32),
-                                         "encoder_hidden_states": ctx})[0]
+    def _unet(sess, x: np.ndarray, t, ctx: dict[str, np.ndarray]) -> np.ndarray:
+        return sess.run(["out_sample"], {"sample": x, "timestep": np.full((len(x),), t, np.float32), **ctx})[0]
 
     def decode(self, latents: np.ndarray, tile: int | None = None) -> np.ndarray:
         """VAE-decode one latent at a time; ``tile`` (latent pixels) decodes in overlapping tiles to bound memory."""
