@@ -1,5 +1,5 @@
-"""SDXL export on a tiny random-weight StableDiffusionXLPipeline: graphs, manifest, gates, and the
-runtime reading SDXL bundles (inspect) but refusing to run them in one line."""
+"""SDXL on a tiny random-weight StableDiffusionXLPipeline: the export (graphs, manifest, gates) and
+the runtime (inspect, personalize, generate), checked against diffusers on the same weights."""
 
 from __future__ import annotations
 
@@ -16,8 +16,6 @@ from zoodip_edge.errors import UserError
 
 from cli_checks import TOKEN, ok, personalize_args, refused, runner
 from conftest import run_cli_without_torch
-
-REFUSAL = "SDXL bundles can be exported and inspected; personalize and generate do not support them yet"
 
 
 @pytest.fixture(scope="session")
@@ -76,9 +74,26 @@ def test_second_text_encoder_from_embeddings_is_clip_with_projection(eos_token_i
     torch.testing.assert_close(pooled, ref.text_embeds)
 
 
-def test_sdxl_feature_is_known_and_not_run():
+def test_sdxl_feature_is_known_and_run():
     f = FEATURES["sdxl"]
-    assert f.families == ("sdxl",) and f.unsupported == REFUSAL and f.key == "added_conditions"
+    assert f.families == ("sdxl",) and f.unsupported is None and f.key == "added_conditions"
+
+
+@pytest.mark.slow
+def test_a_feature_marked_unsupported_is_still_refused(sdxl_bundle, monkeypatch):
+    """No feature is read-only now, but the mechanism that refused SDXL before it ran stays: a
+    feature with ``unsupported`` makes Generator and BundleSessions refuse the bundle in one line."""
+    import dataclasses
+
+    from zoodip_edge.runtime.generate import Generator
+    from zoodip_edge.runtime.sessions import BundleSessions
+
+    out, _ = sdxl_bundle
+    monkeypatch.setitem(FEATURES, "sdxl", dataclasses.replace(FEATURES["sdxl"], unsupported="not run here"))
+    with pytest.raises(UserError, match="not run here"):
+        Generator(out, profile="cpu")
+    with pytest.raises(UserError, match="not run here"):
+        BundleSessions(load_bundle(out, run=False), None)
 
 
 # ------------------------------------------------------------------ the export --------------
@@ -203,22 +218,6 @@ def test_sdxl_bundle_is_inspected(sdxl_bundle):
 
 
 @pytest.mark.slow
-def test_sdxl_bundle_is_not_run(sdxl_bundle, photos, tmp_path):
-    out, _ = sdxl_bundle
-    refused(personalize_args(out, photos, tmp_path / "e.safetensors", "--steps", "2"), out, tmp_path, match=REFUSAL)
-    refused(["generate", out, "--prompt", f"a photo of {TOKEN}", "--out", tmp_path / "g", "--steps", "2", "-q",
-             "--device", "cpu"], out, tmp_path, match=REFUSAL)
-    assert list(tmp_path.iterdir()) == []
-    from zoodip_edge.runtime.generate import Generator
-    from zoodip_edge.runtime.sessions import BundleSessions
-
-    with pytest.raises(UserError, match=REFUSAL):
-        Generator(out, profile="cpu")
-    with pytest.raises(UserError, match=REFUSAL):  # a bundle read for inspection is not run either
-        BundleSessions(load_bundle(out, run=False), None)
-
-
-@pytest.mark.slow
 def test_sdxl_manifest_must_be_whole(sdxl_bundle, tmp_path):
     """An SDXL manifest without its second text encoder's entries, or without requiring sdxl, is refused."""
     src, _ = sdxl_bundle
@@ -235,3 +234,183 @@ def test_sdxl_manifest_must_be_whole(sdxl_bundle, tmp_path):
         change(m)
         (b / "manifest.json").write_text(json.dumps(m))
         refused(["inspect", b], b, match=match)
+
+
+# ------------------------------------------------------------------ personalize -------------
+
+def _sdxl_personalize(bundle, photos, out, *extra):
+    return personalize_args(bundle, photos, out, "--seed", "3", *extra)
+
+
+@pytest.fixture(scope="module")
+def sdxl_learned(sdxl_bundle, photos, tmp_path_factory):
+    """Four steps on the tiny SDXL bundle through the CLI, with a JSONL log: the embedding file."""
+    out = tmp_path_factory.mktemp("sdxl-learned") / "learned_embeds.safetensors"
+    ok(_sdxl_personalize(sdxl_bundle[0], photos, out, "--steps", "4", "--log-jsonl", out.with_suffix(".jsonl")))
+    return out
+
+
+def _init_rows(bundle) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of the --init word ("dog") in both token tables."""
+    from zoodip_edge.runtime.text import bundle_prompt_encoder
+
+    text = bundle_prompt_encoder(load_bundle(bundle))
+    return text.split(text.init_row("dog"))
+
+
+@pytest.mark.slow
+def test_sdxl_personalize_writes_an_sdxl_embedding(sdxl_bundle, sdxl_learned):
+    """One θ of d1 + d2 values is learned from the --init word's rows in both tables; the file is
+    the SDXL layout (clip_l, clip_g), one vector each, and the JSONL log has every step."""
+    from zoodip_edge.embeddings import load_embedding
+
+    token, vec, meta = load_embedding(sdxl_learned)
+    assert token == TOKEN and meta["family"] == "sdxl" and meta["steps"] == "4"
+    assert vec["clip_l"].shape == (1, 32) and vec["clip_g"].shape == (1, 64)
+    first, second = _init_rows(sdxl_bundle[0])
+    moved = [np.abs(vec["clip_l"][0] - first).max(), np.abs(vec["clip_g"][0] - second).max()]
+    assert all(0 < d < 1 for d in moved), moved  # both rows moved from the start, by a few small steps
+    log = [json.loads(line) for line in sdxl_learned.with_suffix(".jsonl").read_text().splitlines()]
+    assert log[0]["type"] == "start" and len(log[0]["theta0"]) == 96 and len(log) == 5
+    np.testing.assert_allclose(log[0]["theta0"], np.concatenate([first, second]), rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_sdxl_embedding_loads_into_both_diffusers_encoders(sdxl_pipeline, sdxl_learned):
+    """diffusers takes the file with one load_textual_inversion call per encoder: each encoder's
+    new row is the file's, and the token is one new id in each tokenizer."""
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import load_file
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_pipeline)
+    state = load_file(str(sdxl_learned))
+    pipe.load_textual_inversion(state["clip_l"], token=TOKEN, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(state["clip_g"], token=TOKEN, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
+    for key, encoder, tokenizer in (("clip_l", pipe.text_encoder, pipe.tokenizer), ("clip_g", pipe.text_encoder_2, pipe.tokenizer_2)):
+        ids = tokenizer(f"a photo of {TOKEN}", add_special_tokens=False).input_ids
+        new = tokenizer.convert_tokens_to_ids(TOKEN)
+        assert ids[-1] == new == len(tokenizer) - 1
+        torch.testing.assert_close(encoder.get_input_embeddings().weight[new], state[key][0], rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_sdxl_resume_equals_uninterrupted_run(sdxl_bundle, photos, sdxl_learned, tmp_path):
+    """Two steps, then two more with --resume, give the four-step run's file exactly (same seed)."""
+    from safetensors.numpy import load_file
+
+    out = tmp_path / "resumed.safetensors"
+    ok(_sdxl_personalize(sdxl_bundle[0], photos, out, "--steps", "2"))
+    assert not np.array_equal(load_file(str(out))["clip_g"], load_file(str(sdxl_learned))["clip_g"])
+    ok(_sdxl_personalize(sdxl_bundle[0], photos, out, "--steps", "4", "--resume"))
+    whole, resumed = load_file(str(sdxl_learned)), load_file(str(out))
+    assert set(resumed) == {"clip_l", "clip_g"}
+    for key in resumed:
+        np.testing.assert_array_equal(resumed[key], whole[key])
+
+
+@pytest.mark.slow
+def test_sdxl_a1111_format_is_the_sdxl_layout(sdxl_bundle, photos, tmp_path):
+    from safetensors import safe_open
+
+    out = tmp_path / "red-ball.safetensors"
+    ok(_sdxl_personalize(sdxl_bundle[0], photos, out, "--steps", "1", "--format", "a1111"))
+    with safe_open(str(out), "np") as f:
+        assert set(f.keys()) == {"clip_l", "clip_g"} and f.metadata()["name"] == TOKEN
+
+
+@pytest.mark.slow
+def test_sdxl_continues_from_an_sdxl_embedding(sdxl_bundle, photos, sdxl_learned):
+    """--init-embedding with an SDXL file starts from its two rows, side by side."""
+    from zoodip_edge.embeddings import load_embedding
+    from zoodip_edge.runtime.personalize import Personalizer
+
+    _, vec, _ = load_embedding(sdxl_learned)
+    p = Personalizer(sdxl_bundle[0], photos, "<more>", "dog", profile="cpu", init_embedding=vec)
+    np.testing.assert_array_equal(p.theta0, np.concatenate([vec["clip_l"][0], vec["clip_g"][0]]))
+
+
+# ------------------------------------------------------------------ generate ----------------
+
+@pytest.mark.slow
+def test_sdxl_generate_with_and_without_an_embedding(sdxl_bundle, sdxl_learned, tmp_path):
+    from PIL import Image
+
+    out = sdxl_bundle[0]
+    images = {}
+    for name, extra in (("plain", []), ("learned", ["--embedding", sdxl_learned])):
+        ok(["generate", out, "--prompt", f"a photo of {TOKEN}" if extra else "a photo of a dog", "--out", tmp_path / name,
+            "--steps", "3", "-q", "--device", "cpu", *extra])
+        images[name] = np.asarray(Image.open(tmp_path / name / "0000-00.png"))
+    assert images["plain"].shape == images["learned"].shape == (64, 64, 3)
+    assert not np.array_equal(images["plain"], images["learned"])
+
+
+def _first_step(pipeline, bundle, embedding, prompt, negative, seed=3):
+    """The U-Net's first call in diffusers' StableDiffusionXLPipeline (DDIM, our latents) and in
+    Generator: (diffusers' inputs and output, ours)."""
+    from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+    from safetensors.torch import load_file
+
+    from zoodip_edge.runtime.generate import Generator
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(pipeline)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    state = load_file(str(embedding))
+    pipe.load_textual_inversion(state["clip_l"], token=TOKEN, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(state["clip_g"], token=TOKEN, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
+    theirs = []
+    pipe.unet.register_forward_hook(lambda m, args, kwargs, out: theirs.append((args, kwargs, out[0].numpy())), with_kwargs=True)
+    latents = np.random.default_rng(seed).standard_normal((1, 4, 8, 8)).astype(np.float32)  # as Generator draws them
+    pipe(prompt, negative_prompt=negative, num_inference_steps=3, guidance_scale=7.5, height=64, width=64,
+         latents=torch.from_numpy(latents), output_type="latent")
+    g = Generator(bundle, profile="cpu", embeddings=[embedding])
+    ours, unet = [], g._unet
+    g._unet = lambda sess, x, t, ctx: ours.append((x, t, ctx, unet(sess, x, t, ctx))) or ours[-1][-1]
+    g.generate(prompt, negative_prompt=negative or "", steps=3, seed=seed, guidance=7.5)
+    return theirs[0], ours[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe, tolerance", [("fp32", 1e-4), ("int8-cpu", 0.1)])
+@pytest.mark.parametrize("prompt, negative", [(f"a photo of {TOKEN}", None), (f"a photo of {TOKEN}", "a blurry photo")])
+def test_sdxl_first_step_matches_diffusers(sdxl_pipeline, work, sdxl_learned, recipe, tolerance, prompt, negative):
+    """Generator's first U-Net call on an SDXL bundle against StableDiffusionXLPipeline's on the same
+    weights, latents and learned token: both encoders' penultimate states side by side, the pooled
+    output (where CLIP pools: the learned token holds the highest id), (H, W, 0, 0, H, W) time ids,
+    and zeros for a missing negative prompt (force_zeros_for_empty_prompt). Tolerance: each recipe's
+    per-graph parity tolerance against torch fp32 (fp32 1e-4: measured ~1e-6; int8-cpu 0.1: ~0.011)."""
+    bundle, m = sdxl_export(sdxl_pipeline, work, recipe)
+    (args, kwargs, ref), (x, t, ctx, out) = _first_step(sdxl_pipeline, bundle, sdxl_learned, prompt, negative)
+    assert m["conditioning"]["force_zeros_for_empty_prompt"] is True
+    assert t == int(args[1]) and np.array_equal(x[0], args[0][0].numpy())  # same timestep, same latent
+    assert (negative is None) == (not ctx["encoder_hidden_states"][0].any() and not ctx["text_embeds"][0].any())
+    added = kwargs["added_cond_kwargs"]
+    np.testing.assert_array_equal(ctx["time_ids"], added["time_ids"].numpy())
+    for mine, theirs in ((ctx["encoder_hidden_states"], kwargs["encoder_hidden_states"]), (ctx["text_embeds"], added["text_embeds"]),
+                         (out, ref)):
+        rel = np.linalg.norm(mine - theirs.numpy() if hasattr(theirs, "numpy") else mine - theirs) / np.linalg.norm(
+            theirs.numpy() if hasattr(theirs, "numpy") else theirs)
+        assert rel <= tolerance, rel
+    assert out.shape == ref.shape == (2, 4, 8, 8)
+
+
+# ------------------------------------------------------------------ refusals ----------------
+
+@pytest.mark.slow
+def test_sdxl_refuses_single_encoder_embeddings_and_the_reverse(sdxl_bundle, sd1_bundle, sdxl_learned, photos, tmp_path):
+    from zoodip_edge.embeddings import save_embedding
+
+    out = sdxl_bundle[0]
+    sd1_file = tmp_path / "sd1.safetensors"
+    save_embedding(sd1_file, TOKEN, np.ones((1, 32), np.float32))
+    gen = lambda bundle, emb: ["generate", bundle, "--prompt", f"a photo of {TOKEN}", "--out", tmp_path / "g",  # noqa: E731
+                               "--steps", "2", "-q", "--device", "cpu", "--embedding", emb]
+    refused(gen(out, sd1_file), out, tmp_path, match="is an SD1/SD2 embedding (one text encoder); this SDXL bundle needs clip_l")
+    refused(gen(sd1_bundle, sdxl_learned), sd1_bundle, tmp_path, match="is an SDXL embedding (clip_l and clip_g); this sd1 bundle")
+    refused(_sdxl_personalize(out, photos, tmp_path / "e.safetensors", "--steps", "1", "--init-embedding", sd1_file), out, tmp_path,
+            match="is an SD1/SD2 embedding (one text encoder)")
+    refused(personalize_args(sd1_bundle, photos, tmp_path / "e.safetensors", "--steps", "1", "--init-embedding", sdxl_learned),
+            sd1_bundle, tmp_path, match="is an SDXL embedding (clip_l and clip_g)")
+    refused(_sdxl_personalize(out, photos, tmp_path / "e.safetensors", "--steps", "1", "--search-init"), out, tmp_path,
+            match="--search-init) is not available for SDXL")
+    assert not (tmp_path / "g").exists() and not (tmp_path / "e.safetensors").exists()

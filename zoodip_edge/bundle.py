@@ -69,8 +69,7 @@ FEATURES: dict[str, Feature] = {
     "sdxl": Feature(
         "SDXL: a second text encoder with a pooled output at an EOS position given as input, and a U-Net with added "
         "conditions (text_embeds, time_ids)", "added_conditions",
-        "0.9.0", None, "nothing: SDXL bundles came with it", families=("sdxl",),
-        unsupported="SDXL bundles can be exported and inspected; personalize and generate do not support them yet"),
+        "0.9.0", None, "nothing: SDXL bundles came with it", families=("sdxl",)),
 }
 
 
@@ -326,7 +325,7 @@ def load_bundle(root: str | os.PathLike, verify: bool = True, run: bool = True) 
     """Read a bundle's manifest and (by default) check every file's size and sha256.
 
     ``run``: the caller means to run the bundle's graphs, so a bundle needing a feature this
-    runtime only reads (an SDXL bundle) is refused; False to read it (``inspect``).
+    runtime only reads (``Feature.unsupported``) is refused; False to read it (``inspect``).
     Raises UserError with one line naming the first problem found.
     """
     root = Path(root)

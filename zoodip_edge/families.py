@@ -32,8 +32,8 @@ DEFAULTS: dict[str, ZOODefaults] = {
     "sdxl": ZOODefaults(n=2, mu=1e-2, lr=5e-3, tau=128, nu=1e-3, t_low=700, t_high=900, steps=20_000),
 }
 
-# The families an export writes. The runtime runs sd1 and sd2; SDXL bundles require the "sdxl"
-# graph feature, which it reads (inspect) but does not run yet (bundle.FEATURES).
+# The families an export writes and the runtime runs (SDXL bundles also require the "sdxl" graph
+# feature: bundle.FEATURES).
 SUPPORTED_FAMILIES = ("sd1", "sd2", "sdxl")
 
 
