@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import tempfile
 import time
@@ -69,6 +70,19 @@ ARMS = {
     "no-sg": Arm("zo", Settings(subspace=False)),
     "search-lr1e-3": Arm("zo", Settings(lr=1e-3), search=True),  # smaller steps from a good start
 }
+
+
+def arm(name: str) -> Arm:
+    """An arm of ARMS, or a lever spelled out: ``[search+]vocab<k>[-a<alpha>][-lr<lr>]`` (directions
+    mixed with the vocabulary's k principal directions, full-space share alpha, ZO learning rate lr)."""
+    if name in ARMS:
+        return ARMS[name]
+    m = re.fullmatch(r"(search\+)?vocab(\d+)(?:-a([\d.e-]+))?(?:-lr([\d.e-]+))?", name)
+    if not m:
+        raise argparse.ArgumentTypeError(f"unknown method {name!r}: one of {', '.join(ARMS)} or [search+]vocab<k>[-a<alpha>][-lr<lr>]")
+    search, k, alpha, lr = m.groups()
+    return Arm("zo", Settings(guide_vocab=int(k), guide_alpha=float(alpha) if alpha else None,
+                              lr=float(lr) if lr else None), search=bool(search))
 
 
 class Evaluator:
@@ -122,7 +136,7 @@ def run_arm(name: str, arm: Arm, bundle: Path, model: Path, photos, token: str, 
             evaluate: Evaluator, ti_lr: float, lr: float | None, mu: float | None, probe_every: int) -> dict:
     """One arm's run: scored every ``every`` steps, held-out losses read on ``--steps auto``'s schedule
     (at most ``probe_every`` apart)."""
-    settings = replace(arm.settings, seed=seed, lr=arm.settings.lr if lr is None else lr,
+    settings = replace(arm.settings, seed=seed, lr=lr if arm.settings.lr is None else arm.settings.lr,
                        mu=arm.settings.mu if mu is None else mu, batch_perturbations=True, search_init=arm.search)
     p = Personalizer(bundle, photos, token, GENERIC, settings=settings, profile=PROFILE)
     forwards, label = 0, GENERIC
@@ -290,7 +304,7 @@ def main() -> None:
     ap.add_argument("--probe-every", type=int, help="read the held-out losses every N steps (default: what "
                     "`--steps auto` reads at a budget of --steps)")
     ap.add_argument("--methods", nargs="+", default=["ti", "zoodip", "oracle", "momentum", "guided", "search"],
-                    choices=list(ARMS))
+                    help=f"arms: {', '.join(ARMS)}, or [search+]vocab<k>[-a<alpha>][-lr<lr>]")
     ap.add_argument("--lr", type=float, help="ZO learning rate (default: the bundle's)")
     ap.add_argument("--mu", type=float, help="ZO perturbation size (default: the bundle's)")
     ap.add_argument("--ti-lr", type=float, default=5e-3)
@@ -299,6 +313,10 @@ def main() -> None:
     ap.add_argument("--report", type=Path, nargs="+", help="print the tables of saved --out files and exit")
     ap.add_argument("--rule", default="", help="replay --steps auto with other Plateau settings, e.g. window=1.5,min_gain=0.02")
     a = ap.parse_args()
+    try:
+        [arm(m) for m in a.methods]
+    except argparse.ArgumentTypeError as e:
+        ap.error(str(e))
     if a.report:
         saved = [json.loads(path.read_text()) for path in a.report]
         runs = [r for s in saved for r in s["runs"]]
@@ -330,7 +348,7 @@ def main() -> None:
             for seed in a.seeds:
                 for method in a.methods:
                     t = time.perf_counter()
-                    r = run_arm(method, ARMS[method], bundle, model, photos, token, seed, a.steps, a.every, evaluate,
+                    r = run_arm(method, arm(method), bundle, model, photos, token, seed, a.steps, a.every, evaluate,
                                 a.ti_lr, a.lr, a.mu, a.probe_every or auto_every(a.steps))
                     runs.append({"concept": concept, "l_words": evaluate.l_words, **r})
                     f = r["curve"][-1]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
-from zoodip_edge.runtime.zo import ZOConfig, ZOOptimizer, guided_directions
+from zoodip_edge.runtime.zo import ZOConfig, ZOOptimizer, guided_directions, vocabulary_basis
 from zoodip_edge.toy.world import TOY64, TOY768, caption, concept_photos, training_set
 
 # ------------------------------------------------------------- the toy-768 world --------
@@ -93,6 +95,63 @@ def test_guided_levers_do_not_change_the_stream_of_draws():
         assert (a.t, a.noise_seed) == (b.t, b.noise_seed)
         plain.update(a, loss(np.pad(a.thetas, ((0, 0), (0, 96))), a))
         guided.update(b, loss(np.pad(b.thetas, ((0, 0), (0, 96))), b))
+
+
+def test_vocabulary_basis_is_the_tables_principal_directions():
+    rng, d = np.random.default_rng(0), 48
+    axes = np.linalg.qr(rng.standard_normal((d, 3)))[0].T  # the table varies most along these
+    table = rng.standard_normal((500, 3)) * [10.0, 6.0, 4.0] @ axes + 0.1 * rng.standard_normal((500, d)) + 5.0
+    basis = vocabulary_basis(table.astype(np.float16), 3)
+    np.testing.assert_allclose(basis @ basis.T, np.eye(3), atol=1e-9)
+    np.testing.assert_allclose(np.abs(np.sum(basis * axes, axis=1)), 1.0, atol=1e-3)  # in order of variance
+
+
+def _subspace_quadratic(d: int, k: int):
+    """A noisy quadratic whose optimum lies in a k-dim subspace (known to the prior), as the toy's
+    gradients lie mostly along the vocabulary's principal directions."""
+    rng = np.random.default_rng(7)
+    basis = np.linalg.qr(rng.standard_normal((d, k)))[0].T
+    target = rng.standard_normal(k) @ basis * 3
+
+    def loss(thetas, plan):
+        noise = np.random.default_rng(plan.noise_seed).standard_normal(d) * 0.3
+        return np.sum((thetas - target + noise) ** 2, axis=1)
+
+    return basis, target, loss
+
+
+def test_vocabulary_guided_directions_find_an_optimum_in_the_subspace_faster():
+    d, k = 256, 8
+    basis, target, loss = _subspace_quadratic(d, k)
+    cfg = ZOConfig(mu=1e-2, lr=3e-2, tau=64)
+    errors = {}
+    for name, c, prior in [("plain", cfg, None), ("guided", replace(cfg, guide_vocab=k, guide_alpha=0.1), basis)]:
+        opt = ZOOptimizer(np.zeros(d), c, seed=3, prior=prior)
+        for _ in range(300):
+            opt.step(loss)
+        errors[name] = np.sum((opt.theta - target) ** 2) / np.sum(target ** 2)
+    assert errors["guided"] < 0.5 * errors["plain"], errors  # a no-op optimizer stays at 1.0
+    assert errors["guided"] < 0.3, errors
+
+
+def test_vocabulary_guided_directions_resume_bit_identically():
+    d, k = 64, 4
+    basis, _, loss = _subspace_quadratic(d, k)
+    cfg = ZOConfig(mu=1e-2, lr=3e-2, guide_vocab=k, guide_k=2)
+    full = ZOOptimizer(np.zeros(d), cfg, seed=1, prior=basis)
+    for _ in range(40):
+        full.step(loss)
+    half = ZOOptimizer(np.zeros(d), cfg, seed=1, prior=basis)
+    for _ in range(15):
+        half.step(loss)
+    half.propose()
+    resumed = ZOOptimizer(np.zeros(d), cfg, seed=1, prior=basis)
+    resumed.load_state_dict(half.state_dict())
+    for _ in range(25):
+        resumed.step(loss)
+    assert np.array_equal(resumed.theta, full.theta)
+    with pytest.raises(ValueError, match="guide_vocab = 4 needs prior directions"):
+        ZOOptimizer(np.zeros(d), cfg, seed=1)  # the prior is not optional
 
 
 # ------------------------------------------------------------- --steps auto -------------
@@ -225,3 +284,40 @@ def test_malformed_steps_are_refused_in_one_line(toy_photos, tmp_path):
     r = _personalize([str(toy_photos), "--steps", "many"], tmp_path)
     assert r.exit_code == 2 and "--steps" in r.output and "Traceback" not in r.output
     assert not (tmp_path / "gt.safetensors").exists()
+
+
+def test_personalizer_guides_along_its_bundles_vocabulary(toy_photos):
+    from zoodip_edge.errors import UserError
+    from zoodip_edge.runtime.personalize import Personalizer, Settings
+    from zoodip_edge.toy import shipped_path
+
+    bundle = shipped_path("bundle")
+    p = Personalizer(bundle, toy_photos, "<gt>", "shape", settings=Settings(guide_vocab=8, search_init=False))
+    table = np.asarray(p.text.table, dtype=np.float64)
+    np.testing.assert_array_equal(p.prior, vocabulary_basis(table, 8))  # the bundle's rows, not the new token's
+    spread = np.var((table - table.mean(0)) @ p.prior.T, axis=0)
+    assert spread[0] > 2 * np.var(table - table.mean(0), axis=0).mean()  # along the table's spread, not anywhere
+    first = p.step()
+    assert np.any(first.theta != p.theta0)
+    with pytest.raises(UserError, match="guide_vocab must be 0..256"):
+        Personalizer(bundle, toy_photos, "<gt>", "shape", settings=Settings(guide_vocab=300))
+
+
+def test_a_checkpoint_from_before_an_option_existed_is_this_runs(toy_photos):
+    """Options added to ZOConfig since a checkpoint was written were off then: it still resumes."""
+    from zoodip_edge.runtime.personalize import Personalizer, Settings
+    from zoodip_edge.toy import shipped_path
+
+    p = Personalizer(shipped_path("bundle"), toy_photos, "<gt>", "shape", settings=Settings(search_init=False))
+    older = p._identity()
+    del older["config"]["guide_vocab"]
+    assert p.identity_differences(older) == []
+    older["config"]["guide_vocab"] = 16
+    assert p.identity_differences(older) == ["config"]
+
+
+def test_cli_guide_vocab_runs_and_bad_values_are_refused(toy_photos, tmp_path):
+    r = _personalize([str(toy_photos), "--steps", "3", "--no-search-init", "--guide-vocab", "8"], tmp_path)
+    assert r.exit_code == 0, r.output
+    r = _personalize([str(toy_photos), "--steps", "3", "--guide-vocab", "999", "--force"], tmp_path)
+    assert r.exit_code != 0 and "guide_vocab must be 0..256" in r.output and "Traceback" not in r.output

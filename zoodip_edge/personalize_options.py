@@ -73,6 +73,8 @@ PERSONALIZE: tuple[Param, ...] = (
     Param("nu", "float", "Subspace Gradient variance threshold", None),
     Param("t_low", "int", "PUTS lower timestep (inclusive)", None),
     Param("t_high", "int", "PUTS upper timestep (exclusive)", None),
+    Param("guide_vocab", "int", "also perturb along the K principal directions of the token table "
+          "(0: off; default: the bundle's)", None),
     Param("no_subspace", "bool", "ablation: disable the Subspace Gradient", False, ("--no-subspace",)),
     Param("no_puts", "bool", "ablation: sample t uniformly from all timesteps", False, ("--no-puts",)),
     Param("checkpoint_every", "int", "write a checkpoint every K steps (0: only at the end / on Ctrl-C)", 100),

@@ -38,7 +38,7 @@ from .runlog import RunLog, check_log_path
 from .sessions import BundleSessions, return_free_memory
 from .stopping import Plateau, stop_probes
 from .text import TEMPLATES, XLPromptEncoder, bundle_prompt_encoder
-from .zo import OutOfRange, StepRecord, ZOConfig, ZOOptimizer, fits_float32
+from .zo import OutOfRange, StepRecord, ZOConfig, ZOOptimizer, fits_float32, vocabulary_basis
 
 Warn = Callable[[str], None]
 
@@ -62,6 +62,7 @@ class Settings:
     guide_momentum: bool | None = None  # guided directions (zo.py); None: the bundle's default, else off
     guide_k: int | None = None
     guide_alpha: float | None = None
+    guide_vocab: int | None = None
     search_init: bool | None = None  # search the start first (the caller runs search_start()); None: the bundle's default
 
     def zo_config(self, defaults: dict, num_train_timesteps: int) -> ZOConfig:
@@ -72,17 +73,28 @@ class Settings:
             raise UserError(f"timestep range [{t_low}, {t_high}) is not inside [0, {num_train_timesteps})")
         cfg = ZOConfig(n=pick("n"), mu=pick("mu"), lr=pick("lr"), tau=pick("tau"), nu=pick("nu"),
                        t_low=t_low, t_high=t_high, subspace=self.subspace, guide_momentum=bool(pick("guide_momentum")),
-                       guide_k=int(pick("guide_k")), guide_alpha=pick("guide_alpha"))
+                       guide_k=int(pick("guide_k")), guide_alpha=pick("guide_alpha"),
+                       guide_vocab=int(pick("guide_vocab")))
         bad = {"n": not 1 <= cfg.n <= 256, "mu": not 0 < cfg.mu < float("inf"), "lr": not 0 < cfg.lr < float("inf"),
                "tau": not 2 <= cfg.tau <= 4096, "nu": not 0 <= cfg.nu < 1, "guide_k": not 0 <= cfg.guide_k <= 256,
+               "guide_vocab": not 0 <= cfg.guide_vocab <= 256,
                "guide_alpha": not 0 < cfg.guide_alpha <= 1}
         ranges = {"n": "1..256", "mu": "a finite number > 0", "lr": "a finite number > 0", "tau": "2..4096",
-                  "nu": "in [0, 1)", "guide_k": "0..256", "guide_alpha": "in (0, 1]"}
+                  "nu": "in [0, 1)", "guide_k": "0..256", "guide_vocab": "0..256", "guide_alpha": "in (0, 1]"}
         for key, wrong in bad.items():
             if wrong:
                 raise UserError(f"{key} must be {ranges[key]}, got {getattr(cfg, key)}")
         check_seed(self.seed)
         return cfg
+
+
+def vocabulary_prior(text, k: int) -> np.ndarray:
+    """The guiding directions of ``guide_vocab``: the top-k principal directions of the token table
+    (SDXL: of each table, in its own part of theta)."""
+    if isinstance(text, XLPromptEncoder):
+        a, b = (vocabulary_basis(t.table, k) for t in (text.first, text.second))
+        return np.block([[a, np.zeros((k, b.shape[1]))], [np.zeros((k, a.shape[1])), b]])
+    return vocabulary_basis(text.table, k)
 
 
 class NonFiniteLoss(UserError):
@@ -163,7 +175,9 @@ class Personalizer:
         self.sessions = BundleSessions(self.bundle, self.profile, strict, warn)
         self.examples = self._encode(loaded, caps)
 
-        self.optimizer = ZOOptimizer(theta0, self.config, settings.seed)
+        # the vocabulary's principal directions (guided directions; the bundle's own rows, without the new token)
+        self.prior = vocabulary_prior(self.text, self.config.guide_vocab) if self.config.guide_vocab else None
+        self.optimizer = ZOOptimizer(theta0, self.config, settings.seed, self.prior)
         self.last_loss: float | None = None
         self.stopped_early = False  # set by run() when --steps auto stopped it
         self.start = init  # the word the token starts from, or what search_start() found
@@ -272,7 +286,7 @@ class Personalizer:
             raise UserError("the start can only be searched before the first step")
         found = search_initializer(self, search_probes(self.config.t_low, self.config.t_high))
         self.theta0 = found.theta
-        self.optimizer = ZOOptimizer(found.theta, self.config, self.settings.seed)
+        self.optimizer = ZOOptimizer(found.theta, self.config, self.settings.seed, self.prior)
         self.start, self.found = found.label, found
         return found
 
@@ -471,8 +485,10 @@ class Personalizer:
 
     def identity_differences(self, identity: dict[str, Any]) -> list[str]:
         """What makes a checkpoint's recorded ``identity`` another run's (empty: this run's)."""
-        mine = self._identity()
-        return [k for k in mine if mine[k] != identity.get(k)]
+        mine, theirs = self._identity(), dict(identity)
+        if isinstance(theirs.get("config"), dict):  # options added since it was written were off then: defaults
+            theirs["config"] = {**dataclasses.asdict(ZOConfig()), **theirs["config"]}
+        return [k for k in mine if mine[k] != theirs.get(k)]
 
     def load_checkpoint(self, path: str | Path) -> None:
         state = load_checkpoint(Path(path))

@@ -47,6 +47,7 @@ class ZOConfig:
     guide_momentum: bool = False  # the first direction points along ZOAdam's first moment
     guide_k: int = 0  # > 0: directions mix the span of the last k gradient estimates into N(0, I)
     guide_alpha: float = 0.5  # the share of the full space in that mix
+    guide_vocab: int = 0  # > 0: directions also mix the top-k principal directions of the token table
 
 
 # ---------------------------------------------------------------- RGE ----------------
@@ -72,6 +73,17 @@ def along(v: np.ndarray) -> np.ndarray | None:
     """``v`` scaled to the norm of an N(0, I_d) draw (sqrt d); None for a zero vector."""
     norm = float(np.linalg.norm(v))
     return v * (np.sqrt(v.size) / norm) if norm > 0 else None
+
+
+def vocabulary_basis(table: np.ndarray, k: int) -> np.ndarray:
+    """The top-``k`` principal directions of a token table's rows (orthonormal rows, [k, d]).
+
+    The text encoder was trained on these rows, so its response to the token, and with it the
+    diffusion loss's gradient, is concentrated along them (docs/steps.md measures it)."""
+    rows = np.asarray(table, dtype=np.float64)
+    centered = rows - rows.mean(axis=0)
+    _, vectors = np.linalg.eigh(centered.T @ centered)  # d x d: cheap for any vocabulary size
+    return np.ascontiguousarray(vectors[:, ::-1][:, :k].T)
 
 
 def perturbed_thetas(theta: np.ndarray, directions: np.ndarray, mu: float) -> np.ndarray:
@@ -222,8 +234,12 @@ class StepRecord:
 class ZOOptimizer:
     """ZOODiP for one token vector. ``propose`` -> evaluate losses -> ``update``."""
 
-    def __init__(self, theta0: np.ndarray, config: ZOConfig, seed: int):
+    def __init__(self, theta0: np.ndarray, config: ZOConfig, seed: int, prior: np.ndarray | None = None):
+        """``prior``: the fixed guiding directions of ``guide_vocab`` (orthonormal rows, e.g. ``vocabulary_basis``)."""
         self.config = config
+        if config.guide_vocab and (prior is None or prior.ndim != 2 or prior.shape[1] != np.size(theta0)):
+            raise ValueError(f"guide_vocab = {config.guide_vocab} needs prior directions of the token's size")
+        self.prior = prior if config.guide_vocab else None
         self.theta = np.array(theta0, dtype=np.float64).reshape(-1)
         self.adam = ZOAdam(self.theta.size, config.lr, config.beta1, config.beta2, config.eps)
         self.sg = SubspaceGradient(self.theta.size, config.tau, config.nu)
@@ -251,9 +267,10 @@ class ZOOptimizer:
     def _guide(self, z: np.ndarray) -> np.ndarray:
         """The directions of a guided lever from the step's N(0, I) draws (unchanged when off)."""
         c = self.config
-        if c.guide_k:
+        if c.guide_k or c.guide_vocab:
             filled = min(self.step_index, c.guide_k)
-            basis = np.linalg.qr(self.history[:filled].T)[0].T if filled else np.zeros((0, z.shape[1]))
+            basis = np.concatenate([self.history[:filled]] + ([self.prior] if c.guide_vocab else []))
+            basis = np.linalg.qr(basis.T)[0].T if len(basis) else np.zeros((0, z.shape[1]))
             # its own stream, keyed by step: resumes and replays draw the same
             extra = np.random.Generator(np.random.PCG64([self.seed, self.step_index]))
             z = guided_directions(z, basis, c.guide_alpha, extra)
