@@ -195,7 +195,8 @@ def test_runtime_modules_do_not_import_torch():
     (lambda s: s.replace("batch_perturbations = false", "batch_perturbations = 1"), "batch_perturbations"),
     (lambda s: s.replace("intra_op_threads = 2", "intra_op_threads = -1"), "intra_op_threads"),     # negative
     (lambda s: s.replace("memory_budget_mb = 1024", "memory_budget_mb = -5"), "memory_budget_mb"),
-    (lambda s: s.replace("memory_budget_mb = 1024\n", ""), "memory_budget_mb"),             # missing
+    (lambda s: s.replace("memory_budget_mb = 1024", "memory_budget_mb = 1.5"), "memory_budget_mb"),  # not an integer
+    (lambda s: s.replace("memory_budget_mb = 1024", "memory_budget_mb = true"), "memory_budget_mb"),
     (lambda s: s.replace('"CPUExecutionProvider"', '"CudaExecutionProvider"'), "providers[0].name"),  # unknown EP
     (lambda s: s.replace("options = {}", "options = { gpu_mem_limit = -1 }"), "providers[0].options.gpu_mem_limit"),
     (lambda s: s.replace("options = {}", "options = { x = 1.5 }"), "providers[0].options.x"),
@@ -251,6 +252,12 @@ def test_valid_profile_normalizes_values(tmp_path):
     ) + '\n[session_config]\n"session.intra_op.allow_spinning" = 0\n'))
     assert p.provider_options("CPUExecutionProvider") == {"flag": "True", "n": 3, "s": "x"}
     assert p.session_config == {"session.intra_op.allow_spinning": "0"}
+
+
+def test_memory_budget_is_optional(tmp_path):
+    """A profile without memory_budget_mb has none (personalize never refuses for memory under it)."""
+    assert load_profile(write(tmp_path, VALID)).memory_budget_mb == 1024
+    assert load_profile(write(tmp_path, VALID.replace("memory_budget_mb = 1024\n", ""))).memory_budget_mb is None
 
 
 # -------------------------------------------------------------------------------- resolve

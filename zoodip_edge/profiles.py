@@ -8,7 +8,7 @@ A profile is a TOML file (``devices/*.toml`` in the source tree, the package
     intra_op_threads = 0          # 0 = ORT default (one per physical core)
     batch_perturbations = true    # run the n+1 perturbed passes as one batch
     resident_sessions = true      # keep text encoder + U-Net loaded (else load/release in turn)
-    memory_budget_mb = 8192       # planning figure (not enforced by the runtime yet)
+    memory_budget_mb = 8192       # optional: personalize refuses a bundle estimated over it (none: never)
     io_binding = true             # keep tensors on the device between passes
     recommended_recipe = "int8-gpu"   # optional: export recipe that suits the target
     enable_cpu_mem_arena = true   # optional (default true): ORT's CPU memory arena
@@ -104,9 +104,8 @@ LOWVRAM_THRESHOLD_MB = 6144
 
 TEGRA_RELEASE = Path("/etc/nv_tegra_release")
 
-_REQUIRED = ("name", "providers", "intra_op_threads", "batch_perturbations", "resident_sessions",
-             "memory_budget_mb", "io_binding")
-_OPTIONAL = ("description", "session_config", "recommended_recipe", "enable_cpu_mem_arena", "enable_mem_pattern",
+_REQUIRED = ("name", "providers", "intra_op_threads", "batch_perturbations", "resident_sessions", "io_binding")
+_OPTIONAL = ("description", "memory_budget_mb", "session_config", "recommended_recipe", "enable_cpu_mem_arena", "enable_mem_pattern",
              "enable_mem_reuse", "malloc_mmap_threshold_kb", "malloc_hugetlb",
              "hugetlb_mmap_threshold_kb", "arena_shrinkage")
 _PROVIDER_KEYS = ("name", "options")
@@ -122,7 +121,7 @@ class DeviceProfile:
     intra_op_threads: int
     batch_perturbations: bool
     resident_sessions: bool
-    memory_budget_mb: int
+    memory_budget_mb: int | None  # MiB; personalize refuses a bundle whose estimate is over it (runtime/memory.py)
     io_binding: bool
     session_config: dict[str, str] = field(default_factory=dict)
     recommended_recipe: str | None = None
@@ -230,8 +229,10 @@ def parse_profile(data: dict[str, Any], source: str) -> DeviceProfile:
     threads = want("intra_op_threads", int, "an integer (0 = ORT default)")
     if threads < 0:
         raise UserError(f"{src}: field 'intra_op_threads' must not be negative (got {threads})")
-    budget = want("memory_budget_mb", int, "an integer (MB)")
-    if budget <= 0:
+    budget = data.get("memory_budget_mb")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int)):
+        raise UserError(f"{src}: field 'memory_budget_mb' must be an integer (MB), not a {_type_name(budget)} ({budget!r})")
+    if budget is not None and budget <= 0:
         raise UserError(f"{src}: field 'memory_budget_mb' must be positive (got {budget})")
     batch = want("batch_perturbations", bool, "true or false")
     resident = want("resident_sessions", bool, "true or false")

@@ -39,12 +39,13 @@ def cpus_here() -> int:
         return os.cpu_count() or 1
 
 
-def plan_pool(jobs: int, cpus: int, budget_mb: int, per_job_mb: int, want: int | None,
+def plan_pool(jobs: int, cpus: int, budget_mb: int | None, per_job_mb: int, want: int | None,
               threads: int | None) -> tuple[int, int]:
     """(jobs at once, threads per job) on this machine: no more jobs than cores or the memory
-    budget allow, and the cores split evenly between them."""
+    budget allow (a profile without a budget: cores only), and the cores split evenly between them."""
     if want is None:
-        want = max(1, min(jobs, cpus // (threads or 1), budget_mb // max(per_job_mb, 1)))
+        by_memory = jobs if budget_mb is None else budget_mb // max(per_job_mb, 1)
+        want = max(1, min(jobs, cpus // (threads or 1), by_memory))
     return want, threads or max(1, cpus // want)
 
 

@@ -34,6 +34,7 @@ from ..schema import Int, Num, Obj, Optional, SchemaError, Str, check
 from .checkpoint import check_checkpoint_path, load_checkpoint, save_checkpoint
 from .checks import check_seed
 from .init_search import SearchResult, search_initializer, search_probes
+from .memory import check_memory
 from .runlog import RunLog, check_log_path
 from .sessions import BundleSessions, return_free_memory
 from .stopping import Plateau, stop_probes
@@ -157,6 +158,7 @@ class Personalizer:
         self.abar = alphas_cumprod(m["scheduler"])
         self.prediction_type = m["scheduler"].get("prediction_type", "epsilon")
         self.config = settings.zo_config(m["defaults"], len(self.abar))  # bad hyperparameters fail before any work
+        check_memory(self.bundle, self.profile)  # over the profile's budget: one line now, not the OS's kill later
         fidelity = m.get("verification", {}).get("zo_fidelity", {})
         if warn and fidelity and not fidelity.get("passed", True):
             warn(f"this {m['recipe']['name']} bundle failed its ZO fidelity gate (pearson {fidelity['pearson']:.2f} at mu "
@@ -369,6 +371,8 @@ class Personalizer:
         non-finite raises NonFiniteLoss saying which checkpoint is kept. ``on_step`` sees every
         StepRecord (progress bars, stopping).
         """
+        if preview_every:  # a resident profile then keeps the VAE decoder loaded too
+            check_memory(self.bundle, self.profile, preview=True)
         ckpt = Path(checkpoint) if checkpoint is not None else None
         self.check_checkpoint(ckpt, resume, force)
         if out is not None and os.path.lexists(out) and not force:
