@@ -329,6 +329,65 @@ def test_sdxl_continues_from_an_sdxl_embedding(sdxl_bundle, photos, sdxl_learned
     np.testing.assert_array_equal(p.theta0, np.concatenate([vec["clip_l"][0], vec["clip_g"][0]]))
 
 
+# ------------------------------------------------------------------ the searched start -------
+
+def test_sdxl_search_init_finds_a_word_no_worse_than_the_init_word(sdxl_bundle, photos):
+    """The candidates are whole words both tokenizers know, θ their row in each table side by side;
+    the winner (a word or a mix of the best two or three, rescaled table by table) is no worse than
+    the --init word on the same probes."""
+    from zoodip_edge.runtime.init_search import _mean_losses, candidate_rows, search_initializer, word_candidates
+    from zoodip_edge.runtime.personalize import Personalizer
+
+    p = Personalizer(sdxl_bundle[0], photos, TOKEN, "dog", profile="cpu")
+    words = word_candidates(p)
+    first, second = (set(w.removesuffix("</w>") for w in enc.tok.get_vocab(with_added_tokens=False)) for enc in (p.text.first, p.text.second))
+    assert words and all(w in first and w in second for w, _ in words)
+    assert ("dog", (p.text.first.single_token_id("dog"), p.text.second.single_token_id("dog"))) in words
+    np.testing.assert_array_equal(candidate_rows(p.text, [words[0][1]])[0],
+                                  np.concatenate([p.text.first.table[words[0][1][0]], p.text.second.table[words[0][1][1]]]))
+    probes = [(int(t), 9000 + i) for i, t in enumerate(np.linspace(700, 899, 12))]
+    found = search_initializer(p, probes, first=4)
+    assert found.theta.shape == (96,) and found.forwards > 0
+    names = {w for w, _ in words}
+    assert set(found.label.split(" + ")) <= names and 1 <= len(found.label.split(" + ")) <= 3
+    init_loss = _mean_losses(p, p.theta0[None], probes, 32)[0]
+    assert found.loss <= init_loss, (found.label, found.loss, init_loss)
+    np.testing.assert_allclose(_mean_losses(p, found.theta[None], probes, 32)[0], found.loss, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_sdxl_personalize_with_search_init(sdxl_bundle, photos, tmp_path):
+    """--search-init on an SDXL bundle through the CLI: the file's provenance names the found start."""
+    from zoodip_edge.embeddings import load_embedding
+
+    out = tmp_path / "searched.safetensors"
+    r = runner.invoke(app, [str(a) for a in _sdxl_personalize(sdxl_bundle[0], photos, out, "--steps", "1", "--search-init")])
+    assert r.exit_code == 0, (r.output, r.exception)
+    start = next(line for line in r.stderr.splitlines() if line.startswith("start: "))
+    _, vec, meta = load_embedding(out)
+    assert start.startswith(f"start: {meta['start']} (") and vec["clip_l"].shape == (1, 32) and vec["clip_g"].shape == (1, 64)
+
+
+# ------------------------------------------------------------------ memory budget -------------
+
+def test_sdxl_memory_estimate_counts_both_text_encoders_and_refuses_over_the_budget(sdxl_bundle, photos, tmp_path):
+    """A resident profile holds both text encoders and the U-Net, plus both token tables; over a
+    tiny budget personalize is refused in one line and writes nothing."""
+    from test_memory import profile_file
+
+    from zoodip_edge.runtime.memory import estimate_memory
+
+    b = load_bundle(sdxl_bundle[0])
+    est = estimate_memory(b, resident_sessions=True)
+    m = b.manifest
+    assert est.graphs == ("text_encoder", "text_encoder_2", "unet")
+    want = sum(m["components"][g]["bytes"] for g in est.graphs) + m["token_embeddings"]["bytes"] + m["token_embeddings_2"]["bytes"]
+    assert est.weights_mb == pytest.approx(want / 2**20)
+    line = refused([*_sdxl_personalize(sdxl_bundle[0], photos, tmp_path / "e.safetensors", "--steps", "1"),
+                    "--device", profile_file(tmp_path, 100)], sdxl_bundle[0], photos, tmp_path, match="this sdxl int8-cpu bundle needs")
+    assert "text_encoder + text_encoder_2 + unet loaded at once" in line and "memory_budget_mb of 100;" in line
+
+
 # ------------------------------------------------------------------ generate ----------------
 
 @pytest.mark.slow
@@ -411,6 +470,4 @@ def test_sdxl_refuses_single_encoder_embeddings_and_the_reverse(sdxl_bundle, sd1
             match="is an SD1/SD2 embedding (one text encoder)")
     refused(personalize_args(sd1_bundle, photos, tmp_path / "e.safetensors", "--steps", "1", "--init-embedding", sdxl_learned),
             sd1_bundle, tmp_path, match="is an SDXL embedding (clip_l and clip_g)")
-    refused(_sdxl_personalize(out, photos, tmp_path / "e.safetensors", "--steps", "1", "--search-init"), out, tmp_path,
-            match="--search-init) is not available for SDXL")
     assert not (tmp_path / "g").exists() and not (tmp_path / "e.safetensors").exists()

@@ -6,6 +6,10 @@ three, rescaled to their members' mean norm (tokens that drift far from real tok
 were reported to slow textual inversion down), are scored the same way. The best of all wins.
 Candidates are ranked on a few probes first and the best few on all of them (successive
 halving); ``SearchResult.forwards`` counts the forward passes spent.
+
+SDXL: θ is the token's row in each of the two tables side by side, so a candidate is a whole
+word both tokenizers know (SDXL's share CLIP's BPE vocabulary), its θ its row in each table, and a
+mix is rescaled table by table (each table's rows have their own norms).
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
+
+from .text import XLPromptEncoder
 
 WORD = re.compile(r"^[a-z]{2,}</w>$")  # a whole lower-case word in CLIP's BPE vocabulary
 
@@ -35,23 +41,55 @@ def search_probes(t_low: int, t_high: int) -> list[tuple[int, int]]:
     return probe_set(t_low, t_high, 32, 9000)
 
 
-def word_candidates(p, limit: int = 256) -> list[tuple[str, int]]:
-    """(word, id) of the vocabulary's whole words: all of them when there are at most ``limit``
-    (a small model), else the ``limit`` nearest to the initializer by cosine (SD's 49,408-token
-    vocabulary would cost hundreds of thousands of forward passes)."""
-    vocab = p.text.tok.get_vocab(with_added_tokens=False)
-    words = sorted((i, w.removesuffix("</w>")) for w, i in vocab.items() if WORD.match(w) and i < p.text.table.shape[0])
-    if len(words) <= limit:
-        return [(w, i) for i, w in words]
-    table = p.text.table
-    rows = np.asarray(table[[i for i, _ in words]], dtype=np.float64)
+Ids = int | tuple[int, ...]  # a word's id, or (SDXL) its id in each tokenizer
+
+
+def _parts(text) -> list[tuple[object, slice]]:
+    """(prompt encoder, its columns of θ) per token table: one, or SDXL's two side by side."""
+    encoders = [text.first, text.second] if isinstance(text, XLPromptEncoder) else [text]
+    out, at = [], 0
+    for enc in encoders:
+        width = int(enc.table.shape[1])
+        out.append((enc, slice(at, at + width)))
+        at += width
+    return out
+
+
+def _whole_words(enc) -> dict[str, int]:
+    vocab = enc.tok.get_vocab(with_added_tokens=False)
+    return {w.removesuffix("</w>"): i for w, i in vocab.items() if WORD.match(w) and i < enc.table.shape[0]}
+
+
+def candidate_rows(text, ids: Sequence[Ids]) -> np.ndarray:
+    """θ of each candidate: its row in every table, side by side."""
+    parts = _parts(text)
+    per = [i if isinstance(i, tuple) else (i,) for i in ids]
+    return np.concatenate([np.asarray(enc.table[[i[k] for i in per]], dtype=np.float64).reshape(len(per), -1)
+                           for k, (enc, _) in enumerate(parts)], axis=1)
+
+
+def word_candidates(p, limit: int = 256) -> list[tuple[str, Ids]]:
+    """(word, id) of the vocabulary's whole words (SDXL: those both tokenizers know, with their
+    id in each): all of them when there are at most ``limit`` (a small model), else the ``limit``
+    nearest to the initializer by cosine, averaged over the tables (SD's 49,408-token vocabulary
+    would cost hundreds of thousands of forward passes)."""
+    parts = _parts(p.text)
+    maps = [_whole_words(enc) for enc, _ in parts]
+    common = sorted(set(maps[0]).intersection(*maps[1:]), key=lambda w: (maps[0][w], w))
+    ids: list[Ids] = [maps[0][w] if len(maps) == 1 else tuple(m[w] for m in maps) for w in common]
+    if len(common) <= limit:
+        return list(zip(common, ids))
+    rows = candidate_rows(p.text, ids)
     start = np.asarray(p.theta0, dtype=np.float64)
-    cos = rows @ start / np.maximum(np.linalg.norm(rows, axis=1) * np.linalg.norm(start), 1e-12)
+    cos = np.zeros(len(rows))
+    for _, cols in parts:
+        r, s = rows[:, cols], start[cols]
+        cos += r @ s / np.maximum(np.linalg.norm(r, axis=1) * np.linalg.norm(s), 1e-12) / len(parts)
     keep = np.sort(np.argsort(-cos)[:limit])
-    return [(words[k][1], words[k][0]) for k in keep]
+    return [(common[k], ids[k]) for k in keep]
 
 
-def search_initializer(p, probes: Sequence[tuple[int, int]], candidates: Sequence[tuple[str, int]] | None = None,
+def search_initializer(p, probes: Sequence[tuple[int, int]], candidates: Sequence[tuple[str, Ids]] | None = None,
                        first: int = 8, finalists: int = 8, batch: int = 32, mixes: int = 3) -> SearchResult:
     """The vocabulary token (or mix of the best few) with the lowest mean loss over ``probes``.
 
@@ -61,8 +99,7 @@ def search_initializer(p, probes: Sequence[tuple[int, int]], candidates: Sequenc
     probe's loss is too noisy to rank tokens by), then the mixes on all of them.
     """
     candidates = list(candidates) if candidates is not None else word_candidates(p)
-    table = p.text.table
-    rows = np.asarray([table[i] for _, i in candidates], dtype=np.float64)
+    rows = candidate_rows(p.text, [i for _, i in candidates])
     labels = [w for w, _ in candidates]
     head, rest = list(probes[:first]), list(probes[first:])
     first_losses = _mean_losses(p, rows, head, batch)
@@ -78,7 +115,8 @@ def search_initializer(p, probes: Sequence[tuple[int, int]], candidates: Sequenc
     for k in range(2, min(mixes, len(rows)) + 1):
         members = rows[order[:k]]
         mix = members.mean(axis=0)
-        mix *= np.linalg.norm(members, axis=1).mean() / max(np.linalg.norm(mix), 1e-12)
+        for _, cols in _parts(p.text):  # each table's part to its members' mean norm there
+            mix[cols] *= np.linalg.norm(members[:, cols], axis=1).mean() / max(np.linalg.norm(mix[cols]), 1e-12)
         mixed_rows.append(mix)
         mixed_labels.append(" + ".join(labels[i] for i in order[:k]))
     if mixed_rows:

@@ -187,8 +187,6 @@ class Personalizer:
         # a given start embedding (continued training) is the start: nothing to search
         self.search_init = init_embedding is None and bool(settings.search_init if settings.search_init is not None
                                                            else m["defaults"].get("search_init", False))
-        if self.search_init and self.sdxl:
-            raise UserError("searching the start (--search-init) is not available for SDXL bundles yet; start from --init")
 
     # ------------------------------------------------------------------ data ----------
     def _encode(self, loaded: list[tuple[str, np.ndarray]], caps: dict[str, str] | None) -> list[Example]:
