@@ -8,6 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
+import test_evaluate
 import torch
 
 from zoodip_edge.bundle import FEATURES, load_bundle
@@ -16,6 +17,9 @@ from zoodip_edge.errors import UserError
 
 from cli_checks import TOKEN, ok, personalize_args, refused, runner
 from conftest import run_cli_without_torch
+
+# the tiny random CLIP and DINO models test_evaluate.py scores with (no download), for `evaluate` here
+tiny_clip, tiny_dino = test_evaluate.tiny_clip, test_evaluate.tiny_dino
 
 
 @pytest.fixture(scope="session")
@@ -402,6 +406,26 @@ def test_sdxl_generate_with_and_without_an_embedding(sdxl_bundle, sdxl_learned, 
         images[name] = np.asarray(Image.open(tmp_path / name / "0000-00.png"))
     assert images["plain"].shape == images["learned"].shape == (64, 64, 3)
     assert not np.array_equal(images["plain"], images["learned"])
+
+
+@pytest.mark.slow
+def test_sdxl_evaluate_all_generates_and_scores(sdxl_bundle, sdxl_learned, photos, tiny_clip, tiny_dino, tmp_path):
+    """`evaluate --all` on an SDXL bundle and its learned SDXL file: the DreamBooth prompts are
+    generated (both encoders, the token's two rows) and scored by the tiny random CLIP and DINO
+    models of test_evaluate.py (no download); then --generated on one of those image folders."""
+    out = tmp_path / "eval"
+    ok(["evaluate", "--references", photos, "--class-word", "ball", "--token", TOKEN, "--out", out, "--all",
+        "--bundle", sdxl_bundle[0], "--embedding", sdxl_learned, "-n", "1", "--steps", "2", "--device", "cpu",
+        "--clip", tiny_clip, "--dino", tiny_dino])
+    res = json.loads((out / "results.json").read_text())
+    assert res["num_prompts"] == 25 and res["num_generated"] == 25 and res["token"] == TOKEN
+    assert all(-1 <= res[k] <= 1 for k in ("clip_i", "clip_t", "dino"))
+    first = sorted((out / "images").iterdir())[0]
+    prompt = next(iter(res["per_prompt"]))
+    ok(["evaluate", "--references", photos, "--class-word", "ball", "--token", TOKEN, "--out", tmp_path / "one",
+        "--generated", first, "--prompt", prompt, "--clip", tiny_clip, "--dino", tiny_dino])
+    one = json.loads((tmp_path / "one" / "results.json").read_text())
+    assert one["num_generated"] == 1 and one["clip_i"] == pytest.approx(res["per_prompt"][prompt]["clip_i"], abs=1e-6)
 
 
 def _first_step(pipeline, bundle, embedding, prompt, negative, seed=3):
