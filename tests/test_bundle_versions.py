@@ -157,7 +157,7 @@ def test_the_old_toy_bundle_has_no_requires_and_its_features_are_inferred():
     assert old.features == ["multi-head-attention"] and not old.shared_prefix
     assert [w.split(" (")[0] for w in B.compatibility(old)] == [f"this int8-cpu bundle predates {f}" for f in
                                                                 ("winograd", "shared-prefix", "dequantized-matmul")]
-    # exported by 0.9.0, with requires: every pass ran (Winograd with nothing to rewrite at 8x8), nothing to warn about
+    # exported by 0.10.0, with requires: every pass ran (Winograd with nothing to rewrite at 8x8), nothing to warn about
     assert new.features == ["multi-head-attention", "shared-prefix", "dequantized-matmul"] and new.shared_prefix
     assert B.compatibility(new) == []
 

@@ -239,6 +239,10 @@ def test_toy_bundles_carry_the_defaults_that_suit_them():
         d = m["defaults"]
         assert d["steps"] < 30_000 and d["search_init"] is True  # a toy's budget, not SD1's 30,000
         assert m["verification"]["zo_fidelity"]["mu"] <= d["mu"]  # trained at a mu its gate verified
+    # the vocabulary-guided directions helped at d = 768, not at d = 64 (docs/steps.md)
+    guided = {t.name: {k: v for k, v in load_bundle(shipped_path(t.bundle), verify=False).manifest["defaults"].items()
+                       if k.startswith("guide_")} for t in TOY_MODELS.values()}
+    assert guided == {"toy-64": {}, "toy-768": {"guide_vocab": 16, "guide_alpha": 0.1}}
 
 
 # ------------------------------------------------------------- the CLI ------------------

@@ -18,9 +18,14 @@ class ZOODefaults:
     t_high: int  # PUTS upper bound (exclusive)
     steps: int  # iterations the paper ran
     search_init: bool = False  # search the start among vocabulary words first (runtime/init_search.py)
+    guide_vocab: int = 0  # directions also along the token table's top-k principal directions (runtime/zo.py)
+    guide_alpha: float = 0.5  # the full space's share of those directions
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not self.guide_vocab:  # off: manifests stay as they were before the option existed
+            del d["guide_vocab"], d["guide_alpha"]
+        return d
 
 
 DEFAULTS: dict[str, ZOODefaults] = {
@@ -43,8 +48,8 @@ def defaults_for(family: str, overrides: dict | None = None) -> ZOODefaults:
         raise UserError(f"unknown model family {family!r} (known: {', '.join(DEFAULTS)})")
     d = DEFAULTS[family]
     for key, value in (overrides or {}).items():
-        if key not in d.to_dict():
-            raise UserError(f"unknown default {key!r} (known: {', '.join(d.to_dict())})")
+        if key not in asdict(d):
+            raise UserError(f"unknown default {key!r} (known: {', '.join(asdict(d))})")
         kind = type(getattr(d, key))
         if kind is bool:
             text = str(value).strip().lower()
@@ -58,6 +63,8 @@ def defaults_for(family: str, overrides: dict | None = None) -> ZOODefaults:
             raise UserError(f"default {key}={value!r} is not a {kind.__name__}") from None
         if not (value == value and abs(value) != float("inf")) or value <= 0:
             raise UserError(f"default {key}={value!r} must be a positive finite number")
+        if key == "guide_alpha" and value > 1:
+            raise UserError(f"default guide_alpha={value!r} must be in (0, 1]")
         d = replace(d, **{key: value})
     return d
 
