@@ -114,7 +114,7 @@ def export(
     resolution: Optional[int] = typer.Option(None, help="image size in pixels (default: the model's)"),
     force: bool = typer.Option(False, "--force", help="replace OUT if it is a zoodip-edge bundle (nothing else is replaced)"),
     allow_unfaithful: bool = typer.Option(False, "--allow-unfaithful", help="export even if the ZO fidelity gate fails"),
-    config: Optional[str] = typer.Option(None, help="diffusers config folder or hub id for a single-file checkpoint"),
+    config: Optional[str] = typer.Option(None, help="diffusers config folder or hub id (same family: SD1/SD2 or SDXL base) for a single-file checkpoint"),
     defaults: str = typer.Option("", help="ZOODiP defaults to record instead of the family's, e.g. 'lr=2e-2,mu=1e-2,tau=11,steps=1000'"),
 ) -> None:
     """Export a Stable Diffusion pipeline to a verified ONNX bundle (workstation)."""

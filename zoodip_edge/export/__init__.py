@@ -149,9 +149,9 @@ def export_bundle(
     defaults_for("sd1", defaults)  # bad keys or values fail before the model loads
     if resolution is not None and not 8 <= resolution <= 4096:  # the model's own multiple is checked once it loads
         raise UserError(f"--resolution must be from 8 to 4096 pixels, got {resolution}")
-    from .load import model_kind
+    from .load import check_single_file, model_kind
 
-    model_kind(model)  # a wrong path or file type fails before anything loads
+    kind = model_kind(model)  # a wrong path or file type fails before anything loads
     out = Path(os.path.abspath(out))  # "." or "x/.." would have no name for the siblings made beside it
     src = _model_inside(out, model, config)
     if src is not None:
@@ -161,6 +161,8 @@ def export_bundle(
     from ..files import check_writable
 
     check_writable(out, "the bundle")
+    if kind == "single_file":
+        check_single_file(model, config)  # a refiner, a foreign or truncated file: refused before it loads
     with exclusive_lock(out):
         check_replaceable(out, force)
         return _export(model, out, recipe, resolution, force, allow_unfaithful, config, progress or (lambda msg: None),

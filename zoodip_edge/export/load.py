@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,15 +87,105 @@ def model_kind(model: str) -> str:
     return "hub"
 
 
+def _safetensors_keys(path: Path, model: str) -> list[str]:
+    """The tensor names in a .safetensors header (8-byte length, then JSON), read without loading
+    a weight; UserError in one line for a file that is not one."""
+    bad = UserError(f"{model}: not a readable .safetensors checkpoint (corrupt or another format)")
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 2 <= size <= min(path.stat().st_size - 8, 100_000_000):
+                raise bad
+            header = json.loads(f.read(size))
+        tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+        end = max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError, KeyError, IndexError, TypeError):
+        raise bad from None
+    if end != path.stat().st_size - 8 - size:  # the data ends where the file does: not truncated
+        raise UserError(f"{model}: a corrupt .safetensors checkpoint (its data is {end} bytes, the file holds "
+                        f"{path.stat().st_size - 8 - size}); truncated download?")
+    return list(tensors)
+
+
+def single_file_family(model: str, keys) -> str:
+    """"sd" (SD1/SD2: ``cond_stage_model``) or "sdxl" (base: CLIP-L and OpenCLIP bigG as
+    ``conditioner.embedders.0`` / ``.1``) from an original-layout checkpoint's tensor names, or
+    UserError in one line for what the export cannot load (an SDXL refiner, a foreign file)."""
+    prefixes = {k.split(".", 1)[0] for k in keys}
+    if "model" not in prefixes or not any(k.startswith("model.diffusion_model.") for k in keys):
+        raise UserError(f"{model}: no Stable Diffusion U-Net in it (model.diffusion_model.*); "
+                        "not an SD1/SD2/SDXL single-file checkpoint")
+    if not any(k.startswith(("first_stage_model.", "vae.")) for k in keys):  # the prefixes diffusers reads
+        raise UserError(f"{model}: no VAE in it (first_stage_model.*); export needs a full single-file checkpoint")
+    if "cond_stage_model" in prefixes:
+        return "sd"
+    if any(k.startswith("conditioner.embedders.1.model.") for k in keys) and \
+            any(k.startswith("conditioner.embedders.0.transformer.") for k in keys):
+        return "sdxl"
+    if any(k.startswith("conditioner.embedders.0.model.") for k in keys):
+        raise UserError(f"{model}: an SDXL refiner checkpoint (one OpenCLIP text encoder); "
+                        "only base SDXL checkpoints (two text encoders) are supported")
+    raise UserError(f"{model}: text encoders neither SD (cond_stage_model.*) nor SDXL base "
+                    "(conditioner.embedders.0/1.*); not a supported single-file checkpoint")
+
+
+def _checkpoint_keys(path: Path, model: str) -> list[str]:
+    if path.suffix == ".safetensors":
+        return _safetensors_keys(path, model)
+    import torch  # .ckpt: a pickle, read with weights_only (no code runs) and memory-mapped
+
+    try:
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # the legacy (pre-zip) format cannot be memory-mapped
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # a corrupt or foreign pickle raises whatever its bytes lead to
+        raise UserError(f"{model}: not a readable .ckpt checkpoint ({type(e).__name__})") from None
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        raise UserError(f"{model}: not a readable .ckpt checkpoint (no state dict)")
+    return [str(k) for k in state]
+
+
+def check_single_file(model: str, config: str | None = None) -> str:
+    """The family ("sd" or "sdxl") of a single-file checkpoint and that a local ``config`` folder
+    matches it, from tensor names alone: export calls it before anything loads or is written."""
+    family = single_file_family(model, _checkpoint_keys(Path(model).expanduser(), model))
+    _check_config(model, config, family)
+    return family
+
+
+def _check_config(model: str, config: str | None, family: str) -> None:
+    """A local ``config`` folder must be the pipeline class the checkpoint's keys say."""
+    if not config:
+        return
+    index = Path(config).expanduser() / "model_index.json"
+    if not Path(config).expanduser().is_dir():
+        return  # a hub id: diffusers fetches it
+    try:
+        cls = json.loads(index.read_text()).get("_class_name", "")
+    except (OSError, ValueError, AttributeError):
+        raise UserError(f"{config} is not a diffusers pipeline folder (no readable model_index.json)") from None
+    xl = "XL" in cls
+    if family == "sdxl" and not xl:
+        raise UserError(f"{model} is an SDXL checkpoint but --config {config} holds a {cls or 'non-SDXL'} config; "
+                        "pass an SDXL base pipeline folder")
+    if family == "sd" and xl:
+        raise UserError(f"{model} is an SD1/SD2 checkpoint but --config {config} holds a {cls} config; "
+                        "pass an SD1/SD2 pipeline folder")
+
+
 def load_pipeline(model: str, config: str | None = None) -> LoadedPipeline:
     """Load the frozen fp32 components of a Stable Diffusion pipeline.
 
     ``model`` is a diffusers folder, a hub id (needs network), or a ``.safetensors`` /
-    ``.ckpt`` single-file checkpoint (``config`` names a diffusers folder or hub id holding
-    the matching configs, for machines without network).
+    ``.ckpt`` single-file checkpoint in the original layout, SD1/SD2 or SDXL base (``config``
+    names a diffusers folder or hub id holding the matching configs, for machines without
+    network; for SDXL, an SDXL base pipeline's).
     """
     import torch
-    from diffusers import DiffusionPipeline, StableDiffusionPipeline
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from safetensors import SafetensorError
 
     quiet_hf()
     path = Path(model).expanduser()
@@ -105,8 +196,10 @@ def load_pipeline(model: str, config: str | None = None) -> LoadedPipeline:
             source.update(kind="single_file", sha256=sha256_file(path))
             # .ckpt is a pickle: diffusers loads it with torch.load(weights_only=True), which
             # refuses arbitrary code; prefer .safetensors.
+            file_family = check_single_file(model, config)
             kwargs = {"config": config} if config else {}
-            pipe = StableDiffusionPipeline.from_single_file(str(path), torch_dtype=torch.float32, **kwargs)
+            cls = StableDiffusionXLPipeline if file_family == "sdxl" else StableDiffusionPipeline
+            pipe = cls.from_single_file(str(path), torch_dtype=torch.float32, **kwargs)
         elif kind == "folder":
             source.update(kind="folder")
             pipe = DiffusionPipeline.from_pretrained(str(path), torch_dtype=torch.float32, safety_checker=None)
@@ -115,7 +208,7 @@ def load_pipeline(model: str, config: str | None = None) -> LoadedPipeline:
             pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=torch.float32, safety_checker=None)
     except UserError:
         raise
-    except (OSError, ValueError, EnvironmentError) as e:
+    except (OSError, ValueError, EnvironmentError, SafetensorError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         first = first.replace(" Please check out the root cause in the stacktrace above.", "")
         raise UserError(f"could not load {model}: {first}") from None
