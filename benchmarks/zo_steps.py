@@ -56,6 +56,7 @@ class Arm:
     kind: str  # "zo", "oracle" or "ti"
     settings: Settings = Settings()
     search: bool = False
+    drift: bool = False  # an experiment: the guiding basis also holds the direction theta has moved since the start
 
 
 ARMS = {
@@ -73,16 +74,17 @@ ARMS = {
 
 
 def arm(name: str) -> Arm:
-    """An arm of ARMS, or a lever spelled out: ``[search+]vocab<k>[-a<alpha>][-lr<lr>]`` (directions
-    mixed with the vocabulary's k principal directions, full-space share alpha, ZO learning rate lr)."""
+    """An arm of ARMS, or a lever spelled out: ``[search+]vocab<k>[-a<alpha>][-lr<lr>][-drift]`` (directions
+    mixed with the vocabulary's k principal directions, full-space share alpha, ZO learning rate lr;
+    ``-drift`` adds the direction theta has moved since its start to that basis, an experiment)."""
     if name in ARMS:
         return ARMS[name]
-    m = re.fullmatch(r"(search\+)?vocab(\d+)(?:-a([\d.e-]+))?(?:-lr([\d.e-]+))?", name)
+    m = re.fullmatch(r"(search\+)?vocab(\d+)(?:-a([\d.e-]+?))?(?:-lr([\d.e-]+?))?(-drift)?", name)
     if not m:
-        raise argparse.ArgumentTypeError(f"unknown method {name!r}: one of {', '.join(ARMS)} or [search+]vocab<k>[-a<alpha>][-lr<lr>]")
-    search, k, alpha, lr = m.groups()
+        raise argparse.ArgumentTypeError(f"unknown method {name!r}: one of {', '.join(ARMS)} or [search+]vocab<k>[-a<alpha>][-lr<lr>][-drift]")
+    search, k, alpha, lr, drift = m.groups()
     return Arm("zo", Settings(guide_vocab=int(k), guide_alpha=float(alpha) if alpha else None,
-                              lr=float(lr) if lr else None), search=bool(search))
+                              lr=float(lr) if lr else None), search=bool(search), drift=bool(drift))
 
 
 class Evaluator:
@@ -157,8 +159,12 @@ def run_arm(name: str, arm: Arm, bundle: Path, model: Path, photos, token: str, 
             curve.append({"step": step, "forwards": forwards + per_step * step, "seconds": train_s, **evaluate(theta)})
 
     if arm.kind == "zo":
+        prior, start = p.optimizer.prior, p.theta.copy()
         while p.step_index < steps:
             t0 = time.perf_counter()
+            moved = p.theta - start
+            if arm.drift and np.any(moved):
+                p.optimizer.prior = np.concatenate([prior, moved[None] / np.linalg.norm(moved)])
             p.step()
             train_s += time.perf_counter() - t0
             read(p.step_index, p.theta)
@@ -304,7 +310,7 @@ def main() -> None:
     ap.add_argument("--probe-every", type=int, help="read the held-out losses every N steps (default: what "
                     "`--steps auto` reads at a budget of --steps)")
     ap.add_argument("--methods", nargs="+", default=["ti", "zoodip", "oracle", "momentum", "guided", "search"],
-                    help=f"arms: {', '.join(ARMS)}, or [search+]vocab<k>[-a<alpha>][-lr<lr>]")
+                    help=f"arms: {', '.join(ARMS)}, or [search+]vocab<k>[-a<alpha>][-lr<lr>][-drift]")
     ap.add_argument("--lr", type=float, help="ZO learning rate (default: the bundle's)")
     ap.add_argument("--mu", type=float, help="ZO perturbation size (default: the bundle's)")
     ap.add_argument("--ti-lr", type=float, default=5e-3)
