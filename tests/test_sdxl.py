@@ -335,6 +335,7 @@ def test_sdxl_continues_from_an_sdxl_embedding(sdxl_bundle, photos, sdxl_learned
 
 # ------------------------------------------------------------------ the searched start -------
 
+@pytest.mark.slow  # exports the tiny SDXL pipeline
 def test_sdxl_search_init_finds_a_word_no_worse_than_the_init_word(sdxl_bundle, photos):
     """The candidates are whole words both tokenizers know, θ their row in each table side by side;
     the winner (a word or a mix of the best two or three, rescaled table by table) is no worse than
@@ -374,6 +375,7 @@ def test_sdxl_personalize_with_search_init(sdxl_bundle, photos, tmp_path):
 
 # ------------------------------------------------------------------ memory budget -------------
 
+@pytest.mark.slow  # exports the tiny SDXL pipeline
 def test_sdxl_memory_estimate_counts_both_text_encoders_and_refuses_over_the_budget(sdxl_bundle, photos, tmp_path):
     """A resident profile holds both text encoders and the U-Net, plus both token tables; over a
     tiny budget personalize is refused in one line and writes nothing."""
