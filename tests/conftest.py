@@ -76,6 +76,17 @@ def pytest_configure(config: pytest.Config) -> None:
         _cache.update(cache=config.cache, key=cache_key())
 
 
+# Fixtures that export an SDXL bundle (tens of seconds, never kept between runs): a test that uses
+# one belongs to the slow tier, whether or not it says so, so the fast tier stays fast.
+EXPORTING_FIXTURES = {"sdxl_bundle", "sdxl_learned"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if EXPORTING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 def exporter_sources(roots: tuple[str, ...] = ("zoodip_edge.export", "zoodip_edge.export.tiny")) -> list[Path]:
     """The source files of the zoodip_edge modules ``roots`` can import: every import statement
     (those inside functions too) followed through the package."""
