@@ -164,7 +164,7 @@ def run_arm(name: str, arm: Arm, bundle: Path, model: Path, photos, token: str, 
             t0 = time.perf_counter()
             moved = p.theta - start
             if arm.drift and np.any(moved):
-                p.optimizer.prior = np.concatenate([prior, moved[None] / np.linalg.norm(moved)])
+                p.optimizer.set_prior(np.concatenate([prior, moved[None] / np.linalg.norm(moved)]))
             p.step()
             train_s += time.perf_counter() - t0
             read(p.step_index, p.theta)

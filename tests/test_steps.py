@@ -106,6 +106,12 @@ def test_vocabulary_basis_is_the_tables_principal_directions():
     np.testing.assert_allclose(np.abs(np.sum(basis * axes, axis=1)), 1.0, atol=1e-3)  # in order of variance
 
 
+def test_vocabulary_basis_reads_a_large_table_in_chunks():
+    table = (np.random.default_rng(1).standard_normal((1000, 24)) * np.linspace(1, 4, 24)).astype(np.float16)
+    whole, chunked = vocabulary_basis(table, 5, chunk=len(table)), vocabulary_basis(table, 5, chunk=64)
+    np.testing.assert_allclose(np.abs(np.sum(whole * chunked, axis=1)), 1.0, atol=1e-9)  # the same directions
+
+
 def _subspace_quadratic(d: int, k: int):
     """A noisy quadratic whose optimum lies in a k-dim subspace (known to the prior), as the toy's
     gradients lie mostly along the vocabulary's principal directions."""

@@ -98,8 +98,7 @@ class Generator:
         """The U-Net's text conditions, one row per prompt: ``encoder_hidden_states``, and for SDXL
         ``text_embeds`` and ``time_ids`` (the bundle's resolution, uncropped)."""
         if isinstance(self.text, XLPromptEncoder):
-            run = lambda graph, feed, outputs: self.sessions.get(graph).run(outputs, feed)  # noqa: E731
-            conds = self.text.condition([self.text.embed(p) for p in prompts], run)
+            conds = self.text.condition([self.text.embed(p) for p in prompts], self.sessions.run)
             return {k: np.concatenate([c[k] for c in conds]) for k in conds[0]}
         te = self.sessions.get("text_encoder")
         embeds = np.concatenate([self.text.embed(p) for p in prompts])

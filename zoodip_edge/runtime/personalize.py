@@ -147,8 +147,6 @@ class Personalizer:
         # A start: SD1/SD2 [d] or [1, d]; SDXL {"clip_l": [1, d1], "clip_g": [1, d2]} (a file's) or θ's [d1 + d2].
         if init_embedding is None:
             theta0 = self.text.init_row(init)
-        elif self.sdxl and not isinstance(init_embedding, Mapping) and np.size(init_embedding) == self.text.width:
-            theta0 = np.asarray(init_embedding, np.float64).reshape(-1)
         else:
             theta0 = self.text.as_row(init_embedding, "the initial embedding")
         self.text.add_token(token)
@@ -217,32 +215,20 @@ class Personalizer:
         the prompt names the concept in words instead of the token (a reference loss; thetas unused)."""
         prompt, zt, target = self.draw(t, noise_seed)
         embeds = self.text.embed(prompt, thetas) if words is None else self.text.embed(prompt.replace(self.token, words))
-        if self.sdxl:
-            return self._losses_xl(embeds, zt, target, t)
-        chunks = [embeds] if self.batch else [e[None] for e in embeds]
-        # Text encoder first for every chunk, so a profile that loads sessions in turn loads each once per step.
-        te = self.sessions.get("text_encoder")
-        conds = [self._run(te, {"inputs_embeds": c}, "last_hidden_state", keep_on_device=self.profile.resident_sessions)
-                 for c in chunks]
+        # Text encoder(s) first for every chunk, so a profile that loads sessions in turn loads each once per step.
+        if self.sdxl:  # both encoders; the U-Net also takes the pooled text and the time ids
+            chunks = [embeds] if self.batch else embeds.rows()
+            conds, sizes = self.text.condition(chunks, self.sessions.run), [len(c.first) for c in chunks]
+        else:
+            chunks = [embeds] if self.batch else [e[None] for e in embeds]
+            te = self.sessions.get("text_encoder")
+            conds = [{"encoder_hidden_states": self._run(te, {"inputs_embeds": c}, "last_hidden_state",
+                                                         keep_on_device=self.profile.resident_sessions)} for c in chunks]
+            sizes = [len(c) for c in chunks]
         unet = self.sessions.get("unet")
         out = []
-        for chunk, c in zip(chunks, conds):
-            rows = 1 if self.bundle.shared_prefix else len(chunk)  # such a U-Net runs its prefix once for the chunk
-            feed = {"sample": np.repeat(zt, rows, 0), "timestep": np.full((rows,), t, np.float32), "encoder_hidden_states": c}
-            pred = self._run(unet, feed, "out_sample", keep_on_device=False)
-            out.append(np.mean((pred.astype(np.float64) - target) ** 2, axis=(1, 2, 3)))
-        return np.concatenate(out)
-
-    def _losses_xl(self, embeds, zt: np.ndarray, target: np.ndarray, t: int) -> np.ndarray:
-        """SDXL: both text encoders (each over every chunk in turn), then the U-Net with the added
-        conditions, ``time_ids`` the training resolution's (H, W, 0, 0, H, W)."""
-        chunks = [embeds] if self.batch else embeds.rows()
-        run = lambda graph, feed, outputs: self.sessions.get(graph).run(outputs, feed)  # noqa: E731
-        conds = self.text.condition(chunks, run)
-        unet = self.sessions.get("unet")
-        out = []
-        for cond in conds:
-            rows = 1 if self.bundle.shared_prefix else len(cond["encoder_hidden_states"])
+        for size, cond in zip(sizes, conds):
+            rows = 1 if self.bundle.shared_prefix else size  # such a U-Net runs its prefix once for the chunk
             feed = {"sample": np.repeat(zt, rows, 0), "timestep": np.full((rows,), t, np.float32), **cond}
             pred = self._run(unet, feed, "out_sample", keep_on_device=False)
             out.append(np.mean((pred.astype(np.float64) - target) ** 2, axis=(1, 2, 3)))

@@ -390,6 +390,10 @@ class BundleSessions:
                     self.warn(f"{name}: {matmuls} MatMuls of this bundle compute in int8, but {reason}")
         return self.open[name]
 
+    def run(self, name: str, feed: dict, outputs: list[str]) -> list:
+        """``outputs`` of graph ``name`` on ``feed`` (its session opened as ``get`` does)."""
+        return self.get(name).run(outputs, feed)
+
     def release(self, name: str) -> None:
         if self.open.pop(name, None) is not None:
             gc.collect()

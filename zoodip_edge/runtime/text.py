@@ -266,7 +266,9 @@ class XLPromptEncoder:
         return np.concatenate([self.first.init_row(word), self.second.init_row(word)])
 
     def as_row(self, vector, what: str) -> np.ndarray:
-        """float64 ``[d1 + d2]`` from an SDXL embedding file's single vector pair."""
+        """float64 ``[d1 + d2]`` from an SDXL embedding file's single vector pair, or a θ as it is."""
+        if not isinstance(vector, Mapping) and np.size(vector) == self.width:
+            return np.asarray(vector, np.float64).reshape(-1)
         if not isinstance(vector, Mapping):
             raise UserError(f"{what} is an SD1/SD2 embedding (one text encoder); this SDXL bundle needs clip_l and clip_g")
         parts = [self.first.as_row(vector["clip_l"], f"{what} clip_l"), self.second.as_row(vector["clip_g"], f"{what} clip_g")]

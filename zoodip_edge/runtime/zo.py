@@ -75,14 +75,20 @@ def along(v: np.ndarray) -> np.ndarray | None:
     return v * (np.sqrt(v.size) / norm) if norm > 0 else None
 
 
-def vocabulary_basis(table: np.ndarray, k: int) -> np.ndarray:
+def vocabulary_basis(table: np.ndarray, k: int, chunk: int = 4096) -> np.ndarray:
     """The top-``k`` principal directions of a token table's rows (orthonormal rows, [k, d]).
 
     The text encoder was trained on these rows, so its response to the token, and with it the
     diffusion loss's gradient, is concentrated along them (docs/steps.md measures it)."""
-    rows = np.asarray(table, dtype=np.float64)
-    centered = rows - rows.mean(axis=0)
-    _, vectors = np.linalg.eigh(centered.T @ centered)  # d x d: cheap for any vocabulary size
+    # In float64 chunks of rows: SD's memory-mapped fp16 table (49,408 x 768) as one float64 copy,
+    # centred, would add about 600 MB to the device's peak; the d x d scatter is small for any vocabulary.
+    spans = [(i, min(i + chunk, len(table))) for i in range(0, len(table), chunk)]
+    mean = sum(np.asarray(table[a:b], dtype=np.float64).sum(axis=0) for a, b in spans) / len(table)
+    scatter = np.zeros((table.shape[1], table.shape[1]))
+    for a, b in spans:
+        centered = np.asarray(table[a:b], dtype=np.float64) - mean
+        scatter += centered.T @ centered
+    _, vectors = np.linalg.eigh(scatter)
     return np.ascontiguousarray(vectors[:, ::-1][:, :k].T)
 
 
@@ -239,7 +245,7 @@ class ZOOptimizer:
         self.config = config
         if config.guide_vocab and (prior is None or prior.ndim != 2 or prior.shape[1] != np.size(theta0)):
             raise ValueError(f"guide_vocab = {config.guide_vocab} needs prior directions of the token's size")
-        self.prior = prior if config.guide_vocab else None
+        self.set_prior(prior if config.guide_vocab else None)
         self.theta = np.array(theta0, dtype=np.float64).reshape(-1)
         self.adam = ZOAdam(self.theta.size, config.lr, config.beta1, config.beta2, config.eps)
         self.sg = SubspaceGradient(self.theta.size, config.tau, config.nu)
@@ -249,6 +255,11 @@ class ZOOptimizer:
         self.step_index = 0
         self._pending: StepPlan | None = None
         self._rng_before_pending: dict[str, Any] | None = None
+
+    def set_prior(self, prior: np.ndarray | None) -> None:
+        """Fixed guiding directions (rows), orthonormalized once here rather than at every step."""
+        self.prior = prior
+        self._prior_basis = None if prior is None else np.linalg.qr(prior.T)[0].T
 
     def propose(self) -> StepPlan:
         """Draw t, noise seed and directions for the next step (idempotent until ``update``)."""
@@ -269,8 +280,11 @@ class ZOOptimizer:
         c = self.config
         if c.guide_k or c.guide_vocab:
             filled = min(self.step_index, c.guide_k)
-            basis = np.concatenate([self.history[:filled]] + ([self.prior] if c.guide_vocab else []))
-            basis = np.linalg.qr(basis.T)[0].T if len(basis) else np.zeros((0, z.shape[1]))
+            if filled:  # recent estimates change every step: the basis with them too
+                basis = np.concatenate([self.history[:filled]] + ([self.prior] if c.guide_vocab else []))
+                basis = np.linalg.qr(basis.T)[0].T
+            else:
+                basis = self._prior_basis if c.guide_vocab else np.zeros((0, z.shape[1]))
             # its own stream, keyed by step: resumes and replays draw the same
             extra = np.random.Generator(np.random.PCG64([self.seed, self.step_index]))
             z = guided_directions(z, basis, c.guide_alpha, extra)
