@@ -334,15 +334,14 @@ def test_cli_guide_vocab_runs_and_bad_values_are_refused(toy_photos, tmp_path):
 
 
 def test_sdxl_prior_guides_each_table_in_its_own_part_of_theta():
-    from types import SimpleNamespace
-
     from zoodip_edge.runtime.personalize import vocabulary_prior
-    from zoodip_edge.runtime.text import XLPromptEncoder
+    from zoodip_edge.runtime.text import PromptEncoder, XLPromptEncoder
 
     rng = np.random.default_rng(0)
     text = XLPromptEncoder.__new__(XLPromptEncoder)  # only its two tables are read
-    text.first = SimpleNamespace(table=rng.standard_normal((50, 8)) * np.linspace(1, 3, 8))
-    text.second = SimpleNamespace(table=rng.standard_normal((50, 12)) * np.linspace(1, 3, 12))
+    text.first, text.second = PromptEncoder.__new__(PromptEncoder), PromptEncoder.__new__(PromptEncoder)
+    text.first.table = rng.standard_normal((50, 8)) * np.linspace(1, 3, 8)
+    text.second.table = rng.standard_normal((50, 12)) * np.linspace(1, 3, 12)
     prior = vocabulary_prior(text, 3)
     assert prior.shape == (6, 20)
     np.testing.assert_allclose(prior @ prior.T, np.eye(6), atol=1e-9)

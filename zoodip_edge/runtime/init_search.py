@@ -20,8 +20,6 @@ from typing import Sequence
 
 import numpy as np
 
-from .text import XLPromptEncoder
-
 WORD = re.compile(r"^[a-z]{2,}</w>$")  # a whole lower-case word in CLIP's BPE vocabulary
 
 
@@ -44,17 +42,6 @@ def search_probes(t_low: int, t_high: int) -> list[tuple[int, int]]:
 Ids = int | tuple[int, ...]  # a word's id, or (SDXL) its id in each tokenizer
 
 
-def _parts(text) -> list[tuple[object, slice]]:
-    """(prompt encoder, its columns of θ) per token table: one, or SDXL's two side by side."""
-    encoders = [text.first, text.second] if isinstance(text, XLPromptEncoder) else [text]
-    out, at = [], 0
-    for enc in encoders:
-        width = int(enc.table.shape[1])
-        out.append((enc, slice(at, at + width)))
-        at += width
-    return out
-
-
 def _whole_words(enc) -> dict[str, int]:
     vocab = enc.tok.get_vocab(with_added_tokens=False)
     return {w.removesuffix("</w>"): i for w, i in vocab.items() if WORD.match(w) and i < enc.table.shape[0]}
@@ -62,7 +49,7 @@ def _whole_words(enc) -> dict[str, int]:
 
 def candidate_rows(text, ids: Sequence[Ids]) -> np.ndarray:
     """θ of each candidate: its row in every table, side by side."""
-    parts = _parts(text)
+    parts = text.parts
     per = [i if isinstance(i, tuple) else (i,) for i in ids]
     return np.concatenate([np.asarray(enc.table[[i[k] for i in per]], dtype=np.float64).reshape(len(per), -1)
                            for k, (enc, _) in enumerate(parts)], axis=1)
@@ -73,7 +60,7 @@ def word_candidates(p, limit: int = 256) -> list[tuple[str, Ids]]:
     id in each): all of them when there are at most ``limit`` (a small model), else the ``limit``
     nearest to the initializer by cosine, averaged over the tables (SD's 49,408-token vocabulary
     would cost hundreds of thousands of forward passes)."""
-    parts = _parts(p.text)
+    parts = p.text.parts
     maps = [_whole_words(enc) for enc, _ in parts]
     common = sorted(set(maps[0]).intersection(*maps[1:]), key=lambda w: (maps[0][w], w))
     ids: list[Ids] = [maps[0][w] if len(maps) == 1 else tuple(m[w] for m in maps) for w in common]
@@ -115,7 +102,7 @@ def search_initializer(p, probes: Sequence[tuple[int, int]], candidates: Sequenc
     for k in range(2, min(mixes, len(rows)) + 1):
         members = rows[order[:k]]
         mix = members.mean(axis=0)
-        for _, cols in _parts(p.text):  # each table's part to its members' mean norm there
+        for _, cols in p.text.parts:  # each table's part to its members' mean norm there
             mix[cols] *= np.linalg.norm(members[:, cols], axis=1).mean() / max(np.linalg.norm(mix[cols]), 1e-12)
         mixed_rows.append(mix)
         mixed_labels.append(" + ".join(labels[i] for i in order[:k]))

@@ -14,12 +14,9 @@ U-Net loaded together (the VAE encoder runs alone before them and is released); 
 loads every graph alone. A preview (``--preview-every``) adds the VAE decoder to the resident
 set (generate releases the U-Net before decoding, but the text encoders stay).
 
-Calibrated on SD1.5 int8-cpu personalize runs (docs/performance.md, peak RSS of the whole
-process, MiB): weights 1,017 (text encoder 96 MB, U-Net 894 MB, token table 76 MB), estimate
-1,429 / 1,767 / 2,329 at 256 / 512 / 768 px against 1,200-1,341 / 1,245-1,715 / 1,319-2,403
-measured over the cpu and cpu-lowmem profiles and n = 1..4. Only two 768 px runs went over it, by
-54 and 74 MiB (cpu profile batched at n = 4; one by one before huge pages). On GPUs the same figure stands for device memory, not
-calibrated there.
+The constants are calibrated on measured SD1.5 int8-cpu peaks; docs/design.md gives the runs and
+how close the estimate comes (figures live there, not here). On GPUs the same figure stands for
+device memory, not calibrated there.
 """
 
 from __future__ import annotations

@@ -92,10 +92,12 @@ class Settings:
 def vocabulary_prior(text, k: int) -> np.ndarray:
     """The guiding directions of ``guide_vocab``: the top-k principal directions of the token table
     (SDXL: of each table, in its own part of theta)."""
-    if isinstance(text, XLPromptEncoder):
-        a, b = (vocabulary_basis(t.table, k) for t in (text.first, text.second))
-        return np.block([[a, np.zeros((k, b.shape[1]))], [np.zeros((k, a.shape[1])), b]])
-    return vocabulary_basis(text.table, k)
+    blocks = []
+    for enc, cols in text.parts:
+        block = np.zeros((k, text.width))
+        block[:, cols] = vocabulary_basis(enc.table, k)
+        blocks.append(block)
+    return np.concatenate(blocks)
 
 
 class NonFiniteLoss(UserError):

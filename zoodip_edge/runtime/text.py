@@ -123,6 +123,11 @@ class PromptEncoder:
         """Values per token vector (the length of θ)."""
         return int(self.table.shape[1])
 
+    @property
+    def parts(self) -> list[tuple["PromptEncoder", slice]]:
+        """(prompt encoder, its columns of θ) per token table: here the one, all of θ."""
+        return [(self, slice(0, self.width))]
+
     def init_row(self, word: str) -> np.ndarray:
         """float64 ``[d]``: the table row of the one-token ``word``."""
         return np.asarray(self.table[self.single_token_id(word)], dtype=np.float64)
@@ -255,6 +260,12 @@ class XLPromptEncoder:
     @property
     def max_length(self) -> int:
         return self.first.max_length
+
+    @property
+    def parts(self) -> list[tuple[PromptEncoder, slice]]:
+        """(prompt encoder, its columns of θ) per token table: the first's, then the second's."""
+        d1 = self.first.width
+        return [(self.first, slice(0, d1)), (self.second, slice(d1, self.width))]
 
     def split(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``[..., d1 + d2]`` -> the first table's part and the second's."""
