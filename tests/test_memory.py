@@ -1,11 +1,14 @@
-"""The memory estimate of a personalize run (runtime/memory.py) and the profile budget it is
-checked against: which graphs count as loaded at once, the formula's terms, the one-line refusal,
-and the figures docs/design.md gives for SD1.5 and SDXL."""
+"""The memory estimate of a personalize or generate run (runtime/memory.py) and the profile budget
+it is checked against: which graphs count as loaded at once, the formula's terms, the one-line
+refusal, the figures docs/design.md gives for SD1.5 and SDXL, and personalize-many's plan, which
+uses the same estimate."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,7 +17,14 @@ import pytest
 from zoodip_edge.bundle import load_bundle
 from zoodip_edge.errors import UserError
 from zoodip_edge.profiles import resolve_profile
-from zoodip_edge.runtime.memory import ACTIVATION_MB, BASE_MB, check_memory, estimate_memory
+from zoodip_edge.runtime.memory import (
+    ACTIVATION_MB,
+    BASE_MB,
+    check_memory,
+    decoder_activations_mb,
+    estimate_generation_memory,
+    estimate_memory,
+)
 
 from cli_checks import ok, personalize_args, refused
 
@@ -128,3 +138,119 @@ def test_preview_counts_the_decoder(sd1_bundle, photos, tmp_path):
     with pytest.raises(UserError, match="with the preview decoder"):
         p.train(1, preview_every=1, checkpoint=tmp_path / "c.ckpt", out=tmp_path / "e.safetensors")
     assert p.step_index == 0 and not list(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------------------ generate ----
+
+def test_generation_estimate_is_the_larger_of_sampling_and_decoding(sd1_bundle):
+    """Sampling holds the text encoder and U-Net with personalize's activations; decoding (the U-Net
+    released) the text encoder and VAE decoder with the decoder's, at one image's latent or one
+    tile's. Sessions in turn: one graph at a time. The VAE encoder never counts."""
+    b = load_bundle(sd1_bundle)
+    m = b.manifest
+    size = {k: c["bytes"] for k, c in m["components"].items()}
+    table, latent = m["token_embeddings"]["bytes"], m["latent_size"]
+    whole = estimate_generation_memory(b, resident_sessions=True)
+    # the tiny bundle's decoder activations (8 x 8 latent) are over its U-Net's: decoding sets the peak
+    assert decoder_activations_mb(latent) > ACTIVATION_MB * (latent / 64) ** 2
+    assert whole.graphs == ("text_encoder", "vae_decoder")
+    assert whole.activations_mb == pytest.approx(decoder_activations_mb(latent))
+    assert whole.weights_mb == pytest.approx((size["text_encoder"] + size["vae_decoder"] + table) / MiB)
+    tiled = estimate_generation_memory(b, True, tile=4)
+    assert tiled.total_mb < whole.total_mb
+    assert max(tiled.activations_mb, decoder_activations_mb(4)) == tiled.activations_mb  # a tile's, or sampling's
+    assert estimate_generation_memory(b, True, tile=latent) == whole  # a tile as large as the latent: no tiles
+    assert estimate_generation_memory(b, False).graphs == ("vae_decoder",)
+    assert estimate_generation_memory(b, False).total_mb < whole.total_mb
+
+
+def test_decoder_term_covers_the_measured_decoder_runs():
+    """The VAE decoder's term against SD1.5's decoder (the architecture SDXL's shares; fp32 random
+    weights, which the activations do not depend on) decoding one latent through ONNX Runtime, RSS
+    over the loaded session, by latent side (docs/design.md): under the cpu profile within 3% of
+    every run but 96 x 96, where the ORT arena took 36% more; under cpu-lowmem (no arena) over it."""
+    cpu = {16: 84, 32: 335, 64: 1346, 80: 2098, 96: 4141, 112: 4083, 128: 5283}
+    lowmem = {32: 257, 64: 1026, 96: 2306}
+    for latent, mb in cpu.items():
+        assert (abs(decoder_activations_mb(latent) / mb - 1) < 0.03) == (latent != 96), latent
+    assert all(decoder_activations_mb(latent) > mb for latent, mb in lowmem.items())
+
+
+DOCUMENTED_GENERATION = {  # (bundle, resident sessions, --tile): MiB, as docs/design.md gives them
+    ("sd15", True, None): 1862, ("sd15", True, 64): 1862, ("sd15", False, None): 1770, ("sd15", False, 64): 1770,
+    ("sdxl", True, None): 6751, ("sdxl", True, 64): 5767, ("sdxl", False, None): 5945, ("sdxl", False, 64): 4961,
+}
+
+
+def test_documented_generation_estimates():
+    """docs/design.md's figures for generate: SD1.5 int8-cpu at 512 px and SDXL base at 1024 px,
+    whole and in tiles of 64 latent pixels, with sessions resident and in turn."""
+    sd15 = fake_bundle({"text_encoder": 96e6, "unet": 894e6, "vae_encoder": 34e6, "vae_decoder": 50e6},
+                       49408 * 768 * 2, 64, family="sd1")
+    sdxl = fake_bundle({"text_encoder": 85e6 * 1.18, "text_encoder_2": 631e6 * 1.18, "unet": 2.567e9 * 1.09,
+                        "vae_encoder": 34e6 * 1.09, "vae_decoder": 50e6 * 1.09}, 49408 * 768 * 2, 128)
+    sdxl.manifest["token_embeddings_2"] = {"bytes": 49408 * 1280 * 2}
+    figures = {(name, resident, tile): round(estimate_generation_memory(b, resident, tile).total_mb)
+               for name, b in (("sd15", sd15), ("sdxl", sdxl)) for resident in (True, False) for tile in (None, 64)}
+    assert figures == DOCUMENTED_GENERATION
+
+
+def test_generate_refuses_a_bundle_over_the_budget_in_one_line(sd1_bundle, tmp_path):
+    """Exit 2, one line naming the estimate and the budget, nothing written (no folder, no image);
+    a budget between the tiled and the whole decode's estimate refuses only without --tile, and
+    says so; the same run under a profile without a budget writes its images."""
+    b = load_bundle(sd1_bundle)
+    out = tmp_path / "images"
+    args = ["generate", sd1_bundle, "--prompt", "a dog", "--out", out, "--steps", "2", "--quiet"]
+    line = refused([*args, "--device", profile_file(tmp_path, 64)], sd1_bundle, tmp_path, match="needs an estimated")
+    assert "to generate with device profile 'tight'" in line and "over its memory_budget_mb of 64;" in line
+    assert not out.exists()
+
+    whole, tiled = (estimate_generation_memory(b, True, tile) for tile in (None, 4))
+    budget = int(whole.total_mb)  # the whole decode is over it, four-pixel tiles are not
+    assert tiled.total_mb <= budget < whole.total_mb
+    between = profile_file(tmp_path, budget, "between")
+    line = refused([*args, "--device", between], sd1_bundle, tmp_path, match="needs an estimated")
+    assert "text_encoder + vae_decoder loaded at once" in line and "--tile to decode in tiles" in line
+    ok([*args, "--device", between, "--tile", "4"])
+    assert sorted(p.name for p in out.iterdir()) == ["0000-00.png", "grid.png"]
+    ok([*args, "--device", profile_file(tmp_path, None, "unbounded"), "--force"])
+
+
+def test_personalize_many_plans_with_the_same_estimate(sd1_bundle, tmp_path):
+    """personalize-many's memory per job is personalize's estimate: each job's bundle under the job's
+    own profile, the preview decoder counted, the largest over the jobs (rounded up); a bundle it
+    cannot read counts nothing (its job fails with the reason), and none readable plans BASE_MB.
+    The plan divides the --device profile's budget by it; --job-memory-mb still overrides it."""
+    from zoodip_edge.many import job_memory_mb, prepare
+    from zoodip_edge.many.jobs import Job
+    from zoodip_edge.toy import shipped_path
+
+    toy = shipped_path("bundle")
+
+    def job(bundle, **options) -> Job:
+        return Job("j", 1, {"bundle": str(bundle), **options})
+
+    def planned(bundle, resident: bool, preview: bool = False) -> int:
+        return math.ceil(estimate_memory(load_bundle(bundle), resident, preview).total_mb)
+
+    assert job_memory_mb([job(sd1_bundle, device="cpu")]) == planned(sd1_bundle, True)
+    assert job_memory_mb([job(sd1_bundle, device="cuda-lowvram")]) == planned(sd1_bundle, False)
+    assert job_memory_mb([job(sd1_bundle, device="cpu", preview_every=5)]) == planned(sd1_bundle, True, True)
+    both = [job(toy, device="cpu"), job(sd1_bundle, device="cpu")]
+    assert job_memory_mb(both) == max(planned(toy, True), planned(sd1_bundle, True))
+    assert job_memory_mb([job(tmp_path / "no-bundle"), job(toy, device="cpu")]) == planned(toy, True)
+    assert job_memory_mb([job(tmp_path / "no-bundle")]) == BASE_MB
+
+    jobs = tmp_path / "jobs.jsonl"
+    line = {"bundle": str(sd1_bundle), "images": "photos", "token": "<t>", "init": "dog", "device": "cpu"}
+    jobs.write_text("".join(json.dumps({**line, "seed": s}) + "\n" for s in (0, 1)))
+    per_job = planned(sd1_bundle, True)
+    for budget, pool in ((per_job, 1), (2 * per_job, 2)):
+        plan = prepare(jobs, tmp_path / "run", threads=1, want_jobs=None, retries=0, images=1, evaluate=False,
+                       job_memory=None, ray=False, device_budget=str(profile_file(tmp_path, budget, f"b{budget}")))
+        assert plan.memory_mb == per_job and plan.pool == min(pool, len(os.sched_getaffinity(0)))
+    plan = prepare(jobs, tmp_path / "run", threads=1, want_jobs=None, retries=0, images=1, evaluate=False,
+                   job_memory=123, ray=False)
+    assert plan.memory_mb == 123
+    assert not (tmp_path / "run").exists()  # planning writes nothing

@@ -398,17 +398,21 @@ def generate(
     """Generate images with the bundle, optionally using learned tokens (device)."""
     from tqdm import tqdm
 
+    from .bundle import load_bundle
     from .files import save_image
     from .profiles import resolve_profile
     from .runtime.generate import Generator, check_generation, grid
+    from .runtime.memory import check_generation_memory
 
-    check_generation(n=n, steps=steps, guidance=guidance, seed=seed)  # the model's own limits are checked again
+    check_generation(n=n, steps=steps, guidance=guidance, seed=seed, tile=tile)  # the model's own limits are checked again
     names = [f"{seed:04d}-{i:02d}.png" for i in range(n)] + ["grid.png"]
     _check_out_folder(out, [out / name for name in names], force)
     profile = resolve_profile(device)
     _restart_for(profile)
+    b = load_bundle(bundle)
+    check_generation_memory(b, profile, tile)  # over the profile's budget: one line now, not the OS's kill later
     warn = lambda msg: typer.echo(f"warning: {msg}", err=True)  # noqa: E731
-    g = Generator(bundle, profile=profile, strict=strict, warn=warn, embeddings=embedding)
+    g = Generator(b, profile=profile, strict=strict, warn=warn, embeddings=embedding)
     bar = tqdm(total=steps, disable=quiet, unit="step")
     images = g.generate(prompt, negative_prompt=negative_prompt, n=n, steps=steps, guidance=guidance, seed=seed,
                         scheduler=scheduler, tile=tile, progress=lambda i, total: bar.update(1))
@@ -567,7 +571,7 @@ def personalize_many(
     images: int = typer.Option(4, help="images per job in its grid.png (and scored with --evaluate)"),
     evaluate: bool = typer.Option(False, "--evaluate", help="score each job: the toy world's concept score (job key 'concept') or "
                                   "`zoodip-edge evaluate --all` (job key 'class_word', eval extra)"),
-    job_memory_mb: Optional[int] = typer.Option(None, help="memory planned per job (default: 1.5x the bundle + 300 MB)"),
+    job_memory_mb: Optional[int] = typer.Option(None, help="memory planned per job (default: personalize's memory estimate for the largest job)"),
     device: str = typer.Option("auto", help="profile whose memory budget caps the local pool"),
 ) -> None:
     """Run many personalize jobs: a local pool or Ray, resumable, with one report (docs/many.md)."""

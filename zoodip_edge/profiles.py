@@ -8,7 +8,7 @@ A profile is a TOML file (``devices/*.toml`` in the source tree, the package
     intra_op_threads = 0          # 0 = ORT default (one per physical core)
     batch_perturbations = true    # run the n+1 perturbed passes as one batch
     resident_sessions = true      # keep text encoder + U-Net loaded (else load/release in turn)
-    memory_budget_mb = 8192       # optional: personalize refuses a bundle estimated over it (none: never)
+    memory_budget_mb = 8192       # optional: personalize and generate refuse a bundle estimated over it (none: never)
     io_binding = true             # keep tensors on the device between passes
     recommended_recipe = "int8-gpu"   # optional: export recipe that suits the target
     enable_cpu_mem_arena = true   # optional (default true): ORT's CPU memory arena
@@ -121,7 +121,7 @@ class DeviceProfile:
     intra_op_threads: int
     batch_perturbations: bool
     resident_sessions: bool
-    memory_budget_mb: int | None  # MiB; personalize refuses a bundle whose estimate is over it (runtime/memory.py)
+    memory_budget_mb: int | None  # MiB; personalize and generate refuse a bundle whose estimate is over it (runtime/memory.py)
     io_binding: bool
     session_config: dict[str, str] = field(default_factory=dict)
     recommended_recipe: str | None = None

@@ -30,12 +30,12 @@ from .jobs import EXTRA_KEYS, NAME_RE, Job, read_jobs
 from .plan import RUN_OUTPUTS, Plan, embedding_path, job_dir, job_spec, personalize_argv, prepare
 from .records import Ledger, ledger_state, read_jsonl
 from .report import COLUMNS, write_report
-from .resources import bundle_bytes, cpus_here, job_memory_mb, plan_pool, profile_with_threads, uses_gpu
+from .resources import cpus_here, job_estimate_mb, job_memory_mb, plan_pool, profile_with_threads, uses_gpu
 from .worker import run_job
 
 __all__ = [
-    "COLUMNS", "EXTRA_KEYS", "NAME_RE", "RUN_OUTPUTS", "Job", "Ledger", "Plan", "bundle_bytes", "cpus_here",
-    "embedding_path", "finish_job", "job_dir", "job_memory_mb", "job_spec", "ledger_state", "personalize_argv",
+    "COLUMNS", "EXTRA_KEYS", "NAME_RE", "RUN_OUTPUTS", "Job", "Ledger", "Plan", "cpus_here",
+    "embedding_path", "finish_job", "job_dir", "job_estimate_mb", "job_memory_mb", "job_spec", "ledger_state", "personalize_argv",
     "personalize_many", "plan_pool", "prepare", "profile_with_threads", "read_jobs", "read_jsonl", "run_job",
     "run_many", "uses_gpu", "write_report",
 ]

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import tomllib
-from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
@@ -15,21 +15,32 @@ from ..profiles import parse_profile, resolve_profile
 from .jobs import Job
 
 
-def bundle_bytes(bundle: str) -> int | None:
-    """The bundle's size from its manifest (what a job maps into memory), or None if unreadable."""
+def job_estimate_mb(job: Job, resident_sessions: dict[str, bool] | None = None) -> float | None:
+    """What ``personalize`` estimates this job needs (runtime/memory.py) under the job's own device
+    profile, with the preview decoder if it writes previews; None if its bundle or profile cannot
+    be read (the job then fails with the reason). ``resident_sessions`` caches each profile's setting."""
+    from ..bundle import load_bundle
+    from ..runtime.memory import estimate_memory
+
+    cache = {} if resident_sessions is None else resident_sessions
+    device = str(job.options.get("device", "auto"))
     try:
-        m = json.loads((Path(bundle) / "manifest.json").read_text())
-        return sum(int(c["bytes"]) + sum(int(e["bytes"]) for e in c.get("external_data", []))
-                   for c in m["components"].values())
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        if device not in cache:  # "auto" asks ONNX Runtime (and maybe nvidia-smi): once per run, not per job
+            cache[device] = resolve_profile(device).resident_sessions
+        bundle = load_bundle(job.options["bundle"], verify=False, run=False)  # the manifest is all it reads
+        return estimate_memory(bundle, cache[device], preview=bool(job.options.get("preview_every"))).total_mb
+    except (UserError, KeyError, TypeError, ValueError):
         return None
 
 
 def job_memory_mb(jobs: list[Job]) -> int:
-    """Planning figure per job: 1.5x the largest bundle plus 300 MB for Python and ONNX Runtime.
-    Measured peaks: SD1.5 int8-cpu 1.43 GB (docs/performance.md), toy-64 about 115 MB."""
-    sizes = [bundle_bytes(j.options["bundle"]) or 0 for j in jobs]
-    return int(1.5 * max(sizes, default=0) / 2**20) + 300
+    """Planning figure per job, in MB: the largest of the jobs' estimates (``job_estimate_mb``), the
+    rule ``personalize`` checks a profile's memory_budget_mb with; BASE_MB when none can be read."""
+    from ..runtime.memory import BASE_MB
+
+    resident: dict[str, bool] = {}
+    estimates = [e for e in (job_estimate_mb(j, resident) for j in jobs) if e is not None]
+    return math.ceil(max(estimates, default=BASE_MB))
 
 
 def cpus_here() -> int:

@@ -45,10 +45,15 @@ def load_embeddings(paths: Iterable[str | Path], family: str = "sd1") -> list[tu
 MAX_IMAGES = 256
 #: Guidance beyond this only amplifies numerical noise (useful scales are 1 to about 20).
 MAX_GUIDANCE = 100.0
+#: Smallest decoding tile, in latent pixels.
+MIN_TILE = 4
 
 
-def check_generation(*, n: int, steps: int, guidance: float, seed: int, train_steps: int = 1000) -> None:
+def check_generation(*, n: int, steps: int, guidance: float, seed: int, train_steps: int = 1000,
+                     tile: int | None = None) -> None:
     """Refuse, in one line, numbers no generation can use (before any model work)."""
+    if tile is not None and tile < MIN_TILE:
+        raise UserError(f"--tile must be at least {MIN_TILE} latent pixels")
     if not 1 <= n <= MAX_IMAGES:
         raise UserError(f"the number of images must be between 1 and {MAX_IMAGES}, got {n}")
     if not 1 <= steps <= train_steps:
@@ -127,7 +132,7 @@ class Generator:
         """``n`` images of ``prompt`` with classifier-free guidance (``guidance`` 1 disables it)."""
         m = self.bundle.manifest
         check_generation(n=n, steps=steps, guidance=guidance, seed=seed,
-                         train_steps=m["scheduler"].get("num_train_timesteps", 1000))
+                         train_steps=m["scheduler"].get("num_train_timesteps", 1000), tile=tile)
         unused = [tok for tok in self.loaded if tok not in prompt and tok not in negative_prompt]
         if unused and self.warn:
             self.warn(f"{', '.join(unused)} not in the prompt: the embedding(s) loaded for it have no effect")
@@ -204,8 +209,8 @@ def decode_tiled(run: Callable[[np.ndarray], np.ndarray], z: np.ndarray, tile: i
     _, _, h, w = z.shape
     if tile >= max(h, w):
         return run(z)
-    if tile < 4:
-        raise UserError("--tile must be at least 4 latent pixels")
+    if tile < MIN_TILE:
+        raise UserError(f"--tile must be at least {MIN_TILE} latent pixels")
     overlap = max(1, tile // 4) if overlap is None else overlap
     stride = tile - overlap
     acc = weight = None

@@ -1,4 +1,4 @@
-"""How much memory a personalize run of a bundle needs under a device profile: an estimate,
+"""How much memory a personalize or generate run of a bundle needs under a device profile: an estimate,
 checked against the profile's ``memory_budget_mb`` before anything loads.
 
 The estimate, in MiB (docs/design.md, "Memory budget")::
@@ -17,20 +17,35 @@ set (generate releases the U-Net before decoding, but the text encoders stay).
 The constants are calibrated on measured SD1.5 int8-cpu peaks; docs/design.md gives the runs and
 how close the estimate comes (figures live there, not here). On GPUs the same figure stands for
 device memory, not calibrated there.
+
+``generate`` (``estimate_generation_memory``) has two phases and needs the larger: sampling (the
+text encoder(s) and U-Net as above, none of the VAE encoder) and decoding, where the U-Net is
+released and the VAE decoder runs, with the text encoder(s) if sessions are resident. The
+decoder's activations are ``DECODER_MB x A``, A the latent area decoded at once / 64 x 64: one
+image's latent, or one tile's with ``--tile`` (tiles are decoded one at a time; the float64
+image they are blended into, 32 MiB at 1024 px, is left out).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, NoReturn
 
 from ..bundle import SECOND_TEXT_FILES, Bundle
 from ..errors import UserError
 
-__all__ = ["BASE_MB", "ACTIVATION_MB", "MemoryEstimate", "check_memory", "estimate_memory"]
+if TYPE_CHECKING:
+    from ..profiles import DeviceProfile
+
+__all__ = ["BASE_MB", "ACTIVATION_MB", "DECODER_MB", "MemoryEstimate", "check_memory",
+           "check_generation_memory", "decoder_activations_mb", "estimate_generation_memory", "estimate_memory"]
 
 MiB = 2**20
 BASE_MB = 300  # Python, NumPy, ONNX Runtime, the photos
 ACTIVATION_MB = 450  # per 64 x 64 latent pixels (SD1.5 at 512 px)
+# The VAE decoder works at full image size, so its activations are its own term (calibrated on
+# SD1.5's decoder, which SDXL's shares; docs/design.md gives the runs).
+DECODER_MB = 1350  # per 64 x 64 latent pixels decoded at once
 TEXT_GRAPHS = ("text_encoder", "text_encoder_2")
 
 
@@ -52,37 +67,86 @@ def _bytes(entry: dict) -> int:
     return int(entry["bytes"]) + sum(int(e["bytes"]) for e in entry.get("external_data", []))
 
 
+def _text_graphs(bundle: Bundle) -> tuple[str, ...]:
+    return tuple(g for g in TEXT_GRAPHS if g in bundle.manifest["components"])
+
+
+def _largest(bundle: Bundle, phases: list[tuple[tuple[str, ...], float]]) -> MemoryEstimate:
+    """The estimate of the phase that needs the most: each phase is (graphs loaded at once, their
+    activations in MiB); every phase also holds the token tables and BASE_MB."""
+    m = bundle.manifest
+    size = {name: _bytes(entry) for name, entry in m["components"].items()}
+    tables = sum(_bytes(m[k]) for k in ("token_embeddings", SECOND_TEXT_FILES[0]) if k in m)
+    estimates = []
+    for graphs, activations in phases:
+        graphs = tuple(g for g in graphs if g in size)
+        estimates.append(MemoryEstimate(weights_mb=(sum(size[g] for g in graphs) + tables) / MiB, base_mb=BASE_MB,
+                                        activations_mb=activations, graphs=graphs))
+    return max(estimates, key=lambda e: e.total_mb)  # the first of equals, as the phases are listed
+
+
 def estimate_memory(bundle: Bundle, resident_sessions: bool, preview: bool = False) -> MemoryEstimate:
     """The resident memory a personalize run of ``bundle`` needs (module docstring)."""
-    m = bundle.manifest
-    comps = m["components"]
-    size = {name: _bytes(entry) for name, entry in comps.items()}
-    tables = sum(_bytes(m[k]) for k in ("token_embeddings", SECOND_TEXT_FILES[0]) if k in m)
-    text = tuple(g for g in TEXT_GRAPHS if g in comps)
+    text = _text_graphs(bundle)
+    decoder = ("vae_decoder",) if preview else ()
     if resident_sessions:
-        phases = [("vae_encoder",), (*text, "unet", *(("vae_decoder",) if preview else ()))]
+        phases = [("vae_encoder",), (*text, "unet", *decoder)]
     else:
-        phases = [(g,) for g in ("vae_encoder", *text, "unet", *(("vae_decoder",) if preview else ()))]
-    phases = [tuple(g for g in p if g in size) for p in phases]
-    graphs = max(phases, key=lambda p: sum(size[g] for g in p))
-    area = (int(m["latent_size"]) / 64) ** 2
-    return MemoryEstimate(weights_mb=(sum(size[g] for g in graphs) + tables) / MiB, base_mb=BASE_MB,
-                          activations_mb=ACTIVATION_MB * area, graphs=graphs)
+        phases = [(g,) for g in ("vae_encoder", *text, "unet", *decoder)]
+    activations = ACTIVATION_MB * (int(bundle.manifest["latent_size"]) / 64) ** 2
+    return _largest(bundle, [(p, activations) for p in phases])
 
 
-def check_memory(bundle: Bundle, profile, preview: bool = False) -> MemoryEstimate:
+def decoder_activations_mb(latent: int) -> float:
+    """The VAE decoder's activations, in MiB, decoding a ``latent`` x ``latent`` latent at once."""
+    return DECODER_MB * (latent / 64) ** 2
+
+
+def estimate_generation_memory(bundle: Bundle, resident_sessions: bool, tile: int | None = None) -> MemoryEstimate:
+    """The resident memory ``generate`` needs (module docstring): the larger of sampling and
+    decoding, the latter one image at a time, or one ``tile`` (latent pixels) at a time."""
+    text = _text_graphs(bundle)
+    latent = int(bundle.manifest["latent_size"])
+    sampling = ACTIVATION_MB * (latent / 64) ** 2
+    decoding = decoder_activations_mb(min(tile, latent) if tile else latent)
+    if resident_sessions:
+        phases = [((*text, "unet"), sampling), ((*text, "vae_decoder"), decoding)]
+    else:
+        phases = [*(((g,), sampling) for g in text), (("unet",), sampling), (("vae_decoder",), decoding)]
+    return _largest(bundle, phases)
+
+
+def _refuse(bundle: Bundle, profile: DeviceProfile, est: MemoryEstimate, doing: str, detail: str, hint: str) -> NoReturn:
+    """One line: the estimate, its parts and the budget it is over, and what to change."""
+    m = bundle.manifest
+    loaded = " + ".join(est.graphs) + (" loaded at once" if len(est.graphs) > 1 else " alone")
+    raise UserError(
+        f"this {m['family']} {m['recipe']['name']} bundle needs an estimated {est.total_mb:,.0f} MB to {doing} "
+        f"with device profile {profile.name!r} ({est.weights_mb:,.0f} MB of weights, {loaded}, + "
+        f"{est.base_mb + est.activations_mb:,.0f} MB for the runtime and activations at {m['resolution']} px"
+        f"{detail}), over its memory_budget_mb of {profile.memory_budget_mb:,}; "
+        f"use a profile whose budget fits (a profile file may set a larger memory_budget_mb, or none){hint} "
+        "or a bundle of a smaller recipe")
+
+
+def check_memory(bundle: Bundle, profile: DeviceProfile, preview: bool = False) -> MemoryEstimate:
     """Refuse in one line a bundle whose estimate is over ``profile.memory_budget_mb``
     (a profile without a budget never refuses). Returns the estimate."""
     est = estimate_memory(bundle, profile.resident_sessions, preview)
     budget = profile.memory_budget_mb
     if budget is not None and est.total_mb > budget:
-        m = bundle.manifest
-        loaded = " + ".join(est.graphs) + (" loaded at once" if len(est.graphs) > 1 else " alone")
-        raise UserError(
-            f"this {m['family']} {m['recipe']['name']} bundle needs an estimated {est.total_mb:,.0f} MB to personalize "
-            f"with device profile {profile.name!r} ({est.weights_mb:,.0f} MB of weights, {loaded}, + "
-            f"{est.base_mb + est.activations_mb:,.0f} MB for the runtime and activations at {m['resolution']} px"
-            f"{', with the preview decoder' if preview else ''}), over its memory_budget_mb of {budget:,}; "
-            "use a profile whose budget fits (a profile file may set a larger memory_budget_mb, or none) "
-            "or a bundle of a smaller recipe")
+        _refuse(bundle, profile, est, "personalize", ", with the preview decoder" if preview else "", "")
+    return est
+
+
+def check_generation_memory(bundle: Bundle, profile: DeviceProfile, tile: int | None = None) -> MemoryEstimate:
+    """``check_memory`` for ``generate``, decoding in tiles of ``tile`` latent pixels (None: whole)."""
+    est = estimate_generation_memory(bundle, profile.resident_sessions, tile)
+    budget = profile.memory_budget_mb
+    if budget is not None and est.total_mb > budget:
+        decoding = "vae_decoder" in est.graphs and "unet" not in est.graphs
+        tiled = tile is not None and tile < int(bundle.manifest["latent_size"])
+        detail = f", the VAE decoder in tiles of {tile} latent pixels" if tiled else ""
+        hint = (", a smaller --tile" if tiled else ", --tile to decode in tiles") if decoding else ""
+        _refuse(bundle, profile, est, "generate", detail, hint)
     return est
