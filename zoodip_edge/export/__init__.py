@@ -107,6 +107,20 @@ def _text_entry(tokenizer, table) -> dict:
             "pad_token_id": int(tokenizer.pad_token_id)}
 
 
+def _sdxl_entries(p, table_2) -> dict:
+    """The manifest's ``text_2`` and ``conditioning`` for an SDXL pipeline (read from its torch modules)."""
+    from .graphs import time_ids_count
+    from .verify_sdxl import pooled_rule
+
+    return {"text_2": {**_text_entry(p.tokenizer_2, table_2), "projection_dim": int(p.text_encoder_2.config.projection_dim),
+                       "pooled_at": pooled_rule(p)},
+            "conditioning": {"encoder_hidden_states": ["text_encoder.penultimate_hidden_state",
+                                                       "text_encoder_2.penultimate_hidden_state"],
+                             "text_embeds": "text_encoder_2.text_embeds",
+                             "time_ids": list(SDXL_TIME_IDS[:time_ids_count(p)]),
+                             "force_zeros_for_empty_prompt": p.force_zeros_for_empty_prompt}}
+
+
 def _model_inside(out: Path, model: str, config: str | None) -> Path | None:
     """The local model file or folder (or --config folder) that ``out`` is or contains, if any:
     compared both as written and with links resolved."""
@@ -170,7 +184,18 @@ def export_bundle(
 
 
 def _export(model: str, out: Path, recipe: str, resolution: int | None, force: bool, allow_unfaithful: bool,
-            config: str | None, say: Progress, defaults_override: dict | None = None) -> dict:
+            config: str | None, say: Progress, defaults_override: dict | None = None, lazy_weights: bool = True) -> dict:
+    """The export in three stages, so that torch and the ONNX graphs are never in memory together:
+
+    1. torch: ask the fp32 pipeline what the gates compare against, export each graph to a raw
+       ONNX file, then free the torch modules;
+    2. ONNX: quantize each raw graph with its large weights left on disk until a pass reads them
+       (``lazy_weights``; graph_ops.load_lazily), save it, delete the raw file;
+    3. ORT: run the gates on the bundle's sessions against the torch answers.
+
+    ``lazy_weights=False`` loads each raw graph whole, as exports before 0.11.0 did; the bundle is
+    byte-for-byte the same (tests/test_export_memory.py).
+    """
     import numpy as np
     import onnx
     import onnxruntime
@@ -183,10 +208,11 @@ def _export(model: str, out: Path, recipe: str, resolution: int | None, force: b
     from ..files import remove_stale
     from . import verify
     from .attention import fuse_attention
+    from .graph_ops import load_lazily, load_remaining, weights_in
     from .graphs import calibration_feeds, export_graph, graph_specs, vae_scale_factor
     from .load import load_pipeline
     from .prefix import ADDED_CONDITIONS
-    from .quantize import quantize
+    from .quantize import LAZY_PASSES, quantize
 
     rec = RECIPES[recipe]
     say(f"loading {model}")
@@ -200,98 +226,111 @@ def _export(model: str, out: Path, recipe: str, resolution: int | None, force: b
         raise UserError(f"resolution {resolution} must be a multiple of {scale * 4}")
     latent = resolution // scale
     specs = graph_specs(p, resolution)
+    defaults = defaults_for(p.family, defaults_override).to_dict()
+    tables = [p.text_encoder.get_input_embeddings().weight.detach().numpy().astype(rec.embeddings_dtype)]
+    if p.family == "sdxl":
+        tables.append(p.text_encoder_2.get_input_embeddings().weight.detach().numpy().astype(rec.embeddings_dtype))
+    gate_tables = tuple(t.astype(np.float32) for t in tables)  # what the gates feed: the bundle's table, as fp32
+    text_entry = _text_entry(p.tokenizer, tables[0])
+    sdxl_entries = _sdxl_entries(p, tables[1]) if p.family == "sdxl" else {}
+    latent_channels = int(p.vae.config.latent_channels)
+    latent_scale = float(getattr(p.vae.config, "scaling_factor", 0.18215))
+
+    say(f"asking torch fp32 what the gates compare against (ZO fidelity at mu {defaults['mu']:g})")
+    with _quiet():
+        if p.family == "sdxl":
+            from . import verify_sdxl
+
+            refs = verify_sdxl.torch_references(p, specs, gate_tables, latent, resolution, defaults)
+        else:
+            refs = verify.torch_references(p, specs, gate_tables[0], latent, defaults)
+    feeds = {s.name: calibration_feeds(s, p, latent) for s in specs if rec.for_graph(s.name).calibrated}
 
     remove_stale(out.parent, aside_pattern(out), folders=True)  # left by exports that were killed
     tmp = aside_name(out, "partial")
     tmp.mkdir()
     try:
-        components, quant_info = {}, {}
+        raw = {}
         for spec in specs:
             say(f"exporting {spec.name}")
-            raw = tmp / "raw" / f"{spec.name}.onnx"
-            raw.parent.mkdir(exist_ok=True)
+            raw[spec.name] = tmp / "raw" / spec.name / "model.onnx"
+            raw[spec.name].parent.mkdir(parents=True)
             with _quiet():
-                export_graph(spec, p, str(raw))
-                graph = onnx.load(str(raw))
-            shutil.rmtree(raw.parent)
+                export_graph(spec, p, str(raw[spec.name]))
             gc.collect()  # the exporter's intermediate copies of the weights
+        say("writing token embeddings and tokenizer")
+        save_file({"token_embedding": tables[0]}, str(tmp / "token_embeddings.safetensors"))
+        _save_tokenizer(p.tokenizer, tmp / "tokenizer.json", model)
+        if p.family == "sdxl":
+            save_file({"token_embedding": tables[1]}, str(tmp / "token_embeddings_2.safetensors"))
+            _save_tokenizer(p.tokenizer_2, tmp / "tokenizer_2.json", model)
+        source, scheduler_config, family = p.source, p.scheduler_config, p.family
+        del p  # the torch modules: from here on only the graphs are in memory
+        gc.collect()
+
+        components, quant_info = {}, {}
+        for spec in specs:
             graph_rec = rec.for_graph(spec.name)
             say(f"quantizing {spec.name} ({graph_rec.name})")
-            graph, fused = fuse_attention(graph)
-            feeds = calibration_feeds(spec, p, latent) if graph_rec.calibrated else None
-            with _quiet():
-                graph, quant_info[spec.name] = quantize(graph, graph_rec.name, feeds, graph=spec.name)
+            lazy = lazy_weights and set(graph_rec.passes_for(spec.name)) <= LAZY_PASSES
+            folder = raw[spec.name].parent
+            with _quiet(), weights_in(folder):
+                graph = load_lazily(raw[spec.name]) if lazy else onnx.load(str(raw[spec.name]))
+                graph, fused = fuse_attention(graph)
+                graph, quant_info[spec.name] = quantize(graph, graph_rec.name, feeds.get(spec.name), graph=spec.name)
+                graph = load_remaining(graph, folder)
             quant_info[spec.name]["recipe"] = graph_rec.name
             if fused:
                 quant_info[spec.name]["multi_head_attention"] = fused
-            if spec.name == "unet" and p.family == "sdxl":  # the sdxl graph feature (bundle.FEATURES)
+            if spec.name == "unet" and family == "sdxl":  # the sdxl graph feature (bundle.FEATURES)
                 quant_info[spec.name]["added_conditions"] = sum(n in ADDED_CONDITIONS for n in spec.inputs)
             io = _io_entries(graph)
             files = _save_graph(graph, tmp, spec.name)
             del graph
+            shutil.rmtree(folder)
+            gc.collect()
             entry = file_entry(tmp, files[0])
             entry["external_data"] = [file_entry(tmp, f) for f in files[1:]]
             entry["inputs"], entry["outputs"] = io
             components[spec.name] = entry
+        shutil.rmtree(tmp / "raw")
 
-        say("writing token embeddings and tokenizer")
-        table = p.text_encoder.get_input_embeddings().weight.detach().numpy().astype(rec.embeddings_dtype)
-        save_file({"token_embedding": table}, str(tmp / "token_embeddings.safetensors"))
-        _save_tokenizer(p.tokenizer, tmp / "tokenizer.json", model)
         sdxl = {}  # the second text encoder's manifest entries
-        if p.family == "sdxl":
-            from .graphs import time_ids_count
-            from .verify_sdxl import pooled_rule
+        if family == "sdxl":
+            sdxl = {"text_2": sdxl_entries["text_2"],
+                    "token_embeddings_2": {**file_entry(tmp, "token_embeddings_2.safetensors"), "tensor": "token_embedding",
+                                           "shape": list(tables[1].shape), "dtype": str(tables[1].dtype)},
+                    "tokenizer_2": file_entry(tmp, "tokenizer_2.json"), "conditioning": sdxl_entries["conditioning"]}
 
-            table_2 = p.text_encoder_2.get_input_embeddings().weight.detach().numpy().astype(rec.embeddings_dtype)
-            save_file({"token_embedding": table_2}, str(tmp / "token_embeddings_2.safetensors"))
-            _save_tokenizer(p.tokenizer_2, tmp / "tokenizer_2.json", model)
-            sdxl = {
-                "text_2": {**_text_entry(p.tokenizer_2, table_2), "projection_dim": int(p.text_encoder_2.config.projection_dim),
-                           "pooled_at": pooled_rule(p)},
-                "token_embeddings_2": {**file_entry(tmp, "token_embeddings_2.safetensors"), "tensor": "token_embedding",
-                                       "shape": list(table_2.shape), "dtype": str(table_2.dtype)},
-                "tokenizer_2": file_entry(tmp, "tokenizer_2.json"),
-                "conditioning": {"encoder_hidden_states": ["text_encoder.penultimate_hidden_state",
-                                                           "text_encoder_2.penultimate_hidden_state"],
-                                 "text_embeds": "text_encoder_2.text_embeds",
-                                 "time_ids": list(SDXL_TIME_IDS[:time_ids_count(p)]),
-                                 "force_zeros_for_empty_prompt": p.force_zeros_for_empty_prompt},
-            }
-
-        defaults = defaults_for(p.family, defaults_override).to_dict()
-        say(f"verifying against torch fp32 (ZO fidelity at mu {defaults['mu']:g})")
+        say("verifying the bundle against torch fp32")
         paths = {s.name: tmp / components[s.name]["path"] for s in specs}
         with _quiet():
-            if p.family == "sdxl":
-                from .verify_sdxl import run_gates
-
-                v = run_gates(p, specs, paths, rec.session_config, (table.astype(np.float32), table_2.astype(np.float32)),
-                              latent, resolution, defaults)
+            if family == "sdxl":
+                v = verify_sdxl.run_gates(refs, specs, paths, rec.session_config, gate_tables, defaults)
             else:
-                v = verify.run_gates(p, specs, paths, rec.session_config, table.astype(np.float32), latent, defaults)
+                v = verify.run_gates(refs, specs, paths, rec.session_config, gate_tables[0], defaults)
         v["parity_tolerance"] = rec.parity_tolerance
         verify.check_gates(v, recipe, allow_unfaithful)
 
-        sched = {k: v_ for k, v_ in p.scheduler_config.items() if not k.startswith("_")}
+        sched = {k: v_ for k, v_ in scheduler_config.items() if not k.startswith("_")}
         sched.setdefault("prediction_type", "epsilon")
         manifest = {
             "format_version": FORMAT_VERSION,
-            "family": p.family,
-            "source": p.source,
+            "family": family,
+            "source": source,
             "recipe": {"name": recipe, "description": rec.description, "experimental": rec.experimental,
                        "targets": list(rec.targets), "graphs": quant_info},
             "requires": graph_features(quant_info),  # what a runtime must understand (bundle.FEATURES)
             "resolution": resolution,
             "latent_size": latent,
-            "latent_channels": int(p.vae.config.latent_channels),
-            "latent_scale": float(getattr(p.vae.config, "scaling_factor", 0.18215)),
+            "latent_channels": latent_channels,
+            "latent_scale": latent_scale,
             "scheduler": sched,
-            "text": _text_entry(p.tokenizer, table),
+            "text": text_entry,
             "components": components,
             "session": {"config_entries": rec.session_config},
             "token_embeddings": {**file_entry(tmp, "token_embeddings.safetensors"), "tensor": "token_embedding",
-                                 "shape": list(table.shape), "dtype": str(table.dtype)},
+                                 "shape": list(tables[0].shape), "dtype": str(tables[0].dtype)},
             "tokenizer": file_entry(tmp, "tokenizer.json"),
             **sdxl,
             "defaults": defaults,

@@ -2,7 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
 import onnx
+from onnx import numpy_helper
+from onnx.external_data_helper import ExternalDataInfo, load_external_data_for_tensor, uses_external_data
+
+# The folder of the raw graph whose large weights ``load_lazily`` left on disk; ``weight`` reads them.
+_WEIGHTS_DIR: contextvars.ContextVar[Path | None] = contextvars.ContextVar("weights_dir", default=None)
+# Tensors up to this many elements are read at load: shape constants, norms and biases, which the
+# passes read as graph structure; the rest (the weights) stay on disk until a pass reads them.
+LAZY_MIN_ELEMENTS = 1 << 16
 
 
 def tensor_shapes(model: onnx.ModelProto) -> dict[str, list]:
@@ -26,4 +40,59 @@ def replace_nodes(model: onnx.ModelProto, nodes: list) -> onnx.ModelProto:
     inits = model.graph.initializer
     for k in reversed([k for k, i in enumerate(inits) if i.name not in used]):
         del inits[k]
+    return model
+
+
+def weight(init: onnx.TensorProto) -> np.ndarray:
+    """The value of an initializer, read from the raw graph's file if ``load_lazily`` left it there.
+
+    A read does not load the bytes into the model: the pass that reads a weight replaces it (with
+    int8 and scales), so the float copy lives only while it is quantized.
+    """
+    if not uses_external_data(init):
+        return numpy_helper.to_array(init)
+    folder = _WEIGHTS_DIR.get()
+    if folder is None:
+        raise RuntimeError(f"{init.name} is on disk, read outside lazily_loaded()")
+    info = ExternalDataInfo(init)
+    with open(folder / info.location, "rb") as f:
+        f.seek(info.offset or 0)
+        data = f.read(info.length) if info.length else f.read()
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
+    return np.frombuffer(data, dtype=dtype).reshape(tuple(init.dims)).copy()
+
+
+def load_lazily(path: Path) -> onnx.ModelProto:
+    """The graph at ``path`` with its large weights left in their external file.
+
+    An exported U-Net's float weights loaded whole are as large as the torch model (10 GB for
+    SDXL's), and protobuf keeps a message's memory until the whole model is freed, so each weight
+    replaced by its int8 form would stay alive beside it. Loaded this way only the int8 forms are
+    ever in memory: passes read weights with ``weight`` inside ``weights_in``, and
+    ``load_remaining`` then loads whatever large tensor no pass replaced exactly as ``onnx.load``
+    would have, so the model saves to the same bytes as one loaded whole
+    (tests/test_export_memory.py).
+    """
+    model = onnx.load(str(path), load_external_data=False)
+    for t in model.graph.initializer:
+        if uses_external_data(t) and int(np.prod(t.dims)) < LAZY_MIN_ELEMENTS:
+            load_external_data_for_tensor(t, str(Path(path).parent))
+    return model
+
+
+@contextlib.contextmanager
+def weights_in(folder: Path) -> Iterator[None]:
+    """Where ``weight`` finds the weights that ``load_lazily`` left on disk."""
+    token = _WEIGHTS_DIR.set(Path(folder))
+    try:
+        yield
+    finally:
+        _WEIGHTS_DIR.reset(token)
+
+
+def load_remaining(model: onnx.ModelProto, folder: Path) -> onnx.ModelProto:
+    """Load every tensor still on disk into the model (the ones no pass replaced)."""
+    for t in model.graph.initializer:
+        if uses_external_data(t):
+            load_external_data_for_tensor(t, str(folder))
     return model

@@ -218,3 +218,25 @@ def export_graph(spec: GraphSpec, p: LoadedPipeline, path: str) -> None:
     with torch.no_grad():
         torch.onnx.export(model, args, path, input_names=list(spec.inputs), output_names=list(spec.outputs),
                           opset_version=23, dynamic_shapes=dyn, dynamo=True, external_data=True, verbose=False)
+    forget_last_match()
+
+
+def forget_last_match() -> None:
+    """Reset onnxscript's pattern matchers, which torch.onnx.export's graph optimizer runs.
+
+    Its rewrite rules are module-level objects whose matchers keep their last match and the graph
+    they last matched in, and through them the exported graph with every torch weight in it:
+    after an export the torch modules could not be freed (SDXL's 10 GB U-Net stayed alive through
+    quantizing; found with gc's referrers, onnxscript 0.7.2). ``_init_match`` is what the matcher
+    itself calls before each match, and ``match`` sets ``_graph`` again.
+    """
+    import gc
+
+    try:
+        from onnxscript.rewriter._matcher import SimplePatternMatcher
+    except ImportError:  # another onnxscript layout: nothing known to reset
+        return
+    for o in gc.get_objects():
+        if isinstance(o, SimplePatternMatcher) and hasattr(o, "_init_match"):
+            o._init_match(getattr(o, "_verbose", 0))
+            o._graph = None

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .graph_ops import replace_nodes, tensor_shapes
+from .graph_ops import replace_nodes, tensor_shapes, weight
 
 
 def _split_parts(split: onnx.NodeProto, inits: dict, features: int, rank: int | None) -> int | None:
@@ -26,7 +26,7 @@ def _split_parts(split: onnx.NodeProto, inits: dict, features: int, rank: int | 
     parts = len(split.output)
     if len(split.input) > 1 and split.input[1]:
         sizes = inits.get(split.input[1])
-        if sizes is None or len(set(numpy_helper.to_array(sizes).tolist())) != 1:
+        if sizes is None or len(set(weight(sizes).tolist())) != 1:
             return None
     elif "split" in attrs and len(set(attrs["split"])) != 1:
         return None
@@ -64,8 +64,8 @@ def split_projections(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
             mm, add = add, None
         if mm is None or mm.op_type != "MatMul" or mm.input[1] not in inits or readers[mm.output[0]] != 1:
             continue
-        w = numpy_helper.to_array(inits[mm.input[1]])
-        b = numpy_helper.to_array(inits[bias]) if bias else None
+        w = weight(inits[mm.input[1]])
+        b = weight(inits[bias]) if bias else None
         if w.ndim != 2 or (add is not None and (b is None or b.shape != (w.shape[1],))):
             continue
         rank = len(shapes[split.input[0]]) if split.input[0] in shapes else None

@@ -42,7 +42,7 @@ from onnx import helper, numpy_helper
 
 # The recipe table is plain data (zoodip_edge/recipes.py), so the CLI lists it without onnx.
 from ..recipes import DEFAULT_RECIPE, FLOAT_COMPUTE, KEEP_DEQUANTIZED, RECIPES, Recipe  # noqa: F401
-from .graph_ops import replace_nodes
+from .graph_ops import replace_nodes, weight
 from .prefix import CONDITION, broadcast_sample  # CONDITION: where the perturbed token enters the U-Net
 
 
@@ -68,6 +68,11 @@ def quantize(model: onnx.ModelProto, recipe: str, calibration: list[dict[str, np
     head = {"quantized_ops": dict(counts)} if counts is not None else {}
     return model, {**head, **info, "weights": _weight_dtypes(model)}
 
+
+# The passes that read weights only through graph_ops.weight, so that a graph can go through them
+# with its large weights still on disk (graph_ops.load_lazily); any other pass gets the graph whole.
+LAZY_PASSES = frozenset({"split_projections", "block_int8_matmuls", "channel_int8_gemm_conv", "channel_int8_weights",
+                         "winograd_convs", "shared_prefix"})
 
 # A pass: (model, calibration feeds) -> (model, quantized op counts or None, what goes in the manifest).
 Pass = Callable[[onnx.ModelProto, list | None], tuple[onnx.ModelProto, Counter | None, dict]]
@@ -240,7 +245,7 @@ def weight_only_qdq(model: onnx.ModelProto, op_types: tuple[str, ...]) -> tuple[
         if init is not None and init.data_type == onnx.TensorProto.FLOAT and len(init.dims) >= 2:
             if name not in done:
                 axis = _weight_axis(node)
-                q, scale = _symmetric_int8(numpy_helper.to_array(init), axis)
+                q, scale = _symmetric_int8(weight(init), axis)
                 qname, sname, zname = f"{name}_int8", f"{name}_scale", f"{name}_zp"
                 model.graph.initializer.extend([
                     numpy_helper.from_array(q, qname),
@@ -348,7 +353,7 @@ def block_int8_matmuls(model: onnx.ModelProto, block_size: int = 32) -> tuple[on
         w = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) > 1 else None
         if w is not None and w.data_type == onnx.TensorProto.FLOAT and len(w.dims) == 2:
             if w.name not in done:
-                q, scale = blockwise_int8(numpy_helper.to_array(w), block_size)
+                q, scale = blockwise_int8(weight(w), block_size)
                 p = (node.name or node.output[0]) + ".dq"
                 model.graph.initializer.extend([numpy_helper.from_array(q, f"{p}.weight_int8"),
                                                 numpy_helper.from_array(scale, f"{p}.weight_scale")])
@@ -445,7 +450,7 @@ def static_w8a8(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], marg
                 and n.input[0] not in keep_float)
 
     targets = [n for n in model.graph.node if const_weight(n)]
-    offsets = {n.output[0]: numpy_helper.to_array(inits[n.input[2]]) for n in targets
+    offsets = {n.output[0]: weight(inits[n.input[2]]) for n in targets
                if n.op_type == "Conv" and len(n.input) > 2 and n.input[2] in inits}
     names = list(dict.fromkeys([n.input[0] for n in targets] + [n.output[0] for n in targets if n.op_type == "Conv"]))
     ranges = activation_ranges(model, names, feeds, offsets)
@@ -463,7 +468,7 @@ def static_w8a8(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], marg
             new_nodes.append(helper.make_node("QuantizeLinear", [x, *quantized[x][1:]], [quantized[x][0]], name=f"{x}_QuantizeLinear"))
         xq, xs_name, xz_name = quantized[x]
         conv = node.op_type == "Conv"
-        q, scale = _symmetric_int8(numpy_helper.to_array(w), axis=0 if conv else 1)
+        q, scale = _symmetric_int8(weight(w), axis=0 if conv else 1)
         model.graph.initializer.extend([numpy_helper.from_array(q, f"{p}_w"), numpy_helper.from_array(scale, f"{p}_w_scale"),
                                         numpy_helper.from_array(np.zeros_like(scale, dtype=np.int8), f"{p}_w_zp")])
         if not conv:
@@ -481,7 +486,7 @@ def static_w8a8(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], marg
                 helper.make_node("DequantizeLinear", [f"{p}_y", f"{p}_y_scale", f"{p}_y_zp"], [out], name=f"{p}_DequantizeLinear"),
             ]
             if bias:  # in float: an int32 bias is only exact for one input scale, and ranges exclude it
-                b = numpy_helper.to_array(inits[bias]).astype(np.float32)
+                b = weight(inits[bias]).astype(np.float32)
                 model.graph.initializer.append(numpy_helper.from_array(b.reshape(-1, *([1] * (len(w.dims) - 2))), f"{p}_bias"))
                 new_nodes.append(helper.make_node("Add", [out, f"{p}_bias"], list(node.output), name=f"{p}_bias"))
         counts[node.op_type] += 1

@@ -119,6 +119,68 @@ def build_sd15_architecture(out: Path, seed: int = 0) -> Path:
     return out
 
 
+# The published SDXL base configs (stabilityai/stable-diffusion-xl-base-1.0), for the same purpose.
+SDXL = {
+    "text": SD15["text"],
+    "text_2": dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_attention_heads=20,
+                   num_hidden_layers=32, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280),
+    "unet": dict(sample_size=128, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280),
+                 layers_per_block=2, cross_attention_dim=2048, attention_head_dim=(5, 10, 20), norm_num_groups=32,
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 transformer_layers_per_block=(1, 2, 10), use_linear_projection=True, addition_embed_type="text_time",
+                 addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816),
+    "vae": {**SD15["vae"], "sample_size": 1024, "scaling_factor": 0.13025},
+}
+
+
+def build_sdxl_architecture(out: Path, seed: int = 0) -> Path:
+    """Save an SDXL-base-architecture pipeline with random weights (about 14 GB in fp32) to ``out``.
+
+    Each component is saved and freed before the next is built, so building needs about the
+    U-Net's 10 GB, not the pipeline's 14 GB.
+    """
+    import gc
+
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from .load import quiet_hf
+
+    quiet_hf()
+    torch.manual_seed(seed)
+    out = Path(out)
+    vocab = write_clip_bpe(out / "tokenizer", vocab_size=SDXL["text"]["vocab_size"])
+    write_clip_bpe(out / "tokenizer_2", vocab_size=SDXL["text_2"]["vocab_size"])
+    CLIPTokenizer(str(out / "tokenizer" / "vocab.json"), str(out / "tokenizer" / "merges.txt"),
+                  model_max_length=77).save_pretrained(out / "tokenizer")
+    CLIPTokenizer(str(out / "tokenizer_2" / "vocab.json"), str(out / "tokenizer_2" / "merges.txt"),
+                  model_max_length=77, pad_token="!").save_pretrained(out / "tokenizer_2")
+    ids = dict(bos_token_id=vocab - 2, pad_token_id=vocab - 1)
+    parts = {
+        "text_encoder": lambda: CLIPTextModel(CLIPTextConfig(**SDXL["text"], eos_token_id=vocab - 1, **ids)),
+        # eos_token_id 2, as published: the pooled output is taken at the highest token id
+        "text_encoder_2": lambda: CLIPTextModelWithProjection(CLIPTextConfig(**SDXL["text_2"], eos_token_id=2, **ids)),
+        "vae": lambda: AutoencoderKL(**SDXL["vae"]),
+        "unet": lambda: UNet2DConditionModel(**SDXL["unet"]),
+        "scheduler": lambda: EulerDiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                                    beta_schedule="scaled_linear", steps_offset=1,
+                                                    timestep_spacing="leading", prediction_type="epsilon"),
+    }
+    library = {"text_encoder": "transformers", "text_encoder_2": "transformers"}
+    index = {"_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": True,
+             "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"]}
+    for name, make in parts.items():
+        module = make()
+        module.save_pretrained(out / name)
+        index[name] = [library.get(name, "diffusers"), type(module).__name__]
+        del module
+        gc.collect()
+    (out / "model_index.json").write_text(json.dumps(index, indent=2))
+    return out
+
+
 def build_tiny_pipeline(out: Path, family: str = "sd1", seed: int = 0, resolution: int = 64) -> Path:
     """Save a tiny random-weight StableDiffusionPipeline of the given family to ``out``."""
     import torch

@@ -10,7 +10,7 @@ so the fidelity gate probes directions in that space.
 from __future__ import annotations
 
 import gc
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,13 +21,15 @@ from ..errors import UserError
 from .graphs import GraphSpec, TextEncoderFromEmbeddings, TextEncoderWithProjectionFromEmbeddings, UNetXLWrapper
 from .load import LoadedPipeline
 from .verify import (
-    CONDITIONING_MIN_RATIO,
     FIDELITY_MIN_PEARSON,
     PROMPTS,
     Probe,
+    checkpointed,
+    conditioning_figures,
     fidelity_probes,
     graph_parity,
     make_probe,
+    parity_reference,
     rel_err,
     session,
     training_step,
@@ -113,37 +115,19 @@ def _errors(got: list[np.ndarray], ref: list[np.ndarray], names: tuple[str, ...]
     return {"max_abs": max(o["max_abs"] for o in outs.values()), "rel": max(o["rel"] for o in outs.values()), "outputs": outs}
 
 
-def text_encoder_parity(p: LoadedPipeline, tables: tuple[np.ndarray, np.ndarray], te: ort.InferenceSession,
+def text_encoder_parity(refs: "References", tables: tuple[np.ndarray, np.ndarray], te: ort.InferenceSession,
                         te2: ort.InferenceSession) -> tuple[dict, dict]:
     """Each graph fed with looked-up embeddings (and the EOS position) vs transformers fed with
     input ids: CLIPTextModel's last and penultimate hidden states, CLIPTextModelWithProjection's
     and its ``text_embeds``. ``max_abs``/``rel``: the worst output's."""
-    pr = Prompts.of(p, PROMPTS)
+    pr = refs.prompts
     names = ("last_hidden_state", "penultimate_hidden_state")
-    with torch.no_grad():
-        o1 = p.text_encoder(torch.from_numpy(pr.ids), output_hidden_states=True)
-        o2 = p.text_encoder_2(torch.from_numpy(pr.ids_2), output_hidden_states=True)
     got1 = te.run(list(names), {"inputs_embeds": tables[0][pr.ids].astype(np.float32)})
     got2 = te2.run([*names, "text_embeds"], {"inputs_embeds": tables[1][pr.ids_2].astype(np.float32), "eos_index": pr.eos})
-    first = _errors(got1, [o1.last_hidden_state.numpy(), o1.hidden_states[-2].numpy()], names)
-    second = _errors(got2, [o2.last_hidden_state.numpy(), o2.hidden_states[-2].numpy(), o2.text_embeds.numpy()],
-                     (*names, "text_embeds"))
+    first = _errors(got1, list(refs.text), names)
+    second = _errors(got2, list(refs.text_2), (*names, "text_embeds"))
     return ({**first, "table_dtype": str(tables[0].dtype)},
-            {**second, "table_dtype": str(tables[1].dtype), "pooled_at": pooled_rule(p)})
-
-
-def conditioning_sensitivity(p: LoadedPipeline, tables: tuple[np.ndarray, np.ndarray], ref: Torch, got: Bundle,
-                             latent: int) -> dict:
-    """‖ε(c1) − ε(c2)‖ of the bundle over the same for torch fp32, both encoders and the pooled
-    embedding carrying the prompt."""
-    probe = make_probe(p, latent, seed=2)
-    pr = Prompts.of(p, PROMPTS)
-    with torch.no_grad():
-        r = ref.unet(probe.zt, probe.t, *ref.encode(pr)).numpy()
-    g = got.unet(probe.zt, probe.t, *got.encode(tables[0][pr.ids], tables[1][pr.ids_2], pr.eos))
-    ratio = float(np.linalg.norm(g[0] - g[1]) / max(np.linalg.norm(r[0] - r[1]), 1e-30))
-    return {"prompts": list(PROMPTS), "ratio": ratio, "torch_delta": float(np.linalg.norm(r[0] - r[1])),
-            "min_ratio": CONDITIONING_MIN_RATIO, "passed": bool(ratio >= CONDITIONING_MIN_RATIO)}
+            {**second, "table_dtype": str(tables[1].dtype), "pooled_at": refs.pooled_at})
 
 
 def _probe_prompts(p: LoadedPipeline, probe: Probe) -> Prompts:
@@ -160,17 +144,18 @@ def torch_directional_derivatives(p: LoadedPipeline, ref: Torch, probe: Probe, d
     e1 = p.text_encoder.get_input_embeddings()(torch.from_numpy(pr.ids)).detach().clone().requires_grad_(True)
     e2 = p.text_encoder_2.get_input_embeddings()(torch.from_numpy(pr.ids_2)).detach().clone().requires_grad_(True)
     _, c2, pooled = te2(e2, torch.from_numpy(pr.eos))
-    pred = ref.unet(probe.zt, probe.t, torch.cat([te(e1)[1], c2], dim=-1), pooled)
-    loss = torch.mean((pred - torch.from_numpy(probe.target)) ** 2)
-    g1, g2 = torch.autograd.grad(loss, (e1, e2))
+    with checkpointed(p.unet):
+        pred = ref.unet(probe.zt, probe.t, torch.cat([te(e1)[1], c2], dim=-1), pooled)
+        loss = torch.mean((pred - torch.from_numpy(probe.target)) ** 2)
+        g1, g2 = torch.autograd.grad(loss, (e1, e2))
     return dirs @ torch.cat([g1[0, probe.row], g2[0, probe.row]]).double().numpy()
 
 
-def central_differences(p: LoadedPipeline, tables: tuple[np.ndarray, np.ndarray], got: Bundle, probe: Probe,
+def central_differences(pr: Prompts, tables: tuple[np.ndarray, np.ndarray], got: Bundle, probe: Probe,
                         dirs: np.ndarray, mu: float) -> np.ndarray:
     """(L(θ + hu) − L(θ − hu)) / 2h of the bundle graphs, h = μ·√(d1 + d2): training's step on the
-    concatenated token, split between the two tables' rows. One condition per run, as in verify.py."""
-    pr = _probe_prompts(p, probe)
+    concatenated token, split between the two tables' rows. One condition per run, as in verify.py.
+    ``pr``: the probe's prompt in both tokenizers (``_probe_prompts``)."""
     k, d1, h = len(dirs), tables[0].shape[1], training_step(mu, dirs.shape[1])
     losses = []
     for sign in (1.0, -1.0):
@@ -184,43 +169,81 @@ def central_differences(p: LoadedPipeline, tables: tuple[np.ndarray, np.ndarray]
     return (losses[:k] - losses[k:]) / (2 * h)
 
 
-def zo_fidelity(p: LoadedPipeline, tables: tuple[np.ndarray, np.ndarray], ref: Torch, got: Bundle, mu: float,
-                probes: list[Probe], k: int = 8) -> dict:
+def zo_fidelity(refs: "References", tables: tuple[np.ndarray, np.ndarray], got: Bundle, mu: float) -> dict:
     """Central differences at the training μ vs torch autograd along k directions of the
     concatenated token, per probe; ``pearson``/``rel_err`` the worst probe's (as verify.py)."""
     d = tables[0].shape[1] + tables[1].shape[1]
     per = []
-    for i, probe in enumerate(probes):
-        dirs = unit_directions(k, d, i)
-        exact = torch_directional_derivatives(p, ref, probe, dirs)
-        fd = central_differences(p, tables, got, probe, dirs, mu)
+    for probe, (dirs, exact) in zip(refs.probes, refs.truth, strict=True):
+        fd = central_differences(refs.probe_prompts, tables, got, probe, dirs, mu)
         per.append({"t": probe.t, "pearson": float(np.corrcoef(fd, exact)[0, 1]), "rel_err": rel_err(fd, exact)})
     pearson = min(r["pearson"] for r in per)
     return {"mu": mu, "step_norm": training_step(mu, d), "width": d, "widths": [int(t.shape[1]) for t in tables],
-            "directions": k, "probes": per, "pearson": pearson, "rel_err": max(r["rel_err"] for r in per),
+            "directions": len(refs.truth[0][0]), "probes": per, "pearson": pearson, "rel_err": max(r["rel_err"] for r in per),
             "min_pearson": FIDELITY_MIN_PEARSON, "passed": bool(pearson >= FIDELITY_MIN_PEARSON)}
 
 
-def run_gates(p: LoadedPipeline, specs: list[GraphSpec], paths: dict[str, Path], config: dict,
-              tables: tuple[np.ndarray, np.ndarray], latent: int, resolution: int, defaults: dict) -> dict:
-    """The SDXL gates; the figures have verify.run_gates' keys, and ``text_encoder_2_parity``."""
+@dataclass
+class References:
+    """The torch fp32 SDXL pipeline's answers to every question the gates ask (``torch_references``)."""
+
+    parity: dict[str, tuple[dict[str, np.ndarray], tuple[np.ndarray, ...]]]
+    prompts: Prompts  # PROMPTS in both tokenizers
+    text: tuple[np.ndarray, ...]  # CLIPTextModel: last, penultimate hidden state
+    text_2: tuple[np.ndarray, ...]  # CLIPTextModelWithProjection: last, penultimate, text_embeds
+    pooled_at: str
+    time_ids: np.ndarray
+    conditioning_probe: Probe
+    conditioning: np.ndarray
+    probe_prompts: Prompts
+    probes: list[Probe] = field(default_factory=list)
+    truth: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+
+
+def torch_references(p: LoadedPipeline, specs: list[GraphSpec], tables: tuple[np.ndarray, np.ndarray], latent: int,
+                     resolution: int, defaults: dict, k: int = 8) -> References:
+    """Everything the SDXL gates compare the bundle against, from the torch fp32 modules."""
     from .graphs import time_ids_count
 
+    time_ids = default_time_ids(resolution, time_ids_count(p))
+    ref = Torch(p, time_ids)
+    pr = Prompts.of(p, PROMPTS)
+    cprobe = make_probe(p, latent, seed=2)
+    with torch.no_grad():
+        o1 = p.text_encoder(torch.from_numpy(pr.ids), output_hidden_states=True)
+        o2 = p.text_encoder_2(torch.from_numpy(pr.ids_2), output_hidden_states=True)
+        cond = ref.unet(cprobe.zt, cprobe.t, *ref.encode(pr)).numpy()
+    probes = fidelity_probes(p, latent, defaults["t_low"], defaults["t_high"])
+    d = tables[0].shape[1] + tables[1].shape[1]
+    truth = []
+    for i, probe in enumerate(probes):
+        dirs = unit_directions(k, d, i)
+        truth.append((dirs, torch_directional_derivatives(p, ref, probe, dirs)))
+    return References(parity={s.name: parity_reference(s, p) for s in specs}, prompts=pr,
+                      text=(o1.last_hidden_state.numpy(), o1.hidden_states[-2].numpy()),
+                      text_2=(o2.last_hidden_state.numpy(), o2.hidden_states[-2].numpy(), o2.text_embeds.numpy()),
+                      pooled_at=pooled_rule(p), time_ids=time_ids, conditioning_probe=cprobe, conditioning=cond,
+                      probe_prompts=_probe_prompts(p, probes[0]), probes=probes, truth=truth)
+
+
+def run_gates(refs: References, specs: list[GraphSpec], paths: dict[str, Path], config: dict,
+              tables: tuple[np.ndarray, np.ndarray], defaults: dict) -> dict:
+    """The SDXL gates against ``refs``; the figures have verify.run_gates' keys, and ``text_encoder_2_parity``."""
     v: dict = {"parity": {}}
     by_name = {s.name: s for s in specs}
     for name in ("vae_encoder", "vae_decoder"):
         sess = session(paths[name], config)
-        v["parity"][name] = graph_parity(by_name[name], p, sess)
+        v["parity"][name] = graph_parity(by_name[name], refs.parity[name], sess)
         del sess
         gc.collect()
     te, te2, unet = (session(paths[n], config) for n in ("text_encoder", "text_encoder_2", "unet"))
     for name, sess in (("text_encoder", te), ("text_encoder_2", te2), ("unet", unet)):
-        v["parity"][name] = graph_parity(by_name[name], p, sess)
-    time_ids = default_time_ids(resolution, time_ids_count(p))
-    ref, got = Torch(p, time_ids), Bundle(te, te2, unet, time_ids)
-    v["text_encoder_parity"], v["text_encoder_2_parity"] = text_encoder_parity(p, tables, te, te2)
-    v["conditioning_sensitivity"] = conditioning_sensitivity(p, tables, ref, got, latent)
-    probes = fidelity_probes(p, latent, defaults["t_low"], defaults["t_high"])
-    v["zo_fidelity"] = zo_fidelity(p, tables, ref, got, defaults["mu"], probes)
+        v["parity"][name] = graph_parity(by_name[name], refs.parity[name], sess)
+    got = Bundle(te, te2, unet, refs.time_ids)
+    v["text_encoder_parity"], v["text_encoder_2_parity"] = text_encoder_parity(refs, tables, te, te2)
+    pr, probe = refs.prompts, refs.conditioning_probe
+    g = got.unet(probe.zt, probe.t, *got.encode(tables[0][pr.ids], tables[1][pr.ids_2], pr.eos))
+    v["conditioning_sensitivity"] = conditioning_figures(g, refs.conditioning)
+    v["zo_fidelity"] = zo_fidelity(refs, tables, got, defaults["mu"])
     v["parity"] = {s.name: v["parity"][s.name] for s in specs}  # manifest order
     return v

@@ -37,7 +37,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .graph_ops import replace_nodes, tensor_shapes
+from .graph_ops import replace_nodes, tensor_shapes, weight
 
 # Lavin & Gray's B^T, G and A^T per output tile side m (F(m x m, 3 x 3)).
 _TILES = {
@@ -102,7 +102,7 @@ def _eligible(conv: onnx.NodeProto, dq: onnx.NodeProto | None, inits: dict, hw: 
         return False
     if min(q.dims[0], q.dims[1]) < min_channels:
         return False
-    if zp is not None and numpy_helper.to_array(zp).any():
+    if zp is not None and weight(zp).any():
         return False  # the recipe's weights are symmetric; anything else is not ours to rewrite
     h, w = hw
     return h == w and h >= min_size and h % tile_for(h) == 0
@@ -182,7 +182,7 @@ def winograd_convs(model: onnx.ModelProto, min_size: int = 16, min_channels: int
         if not _eligible(node, dq, inits, hw.get(node.input[0]), min_size, min_channels):
             nodes.append(node)
             continue
-        q, scale = numpy_helper.to_array(inits[dq.input[0]]), numpy_helper.to_array(inits[dq.input[1]])
+        q, scale = weight(inits[dq.input[0]]), weight(inits[dq.input[1]])
         cout, cin = q.shape[:2]
         size = hw[node.input[0]][0]
         m = tile_for(size)
@@ -206,7 +206,7 @@ def winograd_convs(model: onnx.ModelProto, min_size: int = 16, min_channels: int
                 winograd(f"{p}.part{j}", f"{p}.part{j}.x", q[:, lo:hi], scale, size, m, f"{p}.part{j}.y")
             nodes.append(helper.make_node("Sum", [f"{p}.part{j}.y" for j in range(len(parts))], [out], name=f"{p}.sum"))
         if bias:
-            b = numpy_helper.to_array(inits[bias]).astype(np.float32).reshape(cout, 1, 1)
+            b = weight(inits[bias]).astype(np.float32).reshape(cout, 1, 1)
             nodes.append(helper.make_node("Add", [out, const(f"{p}.bias", b)], [node.output[0]], name=f"{p}.bias"))
         dropped_dq.add(dq.output[0])
         counts[f"Conv {size}x{size} F({m}x{m})"] += 1
