@@ -334,3 +334,28 @@ def test_caption_errors(tmp_path, content, pattern):
 def test_captions_missing_file(tmp_path):
     with pytest.raises(UserError, match="captions file not found"):
         load_captions(tmp_path / "nope.json", ["a.jpg"])
+
+
+@pytest.mark.parametrize("h, w, r", [(768, 1024, 1024), (1024, 768, 512), (300, 300, 64), (1000, 333, 96)])
+def test_sdxl_time_ids_describe_the_crop_load_images_makes(h, w, r):
+    """(original h, w, crop top, left, target h, w), the crop in pixels of the photo scaled so its short
+    side is r: the centre square load_images keeps, offset as in the scaled photo."""
+    from zoodip_edge.runtime.images import sdxl_time_ids
+
+    ids = sdxl_time_ids((h, w), r)
+    side = min(h, w)
+    scaled = (round(h * r / side), round(w * r / side))
+    assert list(ids[:2]) == [h, w] and list(ids[4:]) == [r, r]
+    assert abs(ids[2] - (scaled[0] - r) / 2) <= 1 and abs(ids[3] - (scaled[1] - r) / 2) <= 1
+    assert min(ids[2], ids[3]) == 0
+
+
+def test_images_and_sizes_are_the_images_with_their_upright_sizes(tmp_path):
+    from zoodip_edge.runtime.images import load_images, load_images_and_sizes
+
+    Image.new("RGB", (50, 30), (200, 10, 10)).save(tmp_path / "a.png")
+    Image.new("RGB", (20, 40), (10, 200, 10)).save(tmp_path / "b.png")
+    both = load_images_and_sizes(tmp_path, 16)
+    plain = load_images(tmp_path, 16)
+    assert [(n, s) for n, _, s in both] == [("a.png", (30, 50)), ("b.png", (40, 20))]
+    assert all(np.array_equal(x, y) for (_, x, _), (_, y) in zip(both, plain))

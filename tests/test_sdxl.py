@@ -537,3 +537,40 @@ def test_sdxl_refuses_single_encoder_embeddings_and_the_reverse(sdxl_bundle, sd1
     refused(personalize_args(sd1_bundle, photos, tmp_path / "e.safetensors", "--steps", "1", "--init-embedding", sdxl_learned),
             sd1_bundle, tmp_path, match="is an SDXL embedding (clip_l and clip_g)")
     assert not (tmp_path / "g").exists() and not (tmp_path / "e.safetensors").exists()
+
+
+def test_sdxl_unet_is_told_each_photos_size_and_crop(sdxl_bundle, tmp_path):
+    """Each step's U-Net feed carries the drawn photo's own time ids (original size, crop, target),
+    as diffusers' SDXL textual inversion does, not the bundle's uncropped square."""
+    from PIL import Image
+
+    from zoodip_edge.runtime import Personalizer
+    from zoodip_edge.runtime.images import sdxl_time_ids
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    sizes = {"wide.png": (48, 80), "tall.png": (96, 40), "square.png": (64, 64)}  # (height, width)
+    rng = np.random.default_rng(0)
+    for name, (h, w) in sizes.items():
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(photos / name)
+    p = Personalizer(sdxl_bundle[0], photos, TOKEN, "dog", profile="cpu")
+    fed, run = [], p._run
+
+    def spy(sess, feed, output, keep_on_device):
+        if "time_ids" in feed:
+            fed.append(feed["time_ids"].copy())
+        return run(sess, feed, output, keep_on_device)
+
+    p._run = spy
+    r = sdxl_bundle[1]["resolution"]
+    drawn = set()
+    for seed in range(12):
+        fed.clear()
+        p.losses(p.theta[None], 700, seed)
+        ex = p.draw_example(700, seed)[0]
+        drawn.add(ex.name)
+        want = sdxl_time_ids(sizes[ex.name], r)
+        assert fed and all(np.array_equal(f, np.repeat(want[None], len(f), 0)) for f in fed)
+    assert drawn == set(sizes)  # every photo was drawn, so three different time ids were fed
+    wide = sdxl_time_ids(sizes["wide.png"], r)
+    assert list(wide[:2]) == [48, 80] and wide[2] == 0 and wide[3] > 0 and list(wide[4:]) == [r, r]

@@ -73,10 +73,42 @@ def load_images(
     is empty, not an image, truncated/corrupt, unreadable, or larger than ``max_pixels``;
     all bad files are named in the one message.
     """
+    resolution = _resolution(resolution)
+    return _read_all(source, lambda rgb: _square(rgb, resolution), max_pixels)
+
+
+def _resolution(resolution: int) -> int:
     if isinstance(resolution, bool) or not isinstance(resolution, (int, np.integer)) or resolution < 1:
         raise ValueError(f"resolution must be a positive integer, got {resolution!r}")
-    resolution = int(resolution)
-    return _read_all(source, lambda rgb: _square(rgb, resolution), max_pixels)
+    return int(resolution)
+
+
+def load_images_and_sizes(
+    source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    resolution: int,
+    *,
+    max_pixels: int = MAX_PIXELS,
+) -> list[tuple[str, np.ndarray, tuple[int, int]]]:
+    """As :func:`load_images`, with each photo's (height, width) as read, upright: what SDXL's
+    micro-conditioning (:func:`sdxl_time_ids`) describes."""
+    resolution = _resolution(resolution)
+    both = _read_all(source, lambda rgb: (_square(rgb, resolution), (rgb.height, rgb.width)), max_pixels)
+    return [(name, img, size) for name, (img, size) in both]
+
+
+def sdxl_time_ids(size: tuple[int, int], resolution: int) -> np.ndarray:
+    """SDXL's six ``time_ids`` for a photo of ``size`` (height, width) prepared as :func:`load_images`
+    prepares it: original height and width, the crop's top and left, the target size.
+
+    The crop offsets are in pixels of the photo scaled so its short side is ``resolution``, SDXL's
+    training convention (resize, then crop); diffusers' SDXL textual inversion records the photo's
+    size and its crop the same way.
+    """
+    h, w = size
+    side = min(h, w)
+    scale = resolution / side
+    return np.array([h, w, round((h - side) // 2 * scale), round((w - side) // 2 * scale), resolution, resolution],
+                    np.float32)
 
 
 def load_rgb_images(

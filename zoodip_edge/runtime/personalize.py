@@ -112,7 +112,8 @@ class Example:
     mean: np.ndarray
     std: np.ndarray
     caption: str | None
-    sha256: str  # of the decoded, resized pixels: what the run depends on (a resume compares it)
+    sha256: str  # of the decoded, resized pixels (and SDXL's time ids): what the run depends on (a resume compares it)
+    time_ids: np.ndarray | None = None  # SDXL: the photo's size and crop (images.sdxl_time_ids)
 
 
 class Personalizer:
@@ -133,7 +134,7 @@ class Personalizer:
         init_embedding: np.ndarray | Mapping[str, np.ndarray] | None = None,
     ):
         from ..profiles import resolve_profile
-        from .images import load_captions, load_images
+        from .images import load_captions, load_images_and_sizes
 
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         m = self.bundle.manifest
@@ -167,8 +168,8 @@ class Personalizer:
             warn(f"mu {self.config.mu:g} is below the {fidelity['mu']:g} this bundle's ZO fidelity gate verified "
                  f"({m['recipe']['name']}); its finite differences may follow rounding noise there")
 
-        loaded = load_images(images, m["resolution"])
-        names = [n for n, _ in loaded]
+        loaded = load_images_and_sizes(images, m["resolution"])
+        names = [n for n, _, _ in loaded]
         caps = load_captions(captions, names) if isinstance(captions, (str, Path)) else captions
         if caps is not None:
             bad = [n for n in names if "{}" not in caps.get(n, "")]
@@ -189,19 +190,29 @@ class Personalizer:
                                                            else m["defaults"].get("search_init", False))
 
     # ------------------------------------------------------------------ data ----------
-    def _encode(self, loaded: list[tuple[str, np.ndarray]], caps: dict[str, str] | None) -> list[Example]:
-        """VAE-encode each image once, then release the VAE so it never shares memory with the U-Net."""
+    def _encode(self, loaded: list[tuple[str, np.ndarray, tuple[int, int]]], caps: dict[str, str] | None) -> list[Example]:
+        """VAE-encode each image once, then release the VAE so it never shares memory with the U-Net.
+
+        SDXL's U-Net is told each photo's original size and crop (``time_ids``), as diffusers' SDXL
+        textual inversion tells it; generation asks for an uncropped image at the bundle's size."""
+        from . import images
+
         vae = self.sessions.get("vae_encoder")
         out = []
-        for name, img in loaded:
+        for name, img, size in loaded:
             mean, logvar = vae.run(["mean", "logvar"], {"image": img[None].astype(np.float32)})
-            out.append(Example(name, mean[0], np.exp(0.5 * logvar[0]), caps[name] if caps else None,
-                               hashlib.sha256(np.ascontiguousarray(img, np.float32).tobytes()).hexdigest()))
+            ids = images.sdxl_time_ids(size, int(self.bundle.manifest["resolution"])) if self.sdxl else None
+            digest = hashlib.sha256(np.ascontiguousarray(img, np.float32).tobytes() + (b"" if ids is None else ids.tobytes()))
+            out.append(Example(name, mean[0], np.exp(0.5 * logvar[0]), caps[name] if caps else None, digest.hexdigest(), ids))
         self.sessions.release("vae_encoder")
         return out
 
     def draw(self, t: int, noise_seed: int) -> tuple[str, np.ndarray, np.ndarray]:
         """Caption, z_t and target for one step, all from ``noise_seed`` (common random numbers)."""
+        return self.draw_example(t, noise_seed)[1:]
+
+    def draw_example(self, t: int, noise_seed: int) -> tuple[Example, str, np.ndarray, np.ndarray]:
+        """``draw``, and the example it drew."""
         rng = np.random.default_rng(noise_seed)
         ex = self.examples[int(rng.integers(len(self.examples)))]
         templates = TEMPLATES[self.settings.templates]
@@ -209,18 +220,20 @@ class Personalizer:
         z = self.bundle.manifest["latent_scale"] * (ex.mean + ex.std * rng.standard_normal(ex.mean.shape, dtype=np.float32))
         eps = rng.standard_normal(z.shape, dtype=np.float32)
         zt, target = noisy_and_target(z[None], eps[None], t, self.abar, self.prediction_type)
-        return caption.replace("{}", self.token), zt, target
+        return ex, caption.replace("{}", self.token), zt, target
 
     # ------------------------------------------------------------------ model ---------
     def losses(self, thetas: np.ndarray, t: int, noise_seed: int, words: str | None = None) -> np.ndarray:
         """Diffusion loss at each row of ``thetas`` on one shared (image, t, ε); with ``words``
         the prompt names the concept in words instead of the token (a reference loss; thetas unused)."""
-        prompt, zt, target = self.draw(t, noise_seed)
+        ex, prompt, zt, target = self.draw_example(t, noise_seed)
         embeds = self.text.embed(prompt, thetas) if words is None else self.text.embed(prompt.replace(self.token, words))
         # Text encoder(s) first for every chunk, so a profile that loads sessions in turn loads each once per step.
         if self.sdxl:  # both encoders; the U-Net also takes the pooled text and the time ids
             chunks = [embeds] if self.batch else embeds.rows()
             conds, sizes = self.text.condition(chunks, self.sessions.run), [len(c.first) for c in chunks]
+            for cond in conds:
+                cond["time_ids"] = np.repeat(ex.time_ids[None], len(cond["time_ids"]), 0)
         else:
             chunks = [embeds] if self.batch else [e[None] for e in embeds]
             te = self.sessions.get("text_encoder")
