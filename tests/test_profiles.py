@@ -345,6 +345,7 @@ def test_cpu_session_runs(tiny_model):
 
 def test_sessions_load_with_small_allocations_mapped_then_threshold_raised(tiny_model, monkeypatch):
     """glibc: the mmap threshold is 128 KiB while ORT parses a graph, 32 MiB after; trim returns memory."""
+    import zoodip_edge.heap as heap
     import zoodip_edge.runtime.sessions as sessions
 
     calls: list[tuple] = []
@@ -362,7 +363,9 @@ def test_sessions_load_with_small_allocations_mapped_then_threshold_raised(tiny_
         calls.append(("load",))
         return real(*a, **k)
 
-    monkeypatch.setattr(sessions, "_LIBC", FakeLibc())
+    fake = FakeLibc()
+    monkeypatch.setattr(sessions, "_LIBC", fake)
+    monkeypatch.setattr(heap, "LIBC", fake)  # return_free_memory's, shared with the export
     monkeypatch.setattr(sessions.ort, "InferenceSession", spy)
     monkeypatch.setattr(sessions, "hugepages_in_effect", lambda: False)
     sess = sessions.create_session(tiny_model, builtin_profiles()["cpu"], {})
@@ -379,6 +382,7 @@ def test_sessions_load_with_small_allocations_mapped_then_threshold_raised(tiny_
     assert [c for c in calls if c[0] == "mallopt" and c[2] != 128 * 1024] == [("mallopt", -3, 4096 * 1024),
                                                                                ("mallopt", -3, 1024 * 1024)]
     monkeypatch.setattr(sessions, "_LIBC", None)  # not glibc: both are no-ops
+    monkeypatch.setattr(heap, "LIBC", None)
     sessions.return_free_memory()
     np.testing.assert_allclose(run(sessions.create_session(tiny_model, builtin_profiles()["cpu"], {})), EXPECTED_Y)
 

@@ -206,7 +206,7 @@ def _export(model: str, out: Path, recipe: str, resolution: int | None, force: b
     from ..bundle import FORMAT_VERSION, aside_name, aside_pattern, file_entry, graph_features, publish, write_manifest
     from ..families import defaults_for
     from ..files import remove_stale
-    from ..runtime.sessions import return_free_memory
+    from ..heap import return_free_memory
     from . import verify
     from .attention import fuse_attention
     from .graph_ops import load_lazily, load_remaining, weights_in
@@ -291,8 +291,8 @@ def _export(model: str, out: Path, recipe: str, resolution: int | None, force: b
             del graph
             shutil.rmtree(folder)
             gc.collect()
-            # glibc keeps a freed graph's heap mapped: 1.4 of the SD1.5 U-Net's 1.6 GB stayed resident
-            # through the gates until malloc_trim (performance.md, "Export")
+            # glibc keeps a freed graph's heap mapped (heap.py): 1.4 of the SD1.5 U-Net's 1.6 GB stayed
+            # resident through the gates until malloc_trim
             return_free_memory()
             entry = file_entry(tmp, files[0])
             entry["external_data"] = [file_entry(tmp, f) for f in files[1:]]

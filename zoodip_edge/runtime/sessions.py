@@ -12,8 +12,6 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import gc
 import io
 import os
@@ -27,6 +25,7 @@ import onnxruntime as ort
 from ..bundle import Bundle, check_graph_inputs, check_runnable, compatibility
 from ..cpu import slow_int8_math
 from ..errors import UserError
+from ..heap import LIBC, return_free_memory
 from ..profiles import (
     DeviceProfile,
     auto_profile_name,
@@ -39,28 +38,8 @@ __all__ = ["available_providers", "session_options", "session_providers", "prelo
            "mmap_threshold_kb", "ShrinkingSession"]
 
 
-def _glibc() -> Any:
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim, libc.mallopt  # glibc only
-        return libc
-    except (OSError, AttributeError):
-        return None
-
-
-_LIBC = _glibc()
+_LIBC = LIBC
 _M_MMAP_THRESHOLD = -3  # glibc's malloc.h
-
-
-def return_free_memory() -> None:
-    """Hand memory that is free but still mapped back to the OS (glibc's ``malloc_trim``; a no-op elsewhere).
-
-    Loading a U-Net session frees ~0.4 GB of parse buffers that glibc keeps mapped once other
-    sessions sit below them on the heap; ORT's forwards with the arena off leave the same kind of
-    holes. Measured on the SD1.5 architecture: docs/performance.md ("Where the remaining memory is").
-    """
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
 
 
 HUGETLB_TUNABLE = "glibc.malloc.hugetlb=1"
