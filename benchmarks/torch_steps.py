@@ -13,6 +13,10 @@
         quanto's pure-torch path (dequantize, then matmul/conv) on CPU and CUDA alike: its CUDA
         extension (JIT-compiled on first use) serves only int4/AWQ/Marlin kernels.
 
+An SDXL pipeline (``--mode zo`` only) runs both text encoders on the token's two rows, learned as
+one vector as ``personalize`` learns it, and the U-Net with its added conditions (the pooled text
+and the uncropped square's time ids at the pipeline's resolution).
+
 Timing: ``first_step_s`` is the very first step; ``s_per_step`` is the median of the ``--steps``
 steps after ``--warmup`` untimed-in-the-median steps (default 0 on CPU, so the median includes
 the first step as it always has; 1 on CUDA). On CUDA every timing read follows
@@ -30,7 +34,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import nvml_used_mb, peak_rss_mb
-from zoodip_edge.export.graphs import TextEncoderFromEmbeddings
+from zoodip_edge.export.graphs import TextEncoderFromEmbeddings, TextEncoderWithProjectionFromEmbeddings
 from zoodip_edge.export.load import load_pipeline
 
 ap = argparse.ArgumentParser()
@@ -41,6 +45,7 @@ ap.add_argument("--n", type=int, default=2)
 ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
 ap.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32",
                 help="weights and activations (fp16: CUDA only; the paper's ZO setting)")
+ap.add_argument("--resolution", type=int, help="image size in pixels (default: the U-Net's sample size x 8)")
 ap.add_argument("--warmup", type=int, default=None, help="steps run before the timed ones (default: 0 cpu, 1 cuda)")
 a = ap.parse_args()
 if a.dtype == "fp16" and a.device != "cuda":
@@ -71,6 +76,9 @@ if cuda or dt != torch.float32:
     p.text_encoder.to(device=dev, dtype=dt)
     p.unet.to(device=dev, dtype=dt)
 te, unet = TextEncoderFromEmbeddings(p.text_encoder).eval(), p.unet.eval()
+sdxl = p.family == "sdxl"
+if sdxl and (a.mode != "zo" or cuda or dt != torch.float32):
+    ap.error("an SDXL pipeline runs --mode zo in fp32 on the CPU only")
 extra: dict = {}
 if a.mode == "quanto":
     from optimum.quanto import freeze, qint8, quantize
@@ -85,7 +93,16 @@ ids = torch.tensor([p.tokenizer("a photo of a dog", padding="max_length", max_le
 table = p.text_encoder.get_input_embeddings().weight.detach()
 row = int((ids[0] == p.tokenizer.eos_token_id).nonzero()[0]) - 1
 ids = ids.to(dev)
-h = p.unet.config.sample_size
+if sdxl:  # the second encoder's ids, row and pooling position, and its table beside the first
+    from zoodip_edge.export.verify_sdxl import default_time_ids, eos_index, pooled_rule
+
+    te2 = TextEncoderWithProjectionFromEmbeddings(p.text_encoder_2).eval()
+    ids2 = torch.from_numpy(p.token_ids_2("a photo of a dog"))
+    eos2 = torch.from_numpy(eos_index(ids2.numpy(), pooled_rule(p), p.text_encoder_2.config.eos_token_id))
+    table2 = p.text_encoder_2.get_input_embeddings().weight.detach()
+h = a.resolution // 8 if a.resolution else p.unet.config.sample_size
+if sdxl:
+    time_ids = torch.from_numpy(default_time_ids(8 * h, 6, a.n + 1))
 z, eps = torch.randn(1, 4, h, h), torch.randn(1, 4, h, h)  # drawn on the CPU: same values on either device
 z, eps = z.to(dev, dt), eps.to(dev, dt)
 timestep = torch.full((a.n + 1,), 700.0, device=dev) if a.mode in ("zo", "quanto") else torch.tensor([700.0], device=dev)
@@ -95,7 +112,7 @@ if cuda:
     extra["setup_peak_cuda_allocated_mb"] = torch.cuda.max_memory_allocated(dev) / MB
     extra["weights_cuda_allocated_mb"] = torch.cuda.memory_allocated(dev) / MB
     torch.cuda.reset_peak_memory_stats(dev)
-theta = table[ids[0, row]].clone()
+theta = table[ids[0, row]].clone() if not sdxl else torch.cat([table[ids[0, row]], table2[ids2[0, row]]])
 opt = torch.optim.Adam([theta.requires_grad_(a.mode == "grad")], lr=5e-3) if a.mode == "grad" else None
 times, finite = [], True
 for step in range(warmup + a.steps):
@@ -106,8 +123,15 @@ for step in range(warmup + a.steps):
             noise = torch.randn(a.n, theta.numel()).to(dev, dt)
             thetas = theta[None] + 1e-3 * torch.cat([torch.zeros_like(noise[:1]), noise])
             emb = table[ids].repeat(a.n + 1, 1, 1)
-            emb[:, row] = thetas
-            pred = unet(z.repeat(a.n + 1, 1, 1, 1), timestep, te(emb)[0], return_dict=False)[0]
+            emb[:, row] = thetas[:, :table.shape[1]]
+            if sdxl:
+                emb2 = table2[ids2].repeat(a.n + 1, 1, 1)
+                emb2[:, row] = thetas[:, table.shape[1]:]
+                _, c2, pooled = te2(emb2, eos2.repeat(a.n + 1))
+                pred = unet(z.repeat(a.n + 1, 1, 1, 1), timestep, torch.cat([te(emb)[1], c2], dim=-1),
+                            added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}, return_dict=False)[0]
+            else:
+                pred = unet(z.repeat(a.n + 1, 1, 1, 1), timestep, te(emb)[0], return_dict=False)[0]
             losses = ((pred.float() - eps.float()) ** 2).mean(dim=(1, 2, 3))
     else:
         emb = table[ids].clone()
