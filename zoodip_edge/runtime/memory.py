@@ -7,14 +7,16 @@ The estimate, in MiB (docs/design.md, "Memory budget")::
                  token tables (memory-mapped for the whole run; the start search reads them all)
     + 300        Python, NumPy, ONNX Runtime and the photos
     + 450 x A    activations and the allocator's holes at the bundle's resolution, A = latent
-                 area / 64 x 64 (SD1.5's 512 px: A = 1; SDXL's 1024 px: A = 4)
+                 area / 64 x 64 (SD1.5's 512 px: A = 1; SDXL's 1024 px: A = 4); 2,500 x A for
+                 SDXL bundles (``unet_activations_mb``)
 
 Graphs loaded at once: a profile with ``resident_sessions`` keeps the text encoder(s) and the
 U-Net loaded together (the VAE encoder runs alone before them and is released); one without
 loads every graph alone. A preview (``--preview-every``) adds the VAE decoder to the resident
 set (generate releases the U-Net before decoding, but the text encoders stay).
 
-The constants are calibrated on measured SD1.5 int8-cpu peaks; docs/design.md gives the runs and
+The constants are calibrated on measured SD1.5 int8-cpu peaks, SDXL's on two SDXL-architecture
+runs at 512 px; docs/design.md gives the runs and
 how close the estimate comes (figures live there, not here). On GPUs the same figure stands for
 device memory, not calibrated there.
 
@@ -37,12 +39,15 @@ from ..errors import UserError
 if TYPE_CHECKING:
     from ..profiles import DeviceProfile
 
-__all__ = ["BASE_MB", "ACTIVATION_MB", "DECODER_MB", "MemoryEstimate", "check_memory",
+__all__ = ["BASE_MB", "ACTIVATION_MB", "SDXL_ACTIVATION_MB", "DECODER_MB", "unet_activations_mb", "MemoryEstimate", "check_memory",
            "check_generation_memory", "decoder_activations_mb", "estimate_generation_memory", "estimate_memory"]
 
 MiB = 2**20
 BASE_MB = 300  # Python, NumPy, ONNX Runtime, the photos
 ACTIVATION_MB = 450  # per 64 x 64 latent pixels (SD1.5 at 512 px)
+# SDXL's U-Net holds far more per latent pixel (ten-deep transformer stacks, 2048-wide cross-attention):
+# measured personalize peaks of the SDXL architecture at 512 px were 2.0-2.1 GB over the weights + 300 MB.
+SDXL_ACTIVATION_MB = 2500
 # The VAE decoder works at full image size, so its activations are its own term (calibrated on
 # SD1.5's decoder, which SDXL's shares; docs/design.md gives the runs).
 DECODER_MB = 1350  # per 64 x 64 latent pixels decoded at once
@@ -93,8 +98,14 @@ def estimate_memory(bundle: Bundle, resident_sessions: bool, preview: bool = Fal
         phases = [("vae_encoder",), (*text, "unet", *decoder)]
     else:
         phases = [(g,) for g in ("vae_encoder", *text, "unet", *decoder)]
-    activations = ACTIVATION_MB * (int(bundle.manifest["latent_size"]) / 64) ** 2
+    activations = unet_activations_mb(bundle)
     return _largest(bundle, [(p, activations) for p in phases])
+
+
+def unet_activations_mb(bundle: Bundle) -> float:
+    """The U-Net step's activations (and allocator holes), in MiB, at the bundle's latent size."""
+    per = SDXL_ACTIVATION_MB if bundle.manifest.get("family") == "sdxl" else ACTIVATION_MB
+    return per * (int(bundle.manifest["latent_size"]) / 64) ** 2
 
 
 def decoder_activations_mb(latent: int) -> float:
@@ -107,7 +118,7 @@ def estimate_generation_memory(bundle: Bundle, resident_sessions: bool, tile: in
     decoding, the latter one image at a time, or one ``tile`` (latent pixels) at a time."""
     text = _text_graphs(bundle)
     latent = int(bundle.manifest["latent_size"])
-    sampling = ACTIVATION_MB * (latent / 64) ** 2
+    sampling = unet_activations_mb(bundle)
     decoding = decoder_activations_mb(min(tile, latent) if tile else latent)
     if resident_sessions:
         phases = [((*text, "unet"), sampling), ((*text, "vae_decoder"), decoding)]
