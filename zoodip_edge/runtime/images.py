@@ -101,8 +101,9 @@ def sdxl_time_ids(size: tuple[int, int], resolution: int) -> np.ndarray:
     prepares it: original height and width, the crop's top and left, the target size.
 
     The crop offsets are in pixels of the photo scaled so its short side is ``resolution``, SDXL's
-    training convention (resize, then crop); diffusers' SDXL textual inversion records the photo's
-    size and its crop the same way.
+    training convention (resize, then crop), since this preprocessing scales before it crops.
+    diffusers' SDXL textual inversion also passes each photo's size and crop, but crops a
+    ``resolution`` window from the unscaled photo, so its offsets are in the photo's own pixels.
     """
     h, w = size
     side = min(h, w)
