@@ -195,13 +195,13 @@ class Personalizer:
 
         SDXL's U-Net is told each photo's original size and crop (``time_ids``), as diffusers' SDXL
         textual inversion tells it; generation asks for an uncropped image at the bundle's size."""
-        from . import images
+        from .images import sdxl_time_ids
 
         vae = self.sessions.get("vae_encoder")
         out = []
         for name, img, size in loaded:
             mean, logvar = vae.run(["mean", "logvar"], {"image": img[None].astype(np.float32)})
-            ids = images.sdxl_time_ids(size, int(self.bundle.manifest["resolution"])) if self.sdxl else None
+            ids = sdxl_time_ids(size, int(self.bundle.manifest["resolution"])) if self.sdxl else None
             digest = hashlib.sha256(np.ascontiguousarray(img, np.float32).tobytes() + (b"" if ids is None else ids.tobytes()))
             out.append(Example(name, mean[0], np.exp(0.5 * logvar[0]), caps[name] if caps else None, digest.hexdigest(), ids))
         self.sessions.release("vae_encoder")
@@ -231,9 +231,8 @@ class Personalizer:
         # Text encoder(s) first for every chunk, so a profile that loads sessions in turn loads each once per step.
         if self.sdxl:  # both encoders; the U-Net also takes the pooled text and the time ids
             chunks = [embeds] if self.batch else embeds.rows()
-            conds, sizes = self.text.condition(chunks, self.sessions.run), [len(c.first) for c in chunks]
-            for cond in conds:
-                cond["time_ids"] = np.repeat(ex.time_ids[None], len(cond["time_ids"]), 0)
+            conds = self.text.condition(chunks, self.sessions.run, ex.time_ids)
+            sizes = [len(c.first) for c in chunks]
         else:
             chunks = [embeds] if self.batch else [e[None] for e in embeds]
             te = self.sessions.get("text_encoder")

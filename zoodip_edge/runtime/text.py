@@ -319,12 +319,14 @@ class XLPromptEncoder:
         eos = np.full((len(second),), self.eos_index(self.second.ids(prompt)), np.int64)
         return XLEmbeds(first, second, eos)
 
-    def condition(self, chunks: list[XLEmbeds], run) -> list[dict[str, np.ndarray]]:
+    def condition(self, chunks: list[XLEmbeds], run, time_ids: np.ndarray | None = None) -> list[dict[str, np.ndarray]]:
         """The U-Net's text conditions for each chunk of rows; ``run(graph, feed, outputs)`` runs one
         graph. Each encoder runs over every chunk before the next, so a profile that loads sessions
-        in turn loads each once."""
+        in turn loads each once. ``time_ids``: a training photo's (images.sdxl_time_ids); by default
+        the uncropped square at the bundle's resolution."""
+        ids = self.time_ids if time_ids is None else np.asarray(time_ids, np.float32)
         c1 = [run("text_encoder", {"inputs_embeds": e.first}, ["penultimate_hidden_state"])[0] for e in chunks]
         c2 = [run("text_encoder_2", {"inputs_embeds": e.second, "eos_index": e.eos_index},
                   ["penultimate_hidden_state", "text_embeds"]) for e in chunks]
         return [{"encoder_hidden_states": np.concatenate([a, b], axis=-1), "text_embeds": pooled,
-                 "time_ids": np.repeat(self.time_ids[None], len(a), 0)} for a, (b, pooled) in zip(c1, c2)]
+                 "time_ids": np.repeat(ids[None], len(a), 0)} for a, (b, pooled) in zip(c1, c2)]
