@@ -574,3 +574,9 @@ def test_sdxl_unet_is_told_each_photos_size_and_crop(sdxl_bundle, tmp_path):
     assert drawn == set(sizes)  # every photo was drawn, so three different time ids were fed
     wide = sdxl_time_ids(sizes["wide.png"], r)
     assert list(wide[:2]) == [48, 80] and wide[2] == 0 and wide[3] > 0 and list(wide[4:]) == [r, r]
+
+
+def test_sdxl_refuses_the_encoder_guide_in_one_line(sdxl_bundle, photos, tmp_path):
+    """guide_encoder reads one text encoder's Jacobian; on SDXL's two it is refused before any work."""
+    refused([*_sdxl_personalize(sdxl_bundle[0], photos, tmp_path / "e.safetensors", "--steps", "1", "--guide-encoder", "4")],
+            sdxl_bundle[0], photos, tmp_path, match="guide_encoder reads one text encoder's response")

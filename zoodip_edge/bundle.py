@@ -243,7 +243,7 @@ MANIFEST_SCHEMA = Obj({
     "defaults": Obj({"n": Int(1, 256), "mu": Num(above=0), "lr": Num(above=0), "tau": Int(2, 4096), "nu": Num(0, 1),
                      "t_low": Int(0), "t_high": Int(1), "steps": Int(1)},
                     optional={"search_init": Bool(), "guide_momentum": Bool(), "guide_k": Int(0), "guide_vocab": Int(0),
-                              "guide_alpha": Num(above=0, hi=1)}),
+                              "guide_alpha": Num(above=0, hi=1), "guide_encoder": Int(0, 256), "guide_refresh": Int(1)}),
     "verification": Obj({}),
     "session": Obj({"config_entries": Obj({}, extra=_scalar)}),
     "latent_channels": Int(1, 64),

@@ -190,7 +190,7 @@ def inspect(
     d = m["defaults"]
     typer.echo(f"defaults    n={d['n']} mu={d['mu']:g} lr={d['lr']:g} tau={d['tau']} nu={d['nu']:g} "
                f"PUTS=[{d['t_low']},{d['t_high']}) steps={d['steps']}"
-               + "".join(f" {k}={d[k]}" for k in ("search_init", "guide_vocab", "guide_alpha") if k in d))
+               + "".join(f" {k}={d[k]}" for k in ("search_init", "guide_vocab", "guide_encoder", "guide_alpha") if k in d))
     typer.echo(f"all {sum(1 for _ in b.files())} files match their sha256")
 
 
@@ -232,6 +232,7 @@ def personalize(
     t_low: Optional[int] = _param("t_low"),
     t_high: Optional[int] = _param("t_high"),
     guide_vocab: Optional[int] = _param("guide_vocab"),
+    guide_encoder: Optional[int] = _param("guide_encoder"),
     no_subspace: bool = _param("no_subspace"),
     no_puts: bool = _param("no_puts"),
     checkpoint_every: int = _param("checkpoint_every"),
@@ -275,7 +276,8 @@ def personalize(
             check_log_path(log_jsonl, resume, force)
         settings = Settings(n=n, mu=mu, lr=lr, tau=tau, nu=nu, t_low=t_low, t_high=t_high, subspace=not no_subspace,
                             puts=not no_puts, seed=seed, templates=templates, batch_perturbations=batched,
-                            search_init=search_init, guide_vocab=guide_vocab)
+                            search_init=search_init, guide_vocab=guide_vocab,
+                            guide_encoder=guide_encoder)
         warn = lambda msg: typer.echo(f"warning: {msg}", err=True)  # noqa: E731
         start = None
         if init_embedding is not None:

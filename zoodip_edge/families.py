@@ -20,11 +20,17 @@ class ZOODefaults:
     search_init: bool = False  # search the start among vocabulary words first (runtime/init_search.py)
     guide_vocab: int = 0  # directions also along the token table's top-k principal directions (runtime/zo.py)
     guide_alpha: float = 0.5  # the full space's share of those directions
+    guide_encoder: int = 0  # ... or along the k directions the text encoder responds to most (runtime/sensitivity.py)
+    guide_refresh: int = 250  # steps between readings of those directions
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        if not self.guide_vocab:  # off: manifests stay as they were before the option existed
+        if not self.guide_encoder:  # off: manifests stay as they were before the options existed
+            del d["guide_encoder"], d["guide_refresh"]
+        if not self.guide_vocab and not self.guide_encoder:
             del d["guide_vocab"], d["guide_alpha"]
+        elif not self.guide_vocab:
+            del d["guide_vocab"]
         return d
 
 

@@ -75,6 +75,8 @@ PERSONALIZE: tuple[Param, ...] = (
     Param("t_high", "int", "PUTS upper timestep (exclusive)", None),
     Param("guide_vocab", "int", "also perturb along the K principal directions of the token table "
           "(0: off; default: the bundle's)", None),
+    Param("guide_encoder", "int", "also perturb along the K directions the text encoder's output responds to most, "
+          "read every 250 steps at the current token (0: off; default: the bundle's; SD1/SD2)", None),
     Param("no_subspace", "bool", "ablation: disable the Subspace Gradient", False, ("--no-subspace",)),
     Param("no_puts", "bool", "ablation: sample t uniformly from all timesteps", False, ("--no-puts",)),
     Param("checkpoint_every", "int", "write a checkpoint every K steps (0: only at the end / on Ctrl-C)", 100),

@@ -29,7 +29,7 @@ def finish_job(spec: dict) -> dict:
 
     o = spec["options"]
     d = Path(spec["dir"])
-    keys = ("n", "mu", "lr", "tau", "nu", "t_low", "t_high", "seed", "templates", "guide_vocab")
+    keys = ("n", "mu", "lr", "tau", "nu", "t_low", "t_high", "seed", "templates", "guide_vocab", "guide_encoder")
     settings = Settings(**{k: o[k] for k in keys if k in o}, subspace=not o.get("no_subspace", False),
                         puts=not o.get("no_puts", False), batch_perturbations=o.get("batched"))
     p = Personalizer(o["bundle"], o["images"], o["token"], o["init"], settings=settings, captions=o.get("captions"),

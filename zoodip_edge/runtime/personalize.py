@@ -36,12 +36,15 @@ from .checks import check_seed
 from .init_search import SearchResult, search_initializer, search_probes
 from .memory import check_memory
 from .runlog import RunLog, check_log_path
+from .sensitivity import response_basis
 from .sessions import BundleSessions, return_free_memory
 from .stopping import Plateau, stop_probes
 from .text import TEMPLATES, XLPromptEncoder, bundle_prompt_encoder
 from .zo import OutOfRange, StepRecord, ZOConfig, ZOOptimizer, fits_float32, vocabulary_basis
 
 Warn = Callable[[str], None]
+GUIDE_PROMPTS = 4  # prompts guide_encoder's Jacobian is read on (d + 1 text encoder passes each)
+GUIDE_H = 1e-2  # its forward-difference step
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,8 @@ class Settings:
     guide_k: int | None = None
     guide_alpha: float | None = None
     guide_vocab: int | None = None
+    guide_encoder: int | None = None
+    guide_refresh: int | None = None
     search_init: bool | None = None  # search the start first (the caller runs search_start()); None: the bundle's default
 
     def zo_config(self, defaults: dict, num_train_timesteps: int) -> ZOConfig:
@@ -75,13 +80,16 @@ class Settings:
         cfg = ZOConfig(n=pick("n"), mu=pick("mu"), lr=pick("lr"), tau=pick("tau"), nu=pick("nu"),
                        t_low=t_low, t_high=t_high, subspace=self.subspace, guide_momentum=bool(pick("guide_momentum")),
                        guide_k=int(pick("guide_k")), guide_alpha=pick("guide_alpha"),
-                       guide_vocab=int(pick("guide_vocab")))
+                       guide_vocab=int(pick("guide_vocab")), guide_encoder=int(pick("guide_encoder")),
+                       guide_refresh=int(pick("guide_refresh")))
         bad = {"n": not 1 <= cfg.n <= 256, "mu": not 0 < cfg.mu < float("inf"), "lr": not 0 < cfg.lr < float("inf"),
                "tau": not 2 <= cfg.tau <= 4096, "nu": not 0 <= cfg.nu < 1, "guide_k": not 0 <= cfg.guide_k <= 256,
-               "guide_vocab": not 0 <= cfg.guide_vocab <= 256,
+               "guide_vocab": not 0 <= cfg.guide_vocab <= 256, "guide_encoder": not 0 <= cfg.guide_encoder <= 256,
+               "guide_refresh": not 1 <= cfg.guide_refresh,
                "guide_alpha": not 0 < cfg.guide_alpha <= 1}
         ranges = {"n": "1..256", "mu": "a finite number > 0", "lr": "a finite number > 0", "tau": "2..4096",
-                  "nu": "in [0, 1)", "guide_k": "0..256", "guide_vocab": "0..256", "guide_alpha": "in (0, 1]"}
+                  "nu": "in [0, 1)", "guide_k": "0..256", "guide_vocab": "0..256", "guide_alpha": "in (0, 1]",
+                  "guide_encoder": "0..256", "guide_refresh": "at least 1"}
         for key, wrong in bad.items():
             if wrong:
                 raise UserError(f"{key} must be {ranges[key]}, got {getattr(cfg, key)}")
@@ -159,6 +167,8 @@ class Personalizer:
         self.abar = alphas_cumprod(m["scheduler"])
         self.prediction_type = m["scheduler"].get("prediction_type", "epsilon")
         self.config = settings.zo_config(m["defaults"], len(self.abar))  # bad hyperparameters fail before any work
+        if self.config.guide_encoder and self.sdxl:
+            raise UserError("guide_encoder reads one text encoder's response; SDXL bundles have two (not supported yet)")
         check_memory(self.bundle, self.profile)  # over the profile's budget: one line now, not the OS's kill later
         fidelity = m.get("verification", {}).get("zo_fidelity", {})
         if warn and fidelity and not fidelity.get("passed", True):
@@ -181,6 +191,7 @@ class Personalizer:
         # the vocabulary's principal directions (guided directions; the bundle's own rows, without the new token)
         self.prior = vocabulary_prior(self.text, self.config.guide_vocab) if self.config.guide_vocab else None
         self.optimizer = ZOOptimizer(theta0, self.config, settings.seed, self.prior)
+        self.guide_read_at: int | None = None  # the step guide_encoder's directions were last read at
         self.last_loss: float | None = None
         self.stopped_early = False  # set by run() when --steps auto stopped it
         self.start = init  # the word the token starts from, or what search_start() found
@@ -248,6 +259,22 @@ class Personalizer:
             out.append(np.mean((pred.astype(np.float64) - target) ** 2, axis=(1, 2, 3)))
         return np.concatenate(out)
 
+    def conditions_of(self, prompt: str, thetas: np.ndarray) -> np.ndarray:
+        """The U-Net's text condition for each row of ``thetas`` in ``prompt``, flattened [rows, N] (SD1/SD2)."""
+        out = self.sessions.get("text_encoder").run(["last_hidden_state"], {"inputs_embeds": self.text.embed(prompt, thetas)})[0]
+        return out.reshape(len(thetas), -1)
+
+    def read_guide(self) -> None:
+        """Read ``guide_encoder``'s directions at the current token (a forward-difference Jacobian of
+        the text encoder on the first few prompts training draws from; no U-Net pass)."""
+        templates = TEMPLATES[self.settings.templates]
+        captions = sorted({e.caption for e in self.examples if e.caption is not None}) or templates
+        prompts = [c.replace("{}", self.token) for c in captions[:GUIDE_PROMPTS]]
+        basis = response_basis(self.conditions_of, prompts, self.theta, self.config.guide_encoder, GUIDE_H)
+        self.optimizer.set_prior(basis if self.prior is None else np.concatenate([self.prior, basis]))
+        self.guide_read_at = self.step_index
+        return_free_memory()
+
     def _run(self, sess, feed: dict, output: str, keep_on_device: bool):
         """One output of ``sess``; with IOBinding (GPU profiles) it may stay on the device as an OrtValue."""
         if not self.profile.io_binding:
@@ -292,6 +319,9 @@ class Personalizer:
 
     def step(self) -> StepRecord:
         """One ZO step; NonFiniteLoss (nothing changed) if a loss or the new token is not finite."""
+        c = self.config
+        if c.guide_encoder and (self.guide_read_at is None or self.step_index - self.guide_read_at >= c.guide_refresh):
+            self.read_guide()
         plan = self.optimizer.propose()
         losses = self.losses(plan.thetas, plan.t, plan.noise_seed) if fits_float32(plan.thetas) else np.array([np.inf])
         if not np.all(np.isfinite(losses)):
@@ -483,7 +513,8 @@ class Personalizer:
     def save_checkpoint(self, path: str | Path) -> None:
         save_checkpoint(Path(path), {"identity": json.dumps(self._identity(), sort_keys=True),
                                      "optimizer": self.optimizer.state_dict(), "last_loss": self.last_loss,
-                                     "theta0": self.theta0, "start": self.start})
+                                     "theta0": self.theta0, "start": self.start,
+                                     **({} if self.guide_read_at is None else {"guide_read_at": self.guide_read_at})})
 
     def identity_differences(self, identity: dict[str, Any]) -> list[str]:
         """What makes a checkpoint's recorded ``identity`` another run's (empty: this run's)."""
@@ -517,6 +548,7 @@ class Personalizer:
         if "theta0" in state:  # a searched start is the run's start: resumed logs and provenance say so
             self.theta0 = np.asarray(state["theta0"], dtype=np.float64).reshape(self.theta0.shape)
             self.start = str(state.get("start", self.start))
+        self.guide_read_at = state.get("guide_read_at")
 
 
 def _array(value: Any, where: str) -> None:
@@ -530,5 +562,5 @@ CHECKPOINT_SCHEMA = Obj({
     "optimizer": Obj({"theta": _array, "step": Int(0), "rng": Obj({"bit_generator": Str(("PCG64",)), "state": Obj({})}),
                       "adam": Obj({"m": _array, "v": _array, "t": Int(0)}),
                       "sg": Obj({"buffer": _array, "count": Int(0), "p": _array})},
-                     optional={"history": _array}),
-}, optional={"last_loss": Optional(Num()), "theta0": _array, "start": Str()})
+                     optional={"history": _array, "prior": _array}),
+}, optional={"last_loss": Optional(Num()), "theta0": _array, "start": Str(), "guide_read_at": Int(0)})

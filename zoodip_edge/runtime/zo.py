@@ -48,6 +48,8 @@ class ZOConfig:
     guide_k: int = 0  # > 0: directions mix the span of the last k gradient estimates into N(0, I)
     guide_alpha: float = 0.5  # the share of the full space in that mix
     guide_vocab: int = 0  # > 0: directions also mix the top-k principal directions of the token table
+    guide_encoder: int = 0  # > 0: ... and the k directions the text conditions respond to most (sensitivity.py)
+    guide_refresh: int = 250  # steps between readings of those directions at the current token
 
 
 # ---------------------------------------------------------------- RGE ----------------
@@ -241,7 +243,8 @@ class ZOOptimizer:
     """ZOODiP for one token vector. ``propose`` -> evaluate losses -> ``update``."""
 
     def __init__(self, theta0: np.ndarray, config: ZOConfig, seed: int, prior: np.ndarray | None = None):
-        """``prior``: the fixed guiding directions of ``guide_vocab`` (orthonormal rows, e.g. ``vocabulary_basis``)."""
+        """``prior``: the guiding directions of ``guide_vocab`` (orthonormal rows, e.g. ``vocabulary_basis``);
+        ``guide_encoder``'s are the caller's to set (``set_prior``) before a step, as the token moves."""
         self.config = config
         if config.guide_vocab and (prior is None or prior.ndim != 2 or prior.shape[1] != np.size(theta0)):
             raise ValueError(f"guide_vocab = {config.guide_vocab} needs prior directions of the token's size")
@@ -257,7 +260,7 @@ class ZOOptimizer:
         self._rng_before_pending: dict[str, Any] | None = None
 
     def set_prior(self, prior: np.ndarray | None) -> None:
-        """Fixed guiding directions (rows), orthonormalized once here rather than at every step."""
+        """Guiding directions (rows), orthonormalized once here rather than at every step."""
         self.prior = prior
         self._prior_basis = None if prior is None else np.linalg.qr(prior.T)[0].T
 
@@ -278,13 +281,15 @@ class ZOOptimizer:
     def _guide(self, z: np.ndarray) -> np.ndarray:
         """The directions of a guided lever from the step's N(0, I) draws (unchanged when off)."""
         c = self.config
-        if c.guide_k or c.guide_vocab:
+        if c.guide_encoder and self.prior is None:
+            raise ValueError("guide_encoder needs its directions (set_prior) before a step")
+        if c.guide_k or self.prior is not None:
             filled = min(self.step_index, c.guide_k)
             if filled:  # recent estimates change every step: the basis with them too
-                basis = np.concatenate([self.history[:filled]] + ([self.prior] if c.guide_vocab else []))
+                basis = np.concatenate([self.history[:filled]] + ([self.prior] if self.prior is not None else []))
                 basis = np.linalg.qr(basis.T)[0].T
             else:
-                basis = self._prior_basis if c.guide_vocab else np.zeros((0, z.shape[1]))
+                basis = self._prior_basis if self.prior is not None else np.zeros((0, z.shape[1]))
             # its own stream, keyed by step: resumes and replays draw the same
             extra = np.random.Generator(np.random.PCG64([self.seed, self.step_index]))
             z = guided_directions(z, basis, c.guide_alpha, extra)
@@ -329,7 +334,8 @@ class ZOOptimizer:
     def state_dict(self) -> dict[str, Any]:
         rng_state = self._rng_before_pending or self.rng.bit_generator.state
         return {"theta": self.theta.copy(), "step": self.step_index, "rng": rng_state,
-                "adam": self.adam.state_dict(), "sg": self.sg.state_dict(), "history": self.history.copy()}
+                "adam": self.adam.state_dict(), "sg": self.sg.state_dict(), "history": self.history.copy(),
+                **({"prior": self.prior.copy()} if self.prior is not None else {})}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.theta, self.step_index = np.array(state["theta"], dtype=np.float64), int(state["step"])
@@ -338,6 +344,8 @@ class ZOOptimizer:
         self.sg.load_state_dict(state["sg"])
         if "history" in state:
             self.history = np.array(state["history"], dtype=np.float64).reshape(self.history.shape)
+        if "prior" in state:  # guide_encoder's directions, as read at the token of their last reading
+            self.set_prior(np.array(state["prior"], dtype=np.float64).reshape(-1, self.theta.size))
         self._pending, self._rng_before_pending = None, None
 
 
