@@ -59,7 +59,7 @@ def main() -> None:
     ap.add_argument("--recipe", default="int8-cpu")
     ap.add_argument("--resolution", type=int)
     ap.add_argument("--memory-limit-gb", type=float, help="run under a cgroup memory limit of this many GiB")
-    ap.add_argument("--out", type=Path, required=True, help="markdown table; the raw stages go beside it as .json")
+    ap.add_argument("--out", type=Path, required=True, help="markdown table; the raw stages and the manifest go beside it as .json")
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="export-memory-", dir=a.out.parent.resolve()))
     cmd = [str(Path(sys.executable).parent / "zoodip-edge"), "export", a.model, "--out", str(work / "bundle"), "--recipe", a.recipe]
@@ -100,7 +100,7 @@ def main() -> None:
                  f"peak use {used:.1f} GiB, limit hit {int((cgroup / 'memory.failcnt').read_text())} times")
         cgroup.rmdir()
     manifest = work / "bundle" / "manifest.json"
-    sizes = {}
+    sizes, m = {}, None
     if manifest.exists():
         m = json.loads(manifest.read_text())
         sizes = {k: sum(f["bytes"] for f in [c, *c.get("external_data", [])]) for k, c in m["components"].items()}
@@ -113,7 +113,8 @@ def main() -> None:
             + (f"graph sizes (bytes): {json.dumps(sizes)}\n" if sizes else "") + "\n")
     a.out.write_text(text)
     a.out.with_suffix(".json").write_text(json.dumps({"rc": rc, "wall_s": wall, "peak_mb": peak, "peak_anon_mb": anon, "memory_limit": limit.lstrip("; "), "stages": stages,
-                                                      "sizes": sizes, "log": log[-40:]}, indent=1))
+                                                      "sizes": sizes, "log": log[-40:],
+                                                      "manifest": m}, indent=1))  # files' hashes and gate figures, to compare runs
     print(text)
     sys.exit(rc)
 

@@ -233,6 +233,22 @@ def test_interrupted_export_leaves_no_bundle(sd1_pipeline, tmp_path, monkeypatch
     assert list(tmp_path.iterdir()) == []
 
 
+def test_gate_sessions_keep_no_arena_or_memory_pattern(sd1_pipeline, tmp_path, monkeypatch):
+    import zoodip_edge.export.verify as verify
+
+    seen = []
+
+    def stop(te, unet, *a, **k):
+        seen.extend((s.get_session_options().enable_cpu_mem_arena, s.get_session_options().enable_mem_pattern) for s in (te, unet))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(verify, "fidelity_report", stop)  # the gate that runs the resident sessions most
+    with pytest.raises(KeyboardInterrupt):
+        export_bundle(str(sd1_pipeline), tmp_path / "b", recipe="fp32")
+    # either would keep each session's largest activations allocated between runs
+    assert seen == [(False, False)] * 2
+
+
 # What --force replaces (a bundle, nothing else) is tested in tests/test_hostile.py.
 
 

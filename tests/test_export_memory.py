@@ -12,6 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.external_data_helper import uses_external_data
 
 from zoodip_edge.export.graph_ops import LAZY_MIN_ELEMENTS, load_lazily, load_remaining, weight, weights_in
+from zoodip_edge.export.projections import split_projections
 from zoodip_edge.export.quantize import block_int8_matmuls
 
 
@@ -55,6 +56,32 @@ def test_lazy_pass_saves_the_same_bytes_as_a_whole_graph(tmp_path):
     assert load_remaining(lazy, tmp_path).SerializeToString() == whole.SerializeToString()
     # with nothing replaced, the remaining weights load as onnx.load loads them
     assert load_remaining(load_lazily(path), tmp_path).SerializeToString() == onnx.load(str(path)).SerializeToString()
+
+
+def test_split_parts_stay_on_disk_and_save_the_same_bytes(tmp_path):
+    # int8-cpu's first pass: a projection only split in halves (GEGLU) becomes one per half
+    k, n = 320, 256
+    assert k * n >= LAZY_MIN_ELEMENTS
+    w = np.random.default_rng(0).standard_normal((k, 2 * n), dtype=np.float32)
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Split", ["h"], ["a", "b"], axis=-1, num_outputs=2),
+         helper.make_node("Mul", ["a", "b"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
+        [numpy_helper.from_array(w, "w")])
+    path = tmp_path / "model.onnx"
+    onnx.save_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)]), path, save_as_external_data=True,
+                    location="model.onnx.data", size_threshold=0)
+    whole, count = split_projections(onnx.load(str(path)))
+    with weights_in(tmp_path):
+        lazy, _ = split_projections(load_lazily(path))
+    parts = [i for i in lazy.graph.initializer if ".part" in i.name]
+    assert count == 1 and len(parts) == 2 and all(uses_external_data(i) for i in parts)  # never in protobuf's memory
+    kept = load_remaining(onnx.ModelProto.FromString(lazy.SerializeToString()), tmp_path)  # no pass replaced them
+    assert kept.SerializeToString() == whole.SerializeToString()
+    with weights_in(tmp_path):
+        lazy, quantized = block_int8_matmuls(lazy)
+    assert quantized == 2
+    assert load_remaining(lazy, tmp_path).SerializeToString() == block_int8_matmuls(whole)[0].SerializeToString()
 
 
 @pytest.mark.slow

@@ -276,7 +276,7 @@ def _export(model: str, out: Path, recipe: str, resolution: int | None, force: b
             say(f"quantizing {spec.name} ({graph_rec.name})")
             lazy = lazy_weights and set(graph_rec.passes_for(spec.name)) <= LAZY_PASSES
             folder = raw[spec.name].parent
-            with _quiet(), weights_in(folder):
+            with _quiet(), (weights_in(folder) if lazy else contextlib.nullcontext()):  # passes of a whole graph read protos, not disk
                 graph = load_lazily(raw[spec.name]) if lazy else onnx.load(str(raw[spec.name]))
                 graph, fused = fuse_attention(graph)
                 graph, quant_info[spec.name] = quantize(graph, graph_rec.name, feeds.get(spec.name), graph=spec.name)

@@ -17,6 +17,8 @@ _WEIGHTS_DIR: contextvars.ContextVar[Path | None] = contextvars.ContextVar("weig
 # Tensors up to this many elements are read at load: shape constants, norms and biases, which the
 # passes read as graph structure; the rest (the weights) stay on disk until a pass reads them.
 LAZY_MIN_ELEMENTS = 1 << 16
+# The file, in the raw graph's folder, that ``made`` writes the weights passes make to.
+MADE_FILE = "made_by_passes.data"
 
 
 def tensor_shapes(model: onnx.ModelProto) -> dict[str, list]:
@@ -80,9 +82,29 @@ def load_lazily(path: Path) -> onnx.ModelProto:
     return model
 
 
+def made(array: np.ndarray, name: str) -> onnx.TensorProto:
+    """An initializer for a weight a pass makes (a projection's part), left on disk like the
+    exported ones inside ``weights_in``: the next pass replaces it with its int8 form, and protobuf
+    would keep the float copy until the whole graph is freed (3.3 GB of an SDXL U-Net's)."""
+    folder = _WEIGHTS_DIR.get()
+    if folder is None or array.size < LAZY_MIN_ELEMENTS:
+        return numpy_helper.from_array(array, name)
+    array = np.ascontiguousarray(array)
+    with open(folder / MADE_FILE, "ab") as f:
+        offset = f.tell()
+        f.write(array.tobytes())
+    t = onnx.TensorProto(name=name, dims=array.shape, data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype),
+                         data_location=onnx.TensorProto.EXTERNAL)
+    for key, value in (("location", MADE_FILE), ("offset", offset), ("length", array.nbytes)):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, str(value)
+    return t
+
+
 @contextlib.contextmanager
 def weights_in(folder: Path) -> Iterator[None]:
-    """Where ``weight`` finds the weights that ``load_lazily`` left on disk."""
+    """Where ``weight`` finds the weights that ``load_lazily`` left on disk, and where ``made``
+    leaves new ones: only around passes that read weights through ``weight``."""
     token = _WEIGHTS_DIR.set(Path(folder))
     try:
         yield
@@ -94,5 +116,8 @@ def load_remaining(model: onnx.ModelProto, folder: Path) -> onnx.ModelProto:
     """Load every tensor still on disk into the model (the ones no pass replaced)."""
     for t in model.graph.initializer:
         if uses_external_data(t):
+            by_pass = ExternalDataInfo(t).location == MADE_FILE
             load_external_data_for_tensor(t, str(folder))
+            if by_pass:  # as numpy_helper.from_array leaves it: the bytes of a pass that kept it in memory
+                t.ClearField("data_location")
     return model

@@ -11,11 +11,10 @@ and scales it had in the whole.
 
 from __future__ import annotations
 
-import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .graph_ops import replace_nodes, tensor_shapes, weight
+from .graph_ops import made, replace_nodes, tensor_shapes, weight
 
 
 def _split_parts(split: onnx.NodeProto, inits: dict, features: int, rank: int | None) -> int | None:
@@ -75,7 +74,7 @@ def split_projections(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         step, nodes = w.shape[1] // parts, []
         for j, out in enumerate(split.output):
             p = f"{mm.name or mm.output[0]}.part{j}"
-            new_inits.append(numpy_helper.from_array(np.ascontiguousarray(w[:, j * step:(j + 1) * step]), f"{p}.weight"))
+            new_inits.append(made(w[:, j * step:(j + 1) * step], f"{p}.weight"))
             nodes.append(helper.make_node("MatMul", [mm.input[0], f"{p}.weight"], [out if b is None else f"{p}.mm"], name=p))
             if b is not None:
                 new_inits.append(numpy_helper.from_array(b[j * step:(j + 1) * step].copy(), f"{p}.bias"))

@@ -13,7 +13,7 @@ import contextlib
 import gc
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import onnxruntime as ort
@@ -30,7 +30,12 @@ PROMPTS = ("a photo of a dog", "a painting of a red car on the beach")
 
 
 def session(path: Path, config: dict) -> ort.InferenceSession:
+    """A gate's session: no arena and no memory pattern, which keep each session's largest
+    activations allocated between runs (the SD1.5 gates peaked at 3.8 GB RssAnon with them, 2.8
+    without; docs/performance.md)."""
     so = ort.SessionOptions()
+    so.enable_cpu_mem_arena = False
+    so.enable_mem_pattern = False
     for k, v in config.items():
         so.add_session_config_entry(k, v)
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
@@ -234,24 +239,33 @@ def text_encoder_parity(refs: References, table: np.ndarray, te: ort.InferenceSe
     return {"max_abs": float(np.abs(got - refs.text).max()), "rel": rel_err(got, refs.text), "table_dtype": str(table.dtype)}
 
 
-def run_gates(refs: References, specs: list[GraphSpec], paths: dict[str, Path], config: dict,
-              table: np.ndarray, defaults: dict) -> dict:
-    """All gates against ``refs``, holding as few ORT sessions at once as it can."""
-    v: dict = {"parity": {}}
+def gates_on_sessions(parity: dict, specs: list[GraphSpec], paths: dict[str, Path], config: dict,
+                      resident: tuple[str, ...], gates: Callable[..., dict]) -> dict:
+    """Every graph's parity against ``parity`` (graph -> reference), then ``gates(*sessions of
+    resident)``'s figures, holding as few ORT sessions at once as it can: the VAE graphs one at a
+    time, then the ``resident`` graphs together, for the gates that chain them."""
     by_name = {s.name: s for s in specs}
+    got = {}
     for name in ("vae_encoder", "vae_decoder"):
         sess = session(paths[name], config)
-        v["parity"][name] = graph_parity(by_name[name], refs.parity[name], sess)
+        got[name] = graph_parity(by_name[name], parity[name], sess)
         del sess
         gc.collect()
-    te, unet = session(paths["text_encoder"], config), session(paths["unet"], config)
-    for name, sess in (("text_encoder", te), ("unet", unet)):
-        v["parity"][name] = graph_parity(by_name[name], refs.parity[name], sess)
-    v["text_encoder_parity"] = text_encoder_parity(refs, table, te)
-    v["conditioning_sensitivity"] = conditioning_sensitivity(refs, table, te, unet)
-    v["zo_fidelity"] = fidelity_report(te, unet, table, refs.probes, refs.truth, defaults["mu"])
-    v["parity"] = {s.name: v["parity"][s.name] for s in specs}  # manifest order
-    return v
+    sessions = [session(paths[n], config) for n in resident]
+    for name, sess in zip(resident, sessions):
+        got[name] = graph_parity(by_name[name], parity[name], sess)
+    return {"parity": {s.name: got[s.name] for s in specs}, **gates(*sessions)}  # parity in manifest order
+
+
+def run_gates(refs: References, specs: list[GraphSpec], paths: dict[str, Path], config: dict,
+              table: np.ndarray, defaults: dict) -> dict:
+    """All gates against ``refs``."""
+    def gates(te: ort.InferenceSession, unet: ort.InferenceSession) -> dict:
+        return {"text_encoder_parity": text_encoder_parity(refs, table, te),
+                "conditioning_sensitivity": conditioning_sensitivity(refs, table, te, unet),
+                "zo_fidelity": fidelity_report(te, unet, table, refs.probes, refs.truth, defaults["mu"])}
+
+    return gates_on_sessions(refs.parity, specs, paths, config, ("text_encoder", "unet"), gates)
 
 
 def check_gates(v: dict, recipe: str, allow_unfaithful: bool) -> None:

@@ -9,7 +9,6 @@ so the fidelity gate probes directions in that space.
 
 from __future__ import annotations
 
-import gc
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,11 +26,10 @@ from .verify import (
     checkpointed,
     conditioning_figures,
     fidelity_probes,
-    graph_parity,
+    gates_on_sessions,
     make_probe,
     parity_reference,
     rel_err,
-    session,
     training_step,
     unit_directions,
 )
@@ -229,21 +227,13 @@ def torch_references(p: LoadedPipeline, specs: list[GraphSpec], tables: tuple[np
 def run_gates(refs: References, specs: list[GraphSpec], paths: dict[str, Path], config: dict,
               tables: tuple[np.ndarray, np.ndarray], defaults: dict) -> dict:
     """The SDXL gates against ``refs``; the figures have verify.run_gates' keys, and ``text_encoder_2_parity``."""
-    v: dict = {"parity": {}}
-    by_name = {s.name: s for s in specs}
-    for name in ("vae_encoder", "vae_decoder"):
-        sess = session(paths[name], config)
-        v["parity"][name] = graph_parity(by_name[name], refs.parity[name], sess)
-        del sess
-        gc.collect()
-    te, te2, unet = (session(paths[n], config) for n in ("text_encoder", "text_encoder_2", "unet"))
-    for name, sess in (("text_encoder", te), ("text_encoder_2", te2), ("unet", unet)):
-        v["parity"][name] = graph_parity(by_name[name], refs.parity[name], sess)
-    got = Bundle(te, te2, unet, refs.time_ids)
-    v["text_encoder_parity"], v["text_encoder_2_parity"] = text_encoder_parity(refs, tables, te, te2)
-    pr, probe = refs.prompts, refs.conditioning_probe
-    g = got.unet(probe.zt, probe.t, *got.encode(tables[0][pr.ids], tables[1][pr.ids_2], pr.eos))
-    v["conditioning_sensitivity"] = conditioning_figures(g, refs.conditioning)
-    v["zo_fidelity"] = zo_fidelity(refs, tables, got, defaults["mu"])
-    v["parity"] = {s.name: v["parity"][s.name] for s in specs}  # manifest order
-    return v
+    def gates(te: ort.InferenceSession, te2: ort.InferenceSession, unet: ort.InferenceSession) -> dict:
+        got = Bundle(te, te2, unet, refs.time_ids)
+        first, second = text_encoder_parity(refs, tables, te, te2)
+        pr, probe = refs.prompts, refs.conditioning_probe
+        g = got.unet(probe.zt, probe.t, *got.encode(tables[0][pr.ids], tables[1][pr.ids_2], pr.eos))
+        return {"text_encoder_parity": first, "text_encoder_2_parity": second,
+                "conditioning_sensitivity": conditioning_figures(g, refs.conditioning),
+                "zo_fidelity": zo_fidelity(refs, tables, got, defaults["mu"])}
+
+    return gates_on_sessions(refs.parity, specs, paths, config, ("text_encoder", "text_encoder_2", "unet"), gates)
