@@ -74,20 +74,21 @@ ARMS = {
 
 
 def arm(name: str) -> Arm:
-    """An arm of ARMS, or a lever spelled out: ``[search+]{vocab|enc}<k>[-a<alpha>][-lr<lr>][-r<refresh>][-drift]``
+    """An arm of ARMS, or a lever spelled out: ``[search+]{vocab|enc}<k>[-a<alpha>][-lr<lr>][-r<refresh>][-n<n>][-drift]``
     (directions mixed with the vocabulary's k principal directions, or with the k directions the text
-    encoder responds to most read every ``refresh`` steps; full-space share alpha, ZO learning rate lr;
+    encoder responds to most read every ``refresh`` steps; full-space share alpha, ZO learning rate lr,
+    n directions a step;
     ``-drift`` adds the direction theta has moved since its start to that basis, an experiment)."""
     if name in ARMS:
         return ARMS[name]
-    m = re.fullmatch(r"(search\+)?(vocab|enc)(\d+)(?:-a([\d.e-]+?))?(?:-lr([\d.e-]+?))?(?:-r(\d+))?(-drift)?", name)
+    m = re.fullmatch(r"(search\+)?(vocab|enc)(\d+)(?:-a([\d.e-]+?))?(?:-lr([\d.e-]+?))?(?:-r(\d+))?(?:-n(\d+))?(-drift)?", name)
     if not m:
         raise argparse.ArgumentTypeError(f"unknown method {name!r}: one of {', '.join(ARMS)} or "
-                                         "[search+]{vocab|enc}<k>[-a<alpha>][-lr<lr>][-r<refresh>][-drift]")
-    search, basis, k, alpha, lr, refresh, drift = m.groups()
+                                         "[search+]{vocab|enc}<k>[-a<alpha>][-lr<lr>][-r<refresh>][-n<n>][-drift]")
+    search, basis, k, alpha, lr, refresh, n, drift = m.groups()
     guide = {"guide_vocab": int(k)} if basis == "vocab" else {"guide_encoder": int(k)}
     return Arm("zo", Settings(**guide, guide_alpha=float(alpha) if alpha else None, lr=float(lr) if lr else None,
-                              guide_refresh=int(refresh) if refresh else None), search=bool(search), drift=bool(drift))
+                              guide_refresh=int(refresh) if refresh else None, n=int(n) if n else None), search=bool(search), drift=bool(drift))
 
 
 class Evaluator:
@@ -313,7 +314,7 @@ def main() -> None:
     ap.add_argument("--probe-every", type=int, help="read the held-out losses every N steps (default: what "
                     "`--steps auto` reads at a budget of --steps)")
     ap.add_argument("--methods", nargs="+", default=["ti", "zoodip", "oracle", "momentum", "guided", "search"],
-                    help=f"arms: {', '.join(ARMS)}, or [search+]{{vocab|enc}}<k>[-a<alpha>][-lr<lr>][-r<refresh>][-drift]")
+                    help=f"arms: {', '.join(ARMS)}, or [search+]{{vocab|enc}}<k>[-a<alpha>][-lr<lr>][-r<refresh>][-n<n>][-drift]")
     ap.add_argument("--lr", type=float, help="ZO learning rate (default: the bundle's)")
     ap.add_argument("--mu", type=float, help="ZO perturbation size (default: the bundle's)")
     ap.add_argument("--ti-lr", type=float, default=5e-3)
