@@ -83,6 +83,27 @@ def test_sd15_int8_cpu_estimate_is_the_documented_calibration():
         assert (want >= measured_max) == (latent < 96)  # 768 px: the two documented runs over it
 
 
+def test_guide_encoder_reading_is_a_phase_of_its_own():
+    """A guide_encoder reading holds CLIP-L's float32 Jacobian (768 x 77 x 768: 173 MiB) with the
+    text encoder and U-Net loaded: more than SD1.5's step at 256 px (112 MiB), less at 512 px."""
+    b = fake_bundle({"text_encoder": 96e6, "unet": 894e6, "vae_encoder": 34e6, "vae_decoder": 50e6},
+                    49408 * 768 * 2, 32, family="sd1")
+    b.manifest["token_embeddings"]["shape"] = [49408, 768]
+    b.manifest["text"] = {"max_length": 77, "hidden_size": 768}
+    step, reading = estimate_memory(b, True), estimate_memory(b, True, guide_encoder=16)
+    assert reading.activations_mb == pytest.approx(768 * 77 * 768 * 4 / MiB)
+    assert reading.activations_mb > step.activations_mb
+    assert reading.weights_mb == step.weights_mb and reading.graphs == step.graphs
+    assert estimate_memory(b, False, guide_encoder=16).graphs == ("unet",)  # loaded alone, the U-Net is larger
+    b.manifest["latent_size"] = 64
+    assert estimate_memory(b, True, guide_encoder=16) == estimate_memory(b, True)
+    b.manifest["latent_size"] = 32
+    profile = dataclasses.replace(resolve_profile("cpu"), memory_budget_mb=int(step.total_mb) + 1)
+    assert check_memory(b, profile) == step
+    with pytest.raises(UserError, match="reading the text encoder's response"):
+        check_memory(b, profile, guide_encoder=16)
+
+
 def test_full_size_sdxl_int8_cpu_estimate_is_the_documented_one():
     """docs/design.md's SDXL figure at 1024 px: weights from parameter counts (U-Net 2.567 B at SD1.5
     int8-cpu's 1.09 bytes per parameter, the text encoders without their token tables (CLIP-L 85 M,

@@ -313,6 +313,27 @@ def test_personalizer_guides_along_its_bundles_vocabulary(toy_photos):
         Personalizer(bundle, toy_photos, "<gt>", "shape", settings=Settings(guide_vocab=300))
 
 
+@pytest.mark.parametrize("tamper", ["nan", "rows"])
+def test_a_checkpoints_guiding_directions_are_checked_before_a_resume(toy_photos, tmp_path, tamper):
+    from zoodip_edge.errors import UserError
+    from zoodip_edge.runtime.checkpoint import load_checkpoint, save_checkpoint
+    from zoodip_edge.runtime.personalize import Personalizer, Settings
+    from zoodip_edge.toy import shipped_path
+
+    p = Personalizer(shipped_path("bundle"), toy_photos, "<gt>", "shape", settings=Settings(guide_vocab=8, search_init=False))
+    p.step()
+    path = tmp_path / "run.ckpt"
+    p.save_checkpoint(path)
+    state = load_checkpoint(path)
+    prior = state["optimizer"]["prior"]
+    prior = np.where(np.arange(prior.size).reshape(prior.shape) == 5, np.nan, prior) if tamper == "nan" else prior[:-1]
+    save_checkpoint(path, {**state, "optimizer": {**state["optimizer"], "prior": prior}})
+    fresh = Personalizer(shipped_path("bundle"), toy_photos, "<gt>", "shape", settings=Settings(guide_vocab=8, search_init=False))
+    with pytest.raises(UserError, match=r"malformed: optimizer.prior: expected \(8, 64\) finite values"):
+        fresh.load_checkpoint(path)
+    assert fresh.step_index == 0
+
+
 def test_a_checkpoint_from_before_an_option_existed_is_this_runs(toy_photos):
     """Options added to ZOConfig since a checkpoint was written were off then: it still resumes."""
     from zoodip_edge.runtime.personalize import Personalizer, Settings

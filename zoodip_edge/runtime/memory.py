@@ -10,6 +10,11 @@ The estimate, in MiB (docs/design.md, "Memory budget")::
                  area / 64 x 64 (SD1.5's 512 px: A = 1; SDXL's 1024 px: A = 4); 2,500 x A for
                  SDXL bundles (``unet_activations_mb``)
 
+With ``guide_encoder`` a reading (zoodip_edge/runtime/sensitivity.py) holds the text encoder's
+Jacobian, d x (max_length x hidden) float32 values (SD1.5: 181 MiB), while the same graphs are
+loaded and no U-Net step runs: a phase of its own, which needs more than a step only at small
+resolutions.
+
 Graphs loaded at once: a profile with ``resident_sessions`` keeps the text encoder(s) and the
 U-Net loaded together (the VAE encoder runs alone before them and is released); one without
 loads every graph alone. A preview (``--preview-every``) adds the VAE decoder to the resident
@@ -40,7 +45,7 @@ if TYPE_CHECKING:
     from ..profiles import DeviceProfile
 
 __all__ = ["BASE_MB", "ACTIVATION_MB", "SDXL_ACTIVATION_MB", "DECODER_MB", "unet_activations_mb", "MemoryEstimate", "check_memory",
-           "check_generation_memory", "decoder_activations_mb", "estimate_generation_memory", "estimate_memory"]
+           "check_generation_memory", "decoder_activations_mb", "estimate_generation_memory", "estimate_memory", "guide_reading_mb"]
 
 MiB = 2**20
 BASE_MB = 300  # Python, NumPy, ONNX Runtime, the photos
@@ -90,7 +95,8 @@ def _largest(bundle: Bundle, phases: list[tuple[tuple[str, ...], float]]) -> Mem
     return max(estimates, key=lambda e: e.total_mb)  # the first of equals, as the phases are listed
 
 
-def estimate_memory(bundle: Bundle, resident_sessions: bool, preview: bool = False) -> MemoryEstimate:
+def estimate_memory(bundle: Bundle, resident_sessions: bool, preview: bool = False,
+                    guide_encoder: int = 0) -> MemoryEstimate:
     """The resident memory a personalize run of ``bundle`` needs (module docstring)."""
     text = _text_graphs(bundle)
     decoder = ("vae_decoder",) if preview else ()
@@ -99,7 +105,14 @@ def estimate_memory(bundle: Bundle, resident_sessions: bool, preview: bool = Fal
     else:
         phases = [(g,) for g in ("vae_encoder", *text, "unet", *decoder)]
     activations = unet_activations_mb(bundle)
-    return _largest(bundle, [(p, activations) for p in phases])
+    reading = [((*text, "unet", *decoder) if resident_sessions else text, guide_reading_mb(bundle))] if guide_encoder else []
+    return _largest(bundle, [(p, activations) for p in phases] + reading)
+
+
+def guide_reading_mb(bundle: Bundle) -> float:
+    """The text encoder's float32 Jacobian that a ``guide_encoder`` reading holds, in MiB."""
+    text = bundle.manifest["text"]
+    return bundle.manifest["token_embeddings"]["shape"][1] * text["max_length"] * text["hidden_size"] * 4 / MiB
 
 
 def unet_activations_mb(bundle: Bundle) -> float:
@@ -140,13 +153,15 @@ def _refuse(bundle: Bundle, profile: DeviceProfile, est: MemoryEstimate, doing: 
         "or a bundle of a smaller recipe")
 
 
-def check_memory(bundle: Bundle, profile: DeviceProfile, preview: bool = False) -> MemoryEstimate:
+def check_memory(bundle: Bundle, profile: DeviceProfile, preview: bool = False, guide_encoder: int = 0) -> MemoryEstimate:
     """Refuse in one line a bundle whose estimate is over ``profile.memory_budget_mb``
     (a profile without a budget never refuses). Returns the estimate."""
-    est = estimate_memory(bundle, profile.resident_sessions, preview)
+    est = estimate_memory(bundle, profile.resident_sessions, preview, guide_encoder)
     budget = profile.memory_budget_mb
     if budget is not None and est.total_mb > budget:
-        _refuse(bundle, profile, est, "personalize", ", with the preview decoder" if preview else "", "")
+        reading = guide_encoder and est.activations_mb == guide_reading_mb(bundle) != unet_activations_mb(bundle)
+        reading = ", reading the text encoder's response (guide_encoder)" if reading else ""
+        _refuse(bundle, profile, est, "personalize", (", with the preview decoder" if preview else "") + reading, "")
     return est
 
 

@@ -169,7 +169,7 @@ class Personalizer:
         self.config = settings.zo_config(m["defaults"], len(self.abar))  # bad hyperparameters fail before any work
         if self.config.guide_encoder and self.sdxl:
             raise UserError("guide_encoder reads one text encoder's response; SDXL bundles have two (not supported yet)")
-        check_memory(self.bundle, self.profile)  # over the profile's budget: one line now, not the OS's kill later
+        check_memory(self.bundle, self.profile, guide_encoder=self.config.guide_encoder)  # over the profile's budget: one line now, not the OS's kill later
         fidelity = m.get("verification", {}).get("zo_fidelity", {})
         if warn and fidelity and not fidelity.get("passed", True):
             warn(f"this {m['recipe']['name']} bundle failed its ZO fidelity gate (pearson {fidelity['pearson']:.2f} at mu "
@@ -400,7 +400,7 @@ class Personalizer:
         StepRecord (progress bars, stopping).
         """
         if preview_every:  # a resident profile then keeps the VAE decoder loaded too
-            check_memory(self.bundle, self.profile, preview=True)
+            check_memory(self.bundle, self.profile, preview=True, guide_encoder=self.config.guide_encoder)
         ckpt = Path(checkpoint) if checkpoint is not None else None
         self.check_checkpoint(ckpt, resume, force)
         if out is not None and os.path.lexists(out) and not force:
@@ -538,6 +538,10 @@ class Personalizer:
             opt = state["optimizer"]
             shapes = {"optimizer.theta": (opt["theta"], (d,)), "optimizer.adam.m": (opt["adam"]["m"], (d,)),
                       "optimizer.adam.v": (opt["adam"]["v"], (d,)), "optimizer.sg.buffer": (opt["sg"]["buffer"], (tau, d))}
+            if "prior" in opt:  # guiding directions, one per row: the vocabulary's, then the encoder's once read
+                rows = 0 if self.prior is None else len(self.prior)
+                read = rows + self.config.guide_encoder if np.shape(opt["prior"])[:1] != (rows,) else rows
+                shapes["optimizer.prior"] = (opt["prior"], (read, d))
             for name, (value, shape) in shapes.items():
                 if not isinstance(value, np.ndarray) or value.shape != shape or not np.all(np.isfinite(value)):
                     raise SchemaError(f"{name}: expected {shape} finite values")
