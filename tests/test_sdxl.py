@@ -174,6 +174,21 @@ def test_sdxl_fp32_matches_transformers(sdxl_pipeline, work):
 
 
 @pytest.mark.slow
+def test_sdxl_fp16_keeps_the_vae_in_float32(sdxl_pipeline, work):
+    """SDXL's VAE overflows in float16 (diffusers upcasts it): the fp16 recipe converts the text
+    encoders and U-Net, not the VAE, and the manifest says which recipe made each graph."""
+    import onnx
+
+    out, m = sdxl_export(sdxl_pipeline, work, "fp16")
+    for graph, want in (("text_encoder", "FLOAT16"), ("text_encoder_2", "FLOAT16"), ("unet", "FLOAT16"),
+                        ("vae_encoder", "FLOAT"), ("vae_decoder", "FLOAT")):
+        model = onnx.load(str(out / m["components"][graph]["path"]), load_external_data=False)
+        weights = {onnx.TensorProto.DataType.Name(i.data_type) for i in model.graph.initializer if len(i.dims) > 1}
+        assert weights == {want}, (graph, weights)
+        assert m["recipe"]["graphs"][graph]["recipe"] == ("fp32" if graph.startswith("vae") else "fp16")
+
+
+@pytest.mark.slow
 def test_sdxl_shared_prefix_serves_a_batch_of_conditions(sdxl_bundle):
     """The int8-cpu U-Net takes one sample row for B conditions; the added conditions (the pooled
     text changes with the token) are per row, so this equals B identical sample rows."""
