@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -162,6 +163,19 @@ def test_manifest_contract(sd1_bundle):
                              "search_init": True}
     assert m["token_embeddings"]["dtype"] == "float16"
     assert m["source"]["kind"] == "folder"
+
+
+def test_bundles_carry_no_trace_of_the_machine_that_made_them(sd1_bundle):
+    """torch's exporter writes Python stack traces, with this machine's file paths, into each node;
+    the bundle keeps the nodes' names and scopes and drops the traces."""
+    import zoodip_edge
+
+    here = str(Path(zoodip_edge.__file__).resolve().parent.parent).encode()
+    for graph in sorted(sd1_bundle.glob("*/model.onnx")):
+        model = onnx.load(str(graph), load_external_data=False)
+        keys = {p.key for n in model.graph.node for p in n.metadata_props}
+        assert "pkg.torch.onnx.stack_trace" not in keys and "pkg.torch.onnx.name_scopes" in keys, (graph, keys)
+        assert here not in graph.read_bytes() and b"site-packages" not in graph.read_bytes(), graph
 
 
 def test_text_encoder_graph_takes_embeddings_and_matches_clip(sd1_pipeline, work):

@@ -68,6 +68,8 @@ def _save_graph(model, folder: Path, name: str) -> list[str]:
 
     d = folder / name
     d.mkdir(parents=True, exist_ok=True)
+    for graph in (model.graph, *model.functions):
+        drop_stack_traces(graph)
     big = model.ByteSize() > 1_800_000_000 if _proto_size_ok(model) else True
     if big:
         onnx.save_model(model, d / "model.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
@@ -75,6 +77,24 @@ def _save_graph(model, folder: Path, name: str) -> list[str]:
         return [f"{name}/model.onnx", f"{name}/model.onnx.data"]
     onnx.save_model(model, d / "model.onnx")
     return [f"{name}/model.onnx"]
+
+
+#: Node metadata that torch's exporter writes with the exporting machine's file paths in it (Python
+#: stack traces): a bundle carries no trace of where it was made, and exports of the same model
+#: on two machines are the same bytes. The other metadata (module names, scopes) stays.
+STACK_TRACE = "pkg.torch.onnx.stack_trace"
+
+
+def drop_stack_traces(graph) -> None:
+    """Remove ``STACK_TRACE`` from every node of ``graph`` (or function) and of its subgraphs."""
+    for node in graph.node:
+        kept = [p for p in node.metadata_props if p.key != STACK_TRACE]
+        if len(kept) != len(node.metadata_props):
+            del node.metadata_props[:]
+            node.metadata_props.extend(kept)
+        for attr in node.attribute:
+            for sub in (*([attr.g] if attr.HasField("g") else []), *attr.graphs):
+                drop_stack_traces(sub)
 
 
 def _proto_size_ok(model) -> bool:
@@ -211,7 +231,7 @@ def _export(model: str, out: Path, recipe: str, resolution: int | None, force: b
     from .attention import fuse_attention
     from .graph_ops import load_lazily, load_remaining, weights_in
     from .graphs import calibration_feeds, export_graph, graph_specs, vae_scale_factor
-    from .load import load_pipeline
+    from .load import load_pipeline, release_weights
     from .prefix import ADDED_CONDITIONS
     from .quantize import LAZY_PASSES, quantize
 
@@ -259,6 +279,7 @@ def _export(model: str, out: Path, recipe: str, resolution: int | None, force: b
             with _quiet():
                 export_graph(spec, p, str(raw[spec.name]))
             gc.collect()  # the exporter's intermediate copies of the weights
+            release_weights(*p.modules())  # read again from their files by the graph that needs them
         say("writing token embeddings and tokenizer")
         save_file({"token_embedding": tables[0]}, str(tmp / "token_embeddings.safetensors"))
         _save_tokenizer(p.tokenizer, tmp / "tokenizer.json", model)

@@ -22,7 +22,7 @@ import torch
 from ..errors import UserError
 from ..schedule import alphas_cumprod, noisy_and_target
 from .graphs import GraphSpec, TextEncoderFromEmbeddings, UNetWrapper, dummy_inputs
-from .load import LoadedPipeline
+from .load import LoadedPipeline, release_weights
 
 FIDELITY_MIN_PEARSON = 0.95
 CONDITIONING_MIN_RATIO = 0.9
@@ -48,8 +48,10 @@ def rel_err(a: np.ndarray, b: np.ndarray) -> float:
 def parity_reference(spec: GraphSpec, p: LoadedPipeline) -> tuple[dict[str, np.ndarray], tuple[np.ndarray, ...]]:
     """Fixed inputs of one graph and the torch fp32 module's outputs for them."""
     inputs = dummy_inputs(spec, batch=1, seed=1)
+    module = spec.wrap(p).eval()
     with torch.no_grad():
-        ref = spec.wrap(p).eval()(*inputs.values())
+        ref = module(*inputs.values())
+    release_weights(module)
     ref = ref if isinstance(ref, tuple) else (ref,)
     return {k: v.numpy() for k, v in inputs.items()}, tuple(r.numpy() for r in ref)
 
@@ -102,11 +104,27 @@ def torch_directional_derivatives(p: LoadedPipeline, probe: Probe, dirs: np.ndar
     """∇_θ L · u for each unit direction u, by autograd through the fp32 torch modules."""
     te, unet = TextEncoderFromEmbeddings(p.text_encoder).eval(), UNetWrapper(p.unet).eval()
     emb = p.text_encoder.get_input_embeddings()(torch.from_numpy(probe.ids)).detach().clone().requires_grad_(True)
-    with checkpointed(p.unet):
-        pred = unet(torch.from_numpy(probe.zt), torch.tensor([float(probe.t)]), te(emb)[0])
-        loss = torch.mean((pred - torch.from_numpy(probe.target)) ** 2)
-        (grad,) = torch.autograd.grad(loss, emb)
+    cond = te(emb)[0]
+    (grad_cond,) = through_unet(p, [cond], lambda c: unet(torch.from_numpy(probe.zt), torch.tensor([float(probe.t)]), c),
+                                probe.target)
+    (grad,) = torch.autograd.grad(cond, emb, grad_outputs=grad_cond)
+    release_weights(p.text_encoder)
     return dirs @ grad[0, probe.row].double().numpy()
+
+
+def through_unet(p: LoadedPipeline, conditions: list[torch.Tensor], run: Callable[..., torch.Tensor],
+                 target: np.ndarray) -> tuple[torch.Tensor, ...]:
+    """The diffusion loss's gradients at the U-Net's ``conditions`` (text encoder outputs), by
+    ``run(*conditions)``: the chain rule split at the conditions, so that the text encoders' weights
+    and the U-Net's are not resident together (``release_weights``; the same gradients as one
+    backward pass through both)."""
+    release_weights(p.text_encoder, *([p.text_encoder_2] if p.text_encoder_2 is not None else []))
+    leaves = [c.detach().requires_grad_(True) for c in conditions]
+    with checkpointed(p.unet):
+        loss = torch.mean((run(*leaves) - torch.from_numpy(target)) ** 2)
+        grads = torch.autograd.grad(loss, leaves)
+    release_weights(p.unet)
+    return grads
 
 
 def bundle_losses(te: ort.InferenceSession, unet: ort.InferenceSession, embeds: np.ndarray, probe: Probe, chunk: int = 1) -> np.ndarray:
@@ -212,6 +230,7 @@ def torch_references(p: LoadedPipeline, specs: list[GraphSpec], table: np.ndarra
     probe = make_probe(p, latent, seed=2)
     with torch.no_grad():
         cond = p.text_encoder(torch.from_numpy(ids)).last_hidden_state
+        release_weights(p.text_encoder)
         ref = UNetWrapper(p.unet)(torch.from_numpy(np.repeat(probe.zt, 2, 0)), torch.full((2,), float(probe.t)), cond).numpy()
     probes = fidelity_probes(p, latent, defaults["t_low"], defaults["t_high"])
     return References(parity={s.name: parity_reference(s, p) for s in specs}, ids=ids, text=cond.numpy(),

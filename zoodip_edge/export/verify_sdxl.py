@@ -18,18 +18,18 @@ import torch
 
 from ..errors import UserError
 from .graphs import GraphSpec, TextEncoderFromEmbeddings, TextEncoderWithProjectionFromEmbeddings, UNetXLWrapper
-from .load import LoadedPipeline
+from .load import LoadedPipeline, release_weights
 from .verify import (
     FIDELITY_MIN_PEARSON,
     PROMPTS,
     Probe,
-    checkpointed,
     conditioning_figures,
     fidelity_probes,
     gates_on_sessions,
     make_probe,
     parity_reference,
     rel_err,
+    through_unet,
     training_step,
     unit_directions,
 )
@@ -142,10 +142,10 @@ def torch_directional_derivatives(p: LoadedPipeline, ref: Torch, probe: Probe, d
     e1 = p.text_encoder.get_input_embeddings()(torch.from_numpy(pr.ids)).detach().clone().requires_grad_(True)
     e2 = p.text_encoder_2.get_input_embeddings()(torch.from_numpy(pr.ids_2)).detach().clone().requires_grad_(True)
     _, c2, pooled = te2(e2, torch.from_numpy(pr.eos))
-    with checkpointed(p.unet):
-        pred = ref.unet(probe.zt, probe.t, torch.cat([te(e1)[1], c2], dim=-1), pooled)
-        loss = torch.mean((pred - torch.from_numpy(probe.target)) ** 2)
-        g1, g2 = torch.autograd.grad(loss, (e1, e2))
+    cond = torch.cat([te(e1)[1], c2], dim=-1)
+    grads = through_unet(p, [cond, pooled], lambda c, pl: ref.unet(probe.zt, probe.t, c, pl), probe.target)
+    g1, g2 = torch.autograd.grad((cond, pooled), (e1, e2), grad_outputs=grads)
+    release_weights(p.text_encoder, p.text_encoder_2)
     return dirs @ torch.cat([g1[0, probe.row], g2[0, probe.row]]).double().numpy()
 
 
@@ -210,7 +210,10 @@ def torch_references(p: LoadedPipeline, specs: list[GraphSpec], tables: tuple[np
     with torch.no_grad():
         o1 = p.text_encoder(torch.from_numpy(pr.ids), output_hidden_states=True)
         o2 = p.text_encoder_2(torch.from_numpy(pr.ids_2), output_hidden_states=True)
-        cond = ref.unet(cprobe.zt, cprobe.t, *ref.encode(pr)).numpy()
+        encoded = ref.encode(pr)
+        release_weights(p.text_encoder, p.text_encoder_2)
+        cond = ref.unet(cprobe.zt, cprobe.t, *encoded).numpy()
+        release_weights(p.unet)
     probes = fidelity_probes(p, latent, defaults["t_low"], defaults["t_high"])
     d = tables[0].shape[1] + tables[1].shape[1]
     truth = []
