@@ -48,6 +48,13 @@ def command(argv: list[str]) -> str:
     return "python " + " ".join(shlex.quote(a) for a in argv)
 
 
+def recorded_argv(argv: list[str]) -> list[str]:
+    """``argv`` with a script in the repository named from its root, as results record it (no
+    machine's paths)."""
+    root, script = Path(__file__).resolve().parent.parent, Path(argv[0]).resolve()
+    return [str(script.relative_to(root)) if script.is_relative_to(root) else script.name, *argv[1:]]
+
+
 def header(argv: list[str]) -> str:
     return f"Machine: {machine()}\n\nCommand: `{command(argv)}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})\n"
 

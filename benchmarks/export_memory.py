@@ -82,7 +82,7 @@ def main() -> None:
     threading.Thread(target=sample, daemon=True).start()
     log = []
     for line in proc.stdout:
-        line = line.rstrip()
+        line = line.rstrip().replace(str(work), "export-memory-TMP")  # a recorded result names no temporary folder
         log.append(line)
         print(line, flush=True)
         if line.startswith("[export] "):

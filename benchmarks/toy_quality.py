@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import header
+from benchmarks.common import header, recorded_argv
 from zoodip_edge.demo import PROBES, generate_with, parse_concept
 from zoodip_edge.runtime.personalize import Personalizer, Settings
 from zoodip_edge.runtime.text import OBJECT_TEMPLATES
@@ -224,7 +224,7 @@ def main() -> None:
                     print(f"{concept} seed {seed} {method}: gap {f['gap_closed']:.2f} score {f['score']:.2f} "
                           f"({time.perf_counter() - t:.0f} s)", file=sys.stderr, flush=True)
                     if a.out:
-                        a.out.write_text(json.dumps({"argv": sys.argv, "runs": runs}, indent=0))
+                        a.out.write_text(json.dumps({"argv": recorded_argv(sys.argv), "runs": runs}, indent=0))
     import diffusers
     import onnxruntime
 

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import header
+from benchmarks.common import header, recorded_argv
 from zoodip_edge.demo import PROBES, generate_with, parse_concept
 from zoodip_edge.runtime.personalize import Personalizer, Settings
 from zoodip_edge.runtime.stopping import Plateau, auto_every, auto_rule, stop_probes
@@ -366,7 +366,7 @@ def main() -> None:
                           f"loss {r['curve'][0]['loss']:.4f} -> {f['loss']:.4f} ({time.perf_counter() - t:.0f} s)",
                           file=sys.stderr, flush=True)
                     if a.out:
-                        a.out.write_text(json.dumps({"argv": sys.argv, "machine": header(sys.argv), "unnamed": unnamed,
+                        a.out.write_text(json.dumps({"argv": recorded_argv(sys.argv), "machine": header(sys.argv), "unnamed": unnamed,
                                                      "runs": runs}, indent=0))
     print(header(sys.argv))
     print(f"{a.model}: {len(concepts)} concepts x {len(a.seeds)} seeds, {a.steps} steps, scored every {a.every}; "

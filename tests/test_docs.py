@@ -81,3 +81,17 @@ def test_the_recipe_table_loads_without_onnx():
     code = "import sys, zoodip_edge.cli, zoodip_edge.recipes; print('onnx' in sys.modules, 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"], out
+
+
+def test_recorded_results_and_docs_name_no_machines_paths():
+    """Results, docs and the shipped bundles are read on other machines: no absolute path of the
+    machine that wrote them (a home, a checkout or a temporary folder)."""
+    paths = re.compile(rb"(?<![\w.])/(?:home|work|tmp|root|Users)/\w")
+    found = []
+    for folder in ("docs", "zoodip_edge/toy"):
+        for f in sorted((ROOT / folder).rglob("*")):
+            if f.is_file() and f.suffix in {".md", ".json", ".jsonl", ".txt", ".log", ".onnx"}:
+                if paths.search(f.read_bytes()):
+                    found.append(str(f.relative_to(ROOT)))
+    found += [name for name in ("README.md", "CHANGELOG.md") if paths.search((ROOT / name).read_bytes())]
+    assert not found, found
