@@ -6,6 +6,7 @@ import ctypes
 import ctypes.util
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,8 @@ MADV_PAGEOUT = 21  # Linux 5.4+: reclaim these pages now; elsewhere madvise refu
 
 
 def _madvise() -> Any:
+    if sys.platform != "linux":  # MADV_PAGEOUT's number means something else, or nothing, elsewhere
+        return None
     try:
         fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).madvise
     except (OSError, AttributeError):
