@@ -21,22 +21,10 @@ import numpy as np
 
 from benchmarks.common import header
 from zoodip_edge.demo import parse_concept
-from zoodip_edge.runtime.personalize import GUIDE_PROMPTS, TEMPLATES, Personalizer, Settings
-from zoodip_edge.runtime.sensitivity import top_directions
+from zoodip_edge.runtime.personalize import GUIDE_H, GUIDE_PROMPTS, TEMPLATES, Personalizer, Settings
+from zoodip_edge.runtime.sensitivity import response_jacobian, top_directions
 from zoodip_edge.toy import shipped_path, toy_model
 from zoodip_edge.toy.world import GENERIC, concept_photos
-
-
-def jacobian(respond, theta: np.ndarray, h: float, chunk: int = 64) -> np.ndarray:
-    """J^T [d, N] in float32 by forward differences, as sensitivity.response_gram builds it."""
-    base = np.asarray(respond(theta[None]), dtype=np.float64)[0]
-    jac = np.empty((theta.size, base.size), dtype=np.float32)
-    for i in range(0, theta.size, chunk):
-        rows = np.arange(i, min(i + chunk, theta.size))
-        thetas = np.repeat(theta[None], len(rows), 0)
-        thetas[np.arange(len(rows)), rows] += h
-        jac[rows] = (np.asarray(respond(thetas), dtype=np.float64) - base) / h
-    return jac
 
 
 def gram_float64_blocks(jac: np.ndarray) -> np.ndarray:
@@ -68,7 +56,7 @@ def main() -> None:
                          settings=Settings(guide_encoder=a.k, guide_alpha=0.1, search_init=False, batch_perturbations=True))
         prompts = [c.replace("{}", p.token) for c in TEMPLATES[p.settings.templates][:GUIDE_PROMPTS]]
         t0 = time.perf_counter()
-        jacs = [jacobian(lambda th, q=q: p.conditions_of(q, th), p.theta, 1e-2) for q in prompts]
+        jacs = [response_jacobian(lambda th, q=q: p.conditions_of(q, th), p.theta, GUIDE_H) for q in prompts]
         passes = time.perf_counter() - t0
         timed = {}
         for name, form in (("float64 column blocks", gram_float64_blocks),

@@ -11,7 +11,7 @@ The estimate, in MiB (docs/design.md, "Memory budget")::
                  SDXL bundles (``unet_activations_mb``)
 
 With ``guide_encoder`` a reading (zoodip_edge/runtime/sensitivity.py) holds the text encoder's
-Jacobian, d x (max_length x hidden) float32 values (SD1.5: 181 MiB), while the same graphs are
+Jacobian, d x (max_length x hidden) float32 values (SD1.5: 173 MiB), while the same graphs are
 loaded and no U-Net step runs: a phase of its own, which needs more than a step only at small
 resolutions.
 
