@@ -76,19 +76,29 @@ def peak_rss_mb() -> float:
 
 
 def unet_feed(manifest: dict, batch: int = 1, t: int = 700, one_sample: bool = False) -> dict:
-    """Seeded random U-Net inputs of a bundle's shapes (weights and values change neither memory nor speed).
+    """Seeded random U-Net inputs of a bundle's shapes, read from its manifest's graph inputs (SDXL's
+    added conditions included); weights and values change neither memory nor speed.
 
     ``one_sample``: sample and timestep with one row for the batch of conditions, as the runtime
     feeds a U-Net with a shared prefix (export/prefix.py).
     """
     import numpy as np
 
-    h, length, d = manifest["latent_size"], manifest["text"]["max_length"], manifest["text"]["hidden_size"]
     rng = np.random.default_rng(0)
     rows = 1 if one_sample else batch
-    return {"sample": rng.standard_normal((batch, manifest["latent_channels"], h, h), dtype=np.float32)[:rows],
-            "timestep": np.full((rows,), t, np.float32),
-            "encoder_hidden_states": rng.standard_normal((batch, length, d), dtype=np.float32)}
+    feed = {}
+    for entry in manifest["components"]["unet"]["inputs"]:
+        name = entry["name"]
+        first = rows if name in ("sample", "timestep") else batch
+        shape = [first, *entry["shape"][1:]]
+        if name == "timestep":
+            feed[name] = np.full(shape, t, np.float32)
+        elif name == "time_ids":  # original size, crop, target size, as the runtime feeds them
+            r = float(manifest["resolution"])
+            feed[name] = np.tile(np.array([r, r, 0, 0, r, r], np.float32), (first, 1))
+        else:
+            feed[name] = rng.standard_normal(shape, dtype=np.float32)
+    return feed
 
 
 def profiling_options(manifest: dict, prefix: str):

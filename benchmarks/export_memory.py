@@ -4,7 +4,8 @@
     python -m benchmarks.export_memory MODEL --recipe int8-cpu --resolution 512 --out export_memory.md
 
 MODEL is a pipeline folder (``benchmarks.build_sdxl`` or ``benchmarks.build_sd15`` make one without
-a model hub). The bundle is written to a temporary folder beside ``--out`` and removed afterwards.
+a model hub). The bundle is written to a temporary folder beside ``--out`` (``export-memory-*``, which
+.gitignore keeps out of commits) and removed afterwards.
 ``--memory-limit-gb 16`` runs the export in a cgroup (v1 memory controller, needs root) that
 caps everything it holds, page cache of the files it reads and writes included, as a machine with
 that much memory would: the export must finish under it. Peak RSS includes the pages of weight files that torch maps from safetensors (diffusers loads

@@ -1,6 +1,7 @@
 """Personalize benchmark: zoodip-edge against the torch ways, side by side, CPU.
 
     python -m benchmarks.personalize_bench BUNDLE [BUNDLE...] --torch-pipeline PIPELINE [--n 2] [--steps 3] [--ours cpu,batched]
+                                           [--torch-modes quanto,grad,zo]
     python -m benchmarks.personalize_bench BUNDLE [BUNDLE...] --scaling [--steps 3] [--ours batched]
 
 Rows, each in its own process so peaks do not mix:
@@ -11,6 +12,7 @@ Rows, each in its own process so peaks do not mix:
 2. the paper's way: torch, weights int8 by optimum-quanto, forward-only ZO (``.[bench]`` extra);
 3. gradient textual inversion in torch fp32 (one trainable row, autograd, Adam);
 4. forward-only ZO in torch fp32.
+The torch rows run at the first bundle's resolution.
 A step is n + 1 text-encoder + U-Net passes for ZO, one forward + backward for gradient TI;
 "s/pass" is s/step / (n + 1). The table gives s/step and peak RSS as ratios against (2), (3) and
 (4) measured in the same run. ``--scaling`` instead runs n = 1, 2, 4 on each bundle (export one
@@ -75,11 +77,14 @@ def compare(a: argparse.Namespace) -> list[str]:
     if a.torch_pipeline:
         torch_rows = [("quanto", "(2) torch + optimum-quanto int8 weights, forward-only ZO (paper)"),
                       ("grad", "(3) torch fp32 gradient TI"), ("zo", "(4) torch fp32 forward-only ZO")]
-        if not (importlib.util.find_spec("optimum") and importlib.util.find_spec("optimum.quanto")):
+        torch_rows = [r for r in torch_rows if r[0] in a.torch_modes.split(",")]
+        if any(r[0] == "quanto" for r in torch_rows) and not (importlib.util.find_spec("optimum") and importlib.util.find_spec("optimum.quanto")):
             print("optimum-quanto not installed (pip install '.[bench]'): no row (2)", file=sys.stderr)
-            torch_rows = torch_rows[1:]
+            torch_rows = [r for r in torch_rows if r[0] != "quanto"]
+        resolution = json.loads((Path(a.bundles[0]) / "manifest.json").read_text())["resolution"]  # torch at the bundle's size
         for mode, label in torch_rows:
-            configs.append((label, mode, [*TORCH, a.torch_pipeline, "--mode", mode, "--steps", steps, "--n", n]))
+            configs.append((label, mode, [*TORCH, a.torch_pipeline, "--mode", mode, "--steps", steps, "--n", n,
+                                          "--resolution", str(resolution)]))
     results = []
     for label, mode, cmd in configs:
         res = measure(cmd)
@@ -124,6 +129,8 @@ def main() -> None:
     ap.add_argument("--ours", help="zoodip-edge rows, comma separated: cpu, cpu-lowmem, reuse (arena + buffer reuse on), "
                     "batched (default: all four; with --scaling, batched, as the cpu profile ships)")
     ap.add_argument("--torch-pipeline", help="diffusers folder of the same model: adds the torch rows (2)-(4)")
+    ap.add_argument("--torch-modes", default="quanto,grad,zo",
+                    help="torch rows, comma separated: quanto (2), grad (3), zo (4) (e.g. zo alone where gradient TI does not fit)")
     ap.add_argument("--scaling", action="store_true", help="n = 1, 2, 4 on each bundle (one per resolution), each --ours row")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()

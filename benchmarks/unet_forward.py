@@ -37,7 +37,7 @@ b = load_bundle(a.bundle, verify=False)
 m = b.manifest
 profile = resolve_profile("cpu")
 if a.arena:
-    profile = dataclasses.replace(profile, enable_cpu_mem_arena=a.arena == "on")
+    profile = dataclasses.replace(profile, enable_cpu_mem_arena=a.arena == "on", arena_shrinkage=a.arena == "on")
 if a.mem_pattern:
     profile = dataclasses.replace(profile, enable_mem_pattern=a.mem_pattern == "on")
 if a.mem_reuse:

@@ -72,10 +72,14 @@ def test_feature_registry_matches_the_recipes():
     writer = {"winograd": "winograd_convs", "shared-prefix": "shared_prefix", "int8-matmul": "int8_compute_matmuls",
               "dequantized-matmul": "block_int8_matmuls"}
     model = {"sdxl"}  # a feature of the model family, not of a recipe's passes: every recipe writes it for SDXL
-    assert set(writer) | {"multi-head-attention"} | model == set(B.FEATURES) and set(writer.values()) <= set(PASSES)
+    order = {"weights-first"}  # every export's last step; it matters where passes made weight-only chains
+    assert set(writer) | {"multi-head-attention"} | model | order == set(B.FEATURES) and set(writer.values()) <= set(PASSES)
     for name, pass_name in writer.items():
         users = {r for r, rec in RECIPES.items() if any(pass_name in passes for passes in rec.passes.values())}
         assert set(B.FEATURES[name].recipes) == users, name
+    chains = {r for r, rec in RECIPES.items() if any({"block_int8_matmuls", "winograd_convs"} & set(p) for p in rec.passes.values())}
+    assert set(B.FEATURES["weights-first"].recipes) == chains and not B.FEATURES["weights-first"].required
+    assert all(B.FEATURES[name].required for name in set(B.FEATURES) - order)
     assert B.FEATURES["multi-head-attention"].recipes is None  # every export rewrites attention
     assert all(B.FEATURES[name].recipes is None and B.FEATURES[name].families for name in model)
 
@@ -138,6 +142,22 @@ def test_a_bundle_with_requires_is_judged_by_its_exporter_version(bundle_copy):
     assert [w.split(" (")[0] for w in B.compatibility(b)] == ["this int8-cpu bundle predates shared-prefix",
                                                              "this int8-cpu bundle predates dequantized-matmul"]
     b.manifest["recipe"]["name"] = "int8-gpu"  # the CPU passes are not int8-gpu's: nothing missing
+    assert B.compatibility(b) == []
+
+
+def test_weights_first_is_judged_by_its_key_and_never_required(bundle_copy):
+    """An ordering any runtime runs: a fresh export records it in every graph and leaves it out of
+    ``requires``; a bundle without the key warns whatever its exporter's version, one with the key
+    (a bundle rewritten in place) does not."""
+    b = B.load_bundle(bundle_copy)
+    graphs = b.manifest["recipe"]["graphs"]
+    assert all("weights_first" in info for info in graphs.values()) and "weights-first" not in b.manifest["requires"]
+    assert graphs["unet"]["weights_first"] > 0 and B.compatibility(b) == []
+    for info in graphs.values():
+        info.pop("weights_first")
+    assert [w.split(" (")[0] for w in B.compatibility(b)] == ["this int8-cpu bundle predates weights-first"]
+    graphs["unet"]["weights_first"] = 7
+    b.manifest["created"]["tool"] = "zoodip-edge 0.10.0"  # before the feature, rewritten since
     assert B.compatibility(b) == []
 
 

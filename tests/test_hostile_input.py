@@ -213,6 +213,20 @@ def test_manifest_fields_are_checked(bundle_copy, photos, tmp_path, change, matc
     refused(cli(bundle_copy, photos, tmp_path / "e.safetensors", "--steps", "2"), tmp_path, match=match)
 
 
+@pytest.mark.parametrize("verification, said", [
+    ({}, "no gate figures in the manifest"),
+    ({"zo_fidelity": {"pearson": "high"}}, "no gate figures in the manifest"),
+    ({"not_run": "made without the gates"}, "no gate figures in the manifest: made without the gates"),
+])
+def test_inspect_shows_a_bundle_without_gate_figures(bundle_copy, verification, said):
+    """The schema lets ``verification`` be any object (a bundle made by benchmarks.resize_bundle says
+    the gates were not run): inspect says so instead of a traceback."""
+    _edit(bundle_copy, lambda m: m.update(verification=verification))
+    r = runner.invoke(app, ["inspect", str(bundle_copy)])
+    assert r.exit_code == 0 and r.exception is None, r.output
+    assert f"verified    {said}\n" in r.output
+
+
 def test_graphs_must_be_what_the_manifest_says(bundle_copy, photos, tmp_path):
     """The manifest and the graph files agree: inputs renamed or resized in either are refused."""
     _edit(bundle_copy, lambda m: m["components"]["unet"]["inputs"][2].update(name="context"))

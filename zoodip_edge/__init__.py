@@ -6,4 +6,4 @@ transformers; only ``zoodip_edge.export`` does.
 
 # The one place the version is written: pyproject.toml reads it from here. A version per behaviour
 # change; exports record it in the manifest (created.tool) and CHANGELOG.md heads its entries.
-__version__ = "0.13.0"
+__version__ = "0.14.0"

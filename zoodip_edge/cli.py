@@ -133,6 +133,20 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
 
 
+def _verification_line(v: dict) -> str:
+    """The gates' figures in one line, or what the manifest says instead (a bundle made without them)."""
+    try:
+        f = v["zo_fidelity"]
+        step = f" (step {f['step_norm']:.2g})" if "step_norm" in f else " (unit step: exported before zoodip-edge measured training's step)"
+        return (f"ZO fidelity pearson {f['pearson']:.4f} at mu {f['mu']:g}{step}"
+                f"{'' if f['passed'] else ' (FAILED: exported with --allow-unfaithful)'}; "
+                f"conditioning kept {v['conditioning_sensitivity']['ratio']:.3f}; "
+                f"text encoder max abs err {v['text_encoder_parity']['max_abs']:.2g}"
+                + (f", second {v['text_encoder_2_parity']['max_abs']:.2g}" if "text_encoder_2_parity" in v else ""))
+    except (KeyError, TypeError, ValueError):
+        return f"no gate figures in the manifest{': ' + str(v['not_run']) if isinstance(v.get('not_run'), str) else ''}"
+
+
 def _count(graph: str, count) -> str:
     """``unet 14``; counts by kind (Winograd's, by size and tile) also name each kind."""
     if not isinstance(count, dict):
@@ -179,14 +193,7 @@ def inspect(
             typer.echo(f"            note: {reason}")
     for msg in compatibility(b):
         typer.echo(f"warning: {msg}", err=True)
-    v = m["verification"]
-    f = v["zo_fidelity"]
-    step = f" (step {f['step_norm']:.2g})" if "step_norm" in f else " (unit step: exported before zoodip-edge measured training's step)"
-    typer.echo(f"verified    ZO fidelity pearson {f['pearson']:.4f} at mu {f['mu']:g}{step}"
-               f"{'' if f['passed'] else ' (FAILED: exported with --allow-unfaithful)'}; "
-               f"conditioning kept {v['conditioning_sensitivity']['ratio']:.3f}; "
-               f"text encoder max abs err {v['text_encoder_parity']['max_abs']:.2g}"
-               + (f", second {v['text_encoder_2_parity']['max_abs']:.2g}" if "text_encoder_2_parity" in v else ""))
+    typer.echo(f"verified    {_verification_line(m['verification'])}")
     d = m["defaults"]
     typer.echo(f"defaults    n={d['n']} mu={d['mu']:g} lr={d['lr']:g} tau={d['tau']} nu={d['nu']:g} "
                f"PUTS=[{d['t_low']},{d['t_high']}) steps={d['steps']}"

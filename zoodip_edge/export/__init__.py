@@ -203,6 +203,44 @@ def export_bundle(
                        defaults)
 
 
+def quantize_graph(raw: Path, folder: Path, name: str, rec, feeds: list | None = None,
+                   lazy_weights: bool = True) -> tuple[dict, dict]:
+    """Stage 2 of an export for one graph: the raw ONNX file ``raw`` (deleted with its folder
+    afterwards) through attention fusion and the recipe ``rec``'s passes, saved as ``name/`` under
+    ``folder``. Returns its manifest entry (files, inputs, outputs) and what the passes did."""
+    import onnx
+
+    from ..bundle import file_entry
+    from ..heap import return_free_memory
+    from .attention import fuse_attention
+    from .graph_ops import load_lazily, load_remaining, weights_in
+    from .quantize import LAZY_PASSES, quantize
+
+    graph_rec = rec.for_graph(name)
+    lazy = lazy_weights and set(graph_rec.passes_for(name)) <= LAZY_PASSES
+    raw_folder = raw.parent
+    with _quiet(), (weights_in(raw_folder) if lazy else contextlib.nullcontext()):  # passes of a whole graph read protos, not disk
+        graph = load_lazily(raw) if lazy else onnx.load(str(raw))
+        graph, fused = fuse_attention(graph)
+        graph, info = quantize(graph, graph_rec.name, feeds, graph=name)
+        graph = load_remaining(graph, raw_folder)
+    info["recipe"] = graph_rec.name
+    if fused:
+        info["multi_head_attention"] = fused
+    io = _io_entries(graph)
+    files = _save_graph(graph, folder, name)
+    del graph
+    shutil.rmtree(raw_folder)
+    gc.collect()
+    # glibc keeps a freed graph's heap mapped (heap.py): 1.4 of the SD1.5 U-Net's 1.6 GB stayed
+    # resident through the gates until malloc_trim
+    return_free_memory()
+    entry = file_entry(folder, files[0])
+    entry["external_data"] = [file_entry(folder, f) for f in files[1:]]
+    entry["inputs"], entry["outputs"] = io
+    return entry, info
+
+
 def _export(model: str, out: Path, recipe: str, resolution: int | None, force: bool, allow_unfaithful: bool,
             config: str | None, say: Progress, defaults_override: dict | None = None, lazy_weights: bool = True) -> dict:
     """The export in three stages, so that torch and the ONNX graphs are never in memory together:
@@ -228,12 +266,9 @@ def _export(model: str, out: Path, recipe: str, resolution: int | None, force: b
     from ..files import remove_stale
     from ..heap import return_free_memory
     from . import verify
-    from .attention import fuse_attention
-    from .graph_ops import load_lazily, load_remaining, weights_in
     from .graphs import calibration_feeds, export_graph, graph_specs, vae_scale_factor
     from .load import load_pipeline, release_weights
     from .prefix import ADDED_CONDITIONS
-    from .quantize import LAZY_PASSES, quantize
 
     rec = RECIPES[recipe]
     say(f"loading {model}")
@@ -293,32 +328,11 @@ def _export(model: str, out: Path, recipe: str, resolution: int | None, force: b
 
         components, quant_info = {}, {}
         for spec in specs:
-            graph_rec = rec.for_graph(spec.name)
-            say(f"quantizing {spec.name} ({graph_rec.name})")
-            lazy = lazy_weights and set(graph_rec.passes_for(spec.name)) <= LAZY_PASSES
-            folder = raw[spec.name].parent
-            with _quiet(), (weights_in(folder) if lazy else contextlib.nullcontext()):  # passes of a whole graph read protos, not disk
-                graph = load_lazily(raw[spec.name]) if lazy else onnx.load(str(raw[spec.name]))
-                graph, fused = fuse_attention(graph)
-                graph, quant_info[spec.name] = quantize(graph, graph_rec.name, feeds.get(spec.name), graph=spec.name)
-                graph = load_remaining(graph, folder)
-            quant_info[spec.name]["recipe"] = graph_rec.name
-            if fused:
-                quant_info[spec.name]["multi_head_attention"] = fused
+            say(f"quantizing {spec.name} ({rec.for_graph(spec.name).name})")
+            components[spec.name], quant_info[spec.name] = quantize_graph(raw[spec.name], tmp, spec.name, rec, feeds.get(spec.name),
+                                                                          lazy_weights)
             if spec.name == "unet" and family == "sdxl":  # the sdxl graph feature (bundle.FEATURES)
                 quant_info[spec.name]["added_conditions"] = sum(n in ADDED_CONDITIONS for n in spec.inputs)
-            io = _io_entries(graph)
-            files = _save_graph(graph, tmp, spec.name)
-            del graph
-            shutil.rmtree(folder)
-            gc.collect()
-            # glibc keeps a freed graph's heap mapped (heap.py): 1.4 of the SD1.5 U-Net's 1.6 GB stayed
-            # resident through the gates until malloc_trim
-            return_free_memory()
-            entry = file_entry(tmp, files[0])
-            entry["external_data"] = [file_entry(tmp, f) for f in files[1:]]
-            entry["inputs"], entry["outputs"] = io
-            components[spec.name] = entry
         shutil.rmtree(tmp / "raw")
 
         sdxl = {}  # the second text encoder's manifest entries

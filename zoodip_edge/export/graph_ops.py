@@ -101,6 +101,29 @@ def made(array: np.ndarray, name: str) -> onnx.TensorProto:
     return t
 
 
+def weights_first(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """List first, in their order, the nodes that compute from weights alone (a weight's
+    DequantizeLinear, a Winograd weight transform); returns the model and how many such nodes it has.
+
+    ONNX Runtime orders a graph's nodes by a depth-first walk back from the outputs that visits a
+    node's inputs highest index first and runs each node once its inputs have run. A weight's
+    chain listed after the node that makes the activation it meets is visited first, so it runs
+    long before its consumer and its float result stays alive in between: in the SDXL U-Net at
+    512 px, 2.3 GB of dequantized weights at once (docs/performance.md). Listed first, each chain
+    is visited last and runs right before the node that reads it. The computation is the same.
+    """
+    inits = {i.name for i in model.graph.initializer}
+    known = set(inits)
+    first, rest = [], []
+    for node in model.graph.node:
+        if all(not i or i in known for i in node.input):
+            first.append(node)
+            known.update(node.output)
+        else:
+            rest.append(node)
+    return replace_nodes(model, first + rest), len(first)
+
+
 @contextlib.contextmanager
 def weights_in(folder: Path) -> Iterator[None]:
     """Where ``weight`` finds the weights that ``load_lazily`` left on disk, and where ``made``

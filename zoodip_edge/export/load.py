@@ -30,9 +30,13 @@ class LoadedPipeline:
     tokenizer_2: Any = None
     force_zeros_for_empty_prompt: bool = False  # SDXL: an empty negative prompt is zeros, not its encoding
 
+    def text_encoders(self) -> list[Any]:
+        """The text encoder, and SDXL's second."""
+        return [m for m in (self.text_encoder, self.text_encoder_2) if m is not None]
+
     def modules(self) -> list[Any]:
         """The torch modules (text encoder(s), U-Net, VAE)."""
-        return [m for m in (self.text_encoder, self.text_encoder_2, self.unet, self.vae) if m is not None]
+        return [*self.text_encoders(), self.unet, self.vae]
 
     def token_ids(self, prompt: str) -> np.ndarray:
         """``[1, max_length]`` int64 ids of ``prompt``, padded as the text encoder expects."""

@@ -42,7 +42,7 @@ from onnx import helper, numpy_helper
 
 # The recipe table is plain data (zoodip_edge/recipes.py), so the CLI lists it without onnx.
 from ..recipes import DEFAULT_RECIPE, FLOAT_COMPUTE, KEEP_DEQUANTIZED, RECIPES, Recipe  # noqa: F401
-from .graph_ops import replace_nodes, weight
+from .graph_ops import replace_nodes, weight, weights_first
 from .prefix import CONDITION, broadcast_sample  # CONDITION: where the perturbed token enters the U-Net
 
 
@@ -65,6 +65,7 @@ def quantize(model: onnx.ModelProto, recipe: str, calibration: list[dict[str, np
             counts = Counter() if counts is None else counts
             counts.update(quantized)  # update, not +: keeps a zero count ("MatMul": 0), as manifests always did
         info.update(more)
+    model, info["weights_first"] = weights_first(model)  # every recipe: where ORT dequantizes, not what
     head = {"quantized_ops": dict(counts)} if counts is not None else {}
     return model, {**head, **info, "weights": _weight_dtypes(model)}
 
@@ -238,7 +239,7 @@ def weight_only_qdq(model: onnx.ModelProto, op_types: tuple[str, ...]) -> tuple[
     """Replace float weights of ``op_types`` with int8 + per-channel DequantizeLinear."""
     inits = {i.name: i for i in model.graph.initializer}
     done: dict[str, str] = {}
-    dq_nodes, new_nodes, counts = [], [], Counter()
+    new_nodes, counts = [], Counter()
     for node in model.graph.node:
         name = node.input[1] if node.op_type in op_types and len(node.input) > 1 else None
         init = inits.get(name) if name else None
@@ -253,16 +254,14 @@ def weight_only_qdq(model: onnx.ModelProto, op_types: tuple[str, ...]) -> tuple[
                     numpy_helper.from_array(np.zeros_like(scale, dtype=np.int8), zname),
                 ])
                 done[name] = f"{name}_dq"
-                dq_nodes.append(helper.make_node("DequantizeLinear", [qname, sname, zname], [done[name]],
+                new_nodes.append(helper.make_node("DequantizeLinear", [qname, sname, zname], [done[name]],
                                                  name=f"{name}_DequantizeLinear", axis=axis))
             node.input[1] = done[name]
             counts[node.op_type] += 1
         new_nodes.append(node)
-    # DequantizeLinear nodes first in the file: ORT orders nodes by a reverse DFS from the outputs
-    # that visits a node's inputs highest index first, so a DQ listed *after* the activation's
-    # producer can run long before its consumer (on a SD1.5 U-Net two 56 MiB fp32 weights were
-    # held for seconds, docs/performance.md). Listed first, each runs right before its consumer.
-    return replace_nodes(model, dq_nodes + new_nodes), counts
+    # quantize() lists the DequantizeLinear nodes first (graph_ops.weights_first), so that each runs
+    # right before its consumer
+    return replace_nodes(model, new_nodes), counts
 
 
 def matmul_nbits8(model: onnx.ModelProto, block_size: int = 32) -> tuple[onnx.ModelProto, Counter]:
@@ -357,7 +356,7 @@ def block_int8_matmuls(model: onnx.ModelProto, block_size: int = 32) -> tuple[on
                 p = (node.name or node.output[0]) + ".dq"
                 model.graph.initializer.extend([numpy_helper.from_array(q, f"{p}.weight_int8"),
                                                 numpy_helper.from_array(scale, f"{p}.weight_scale")])
-                # right before its MatMul, where 0.7.0 put it and where its time and memory were measured
+                # listed with its MatMul here; quantize() then lists it first (graph_ops.weights_first)
                 nodes.append(helper.make_node("DequantizeLinear", [f"{p}.weight_int8", f"{p}.weight_scale"], [f"{p}.weight"],
                                               name=p, axis=0, block_size=block_size))
                 done[w.name] = f"{p}.weight"

@@ -118,7 +118,7 @@ def through_unet(p: LoadedPipeline, conditions: list[torch.Tensor], run: Callabl
     ``run(*conditions)``: the chain rule split at the conditions, so that the text encoders' weights
     and the U-Net's are not resident together (``release_weights``; the same gradients as one
     backward pass through both)."""
-    release_weights(p.text_encoder, *([p.text_encoder_2] if p.text_encoder_2 is not None else []))
+    release_weights(*p.text_encoders())
     leaves = [c.detach().requires_grad_(True) for c in conditions]
     with checkpointed(p.unet):
         loss = torch.mean((run(*leaves) - torch.from_numpy(target)) ** 2)

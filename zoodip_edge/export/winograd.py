@@ -214,8 +214,8 @@ def winograd_convs(model: onnx.ModelProto, min_size: int = 16, min_channels: int
     # a DequantizeLinear whose only consumers were rewritten convolutions goes too
     nodes = [n for n in nodes if not (n.op_type == "DequantizeLinear" and n.output[0] in dropped_dq and n.output[0] not in users)]
     model.graph.initializer.extend(new_inits.values())
-    # Weight transforms first in the file, as weight_only_qdq does with its DequantizeLinear nodes:
-    # ORT's execution order then runs each right before its product; listed after the activation
-    # chain, all of them ran at the start of the forward and their float U's (1 GB on a SD1.5
-    # U-Net) were alive at once.
+    # Weight transforms first in the file (quantize() does the same for every weight-only chain at
+    # the end, graph_ops.weights_first): ORT's execution order then runs each right before its
+    # product; listed after the activation chain, all of them ran at the start of the forward and
+    # their float U's (1 GB on a SD1.5 U-Net) were alive at once.
     return replace_nodes(model, weight_nodes + nodes), counts
